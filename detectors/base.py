@@ -1,0 +1,168 @@
+"""The estimator contract every detector follows (scikit-learn conventions).
+
+``fit(X, y)`` builds per-class ``ClassState`` (moments + bounded sample) and calls
+``fit_states``; the Beam pipeline calls ``fit_states`` directly with states merged across
+shards, so both paths fit from exactly the same numbers.  ``score_samples(X, y)`` gives every
+row a score (higher = more suspicious, NaN for a class that was not fitted) and ``flag(X, y)``
+applies the per-class decision of ``detectors.calibration``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from detectors.calibration import NOT_TESTED, ClassDecision, gate_by_other_classes, separated_minority, top_fraction
+from detectors.stats import ClassState, default_keys, states_by_class
+
+
+class PoisonDetector:
+    name = "base"
+
+    def __init__(
+        self,
+        *,
+        max_share: float = 0.35,
+        min_separation: float = 4.0,
+        min_rows: int = 3,
+        min_class_z: float | None = 3.0,
+        expected_poison_rate: float | None = None,
+        max_fit_rows_per_class: int = 20000,
+        random_state: int = 0,
+    ):
+        self.max_share = max_share
+        self.min_separation = min_separation
+        self.min_rows = min_rows
+        self.min_class_z = min_class_z
+        self.expected_poison_rate = expected_poison_rate
+        self.max_fit_rows_per_class = max_fit_rows_per_class
+        self.random_state = random_state
+
+    def get_params(self) -> dict:
+        return {key: getattr(self, key) for key in self._param_names()}
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        import inspect
+
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            for param in inspect.signature(init).parameters.values():
+                if param.kind == param.KEYWORD_ONLY and param.name not in names:
+                    names.append(param.name)
+        return names
+
+    # ---- fitting -------------------------------------------------------------------------
+    def fit(self, X, y, sample_keys=None):
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y)
+        keys = default_keys(len(X), self.random_state) if sample_keys is None else sample_keys
+        return self.fit_states(states_by_class(X, y, keys, self.max_fit_rows_per_class))
+
+    def fit_states(self, states: dict[object, ClassState]):
+        self.classes_ = list(states)
+        self.n_features_in_ = next(iter(states.values())).dim if states else 0
+        self.class_models_ = {}
+        self.decisions_ = {}
+        for label, state in states.items():
+            model = self._fit_class(state) if state.n > 0 else None
+            self.class_models_[label] = model
+            self.decisions_[label] = self._decide(model, state)
+        if self.min_class_z is not None and self.expected_poison_rate is None:
+            self.decisions_ = gate_by_other_classes(self.decisions_, min_class_z=self.min_class_z)
+        return self
+
+    def _decide(self, model, state: ClassState) -> ClassDecision:
+        if model is None:
+            return NOT_TESTED
+        scores = self._score_class(model, state.sample_x)
+        if self.expected_poison_rate is not None:
+            return top_fraction(scores, self.expected_poison_rate)
+        decision = separated_minority(
+            self._test_transform(scores),
+            max_share=self.max_share,
+            min_separation=self.min_separation,
+            min_rows=self.min_rows,
+        )
+        if decision.suspicious:
+            decision = replace(decision, threshold=float(self._untransform(decision.threshold)))
+        return decision
+
+    def _fit_class(self, state: ClassState):
+        raise NotImplementedError
+
+    def _score_class(self, model, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @staticmethod
+    def _test_transform(scores: np.ndarray) -> np.ndarray:
+        return scores
+
+    @staticmethod
+    def _untransform(threshold: float) -> float:
+        return threshold
+
+    # ---- scoring -------------------------------------------------------------------------
+    def score_samples(self, X, y) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y)
+        scores = np.full(len(X), np.nan, dtype=np.float64)
+        for label, rows in _rows_by_label(y):
+            model = self.class_models_.get(label)
+            if model is not None:
+                scores[rows] = self._score_class(model, X[rows])
+        return scores
+
+    def flag(self, X, y, scores: np.ndarray | None = None) -> np.ndarray:
+        y = np.asarray(y)
+        scores = self.score_samples(X, y) if scores is None else scores
+        thresholds = self.thresholds_for(y)
+        with np.errstate(invalid="ignore"):
+            return np.nan_to_num(scores, nan=-np.inf) > thresholds
+
+    def thresholds_for(self, y: np.ndarray) -> np.ndarray:
+        thresholds = np.full(len(y), np.inf)
+        for label, rows in _rows_by_label(y):
+            decision = self.decisions_.get(label)
+            if decision is not None and decision.suspicious:
+                thresholds[rows] = decision.threshold
+        return thresholds
+
+    def class_report(self) -> dict[str, dict]:
+        """Per class: the statistic, the decision and the threshold (for summary.json)."""
+        return {str(label): decision.to_dict() for label, decision in self.decisions_.items()}
+
+
+def _rows_by_label(y: np.ndarray):
+    """(label, row indices) for each label present, grouped in one sort (O(n log n))."""
+    if len(y) == 0:
+        return
+    if y.dtype == object:
+        codes, uniques = _factorize(y)
+    else:
+        uniques, codes = np.unique(y, return_inverse=True)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    for chunk in np.split(order, bounds):
+        label = uniques[codes[chunk[0]]]
+        yield (label.item() if isinstance(label, np.generic) else label), chunk
+
+
+def _factorize(y: np.ndarray):
+    import pandas as pd
+
+    codes, uniques = pd.factorize(y)
+    return codes, np.asarray(uniques, dtype=object)
+
+
+def top_eigh(cov: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest eigenvalues (descending) and their eigenvectors (columns), sign-fixed."""
+    values, vectors = np.linalg.eigh(cov)
+    values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
+    signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(vectors.shape[1])])
+    signs[signs == 0] = 1.0
+    return np.maximum(values, 0.0), vectors * signs

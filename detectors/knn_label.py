@@ -1,0 +1,106 @@
+"""Deep k-NN label consistency (Peri et al., 2020, "Deep k-NN Defense Against Clean-label Data
+Poisoning Attacks").
+
+A row's score is the share of its k nearest neighbours in embedding space (Euclidean, across all
+classes, the row itself excluded) whose label differs from the row's own:
+
+    s(x) = |{j in N_k(x) : y_j != y(x)}| / k.
+
+Peri et al. remove a row whose label is not the plurality of its neighbourhood; this catches
+label flips and clean-label feature collisions, whose embeddings sit inside another class.  To
+bound the cost on large data the neighbours come from a reference set, not all pairs: the first
+rows of every class's bounded sample (a uniform subsample, since the sample is ordered by a
+seeded hash), ``reference_size`` rows in all, shared out in proportion to class size.  A row is
+flagged where s(x) >= ``min_disagreement``; a class is suspicious when at least ``min_rows``
+rows of its sample are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from detectors.base import PoisonDetector
+from detectors.calibration import NOT_TESTED, ClassDecision
+from detectors.stats import ClassState
+
+
+class KnnLabel(PoisonDetector):
+    name = "knn_label"
+
+    def __init__(self, *, n_neighbors: int = 10, min_disagreement: float = 0.9,
+                 reference_size: int = 20000, **kwargs):
+        super().__init__(**kwargs)
+        self.n_neighbors = n_neighbors
+        self.min_disagreement = min_disagreement
+        self.reference_size = reference_size
+
+    def fit_states(self, states: dict[object, ClassState]):
+        from sklearn.neighbors import NearestNeighbors
+
+        self.classes_ = list(states)
+        self.n_features_in_ = next(iter(states.values())).dim if states else 0
+        total = sum(state.n for state in states.values())
+        xs, labels, keys = [], [], []
+        for label, state in states.items():
+            m = int(np.ceil(self.reference_size * state.n / max(total, 1)))
+            xs.append(state.sample_x[:m])
+            keys.append(state.sample_keys[:m])
+            labels.extend([label] * min(m, len(state.sample_x)))
+        self.reference_x_ = np.concatenate(xs) if xs else np.zeros((0, self.n_features_in_), np.float32)
+        self.reference_y_ = np.asarray(labels, dtype=object)
+        self.reference_keys_ = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+        self.k_ = min(self.n_neighbors, max(len(self.reference_x_) - 1, 0))
+        self.index_ = None
+        if self.k_ > 0:
+            self.index_ = NearestNeighbors(n_neighbors=self.k_ + 1, algorithm="brute").fit(self.reference_x_)
+        self.class_models_ = {label: self.k_ > 0 for label in states}
+        self.decisions_ = {}
+        for label, state in states.items():
+            if self.k_ == 0 or len(state.sample_x) == 0:
+                self.decisions_[label] = NOT_TESTED
+                continue
+            scores = self._scores(state.sample_x, np.full(len(state.sample_x), label, dtype=object),
+                                  state.sample_keys)
+            self.decisions_[label] = self._decide_knn(scores)
+        return self
+
+    def _decide_knn(self, scores: np.ndarray) -> ClassDecision:
+        threshold = float(np.nextafter(self.min_disagreement, -np.inf))
+        if self.expected_poison_rate is not None:
+            from detectors.calibration import top_fraction
+
+            return top_fraction(scores, self.expected_poison_rate)
+        hits = int(np.sum(scores > threshold))
+        share = hits / max(len(scores), 1)
+        if hits >= self.min_rows and share <= self.max_share:
+            return ClassDecision(True, threshold, float("nan"), share, len(scores), "label-inconsistent rows")
+        why = "too few label-inconsistent rows" if hits < self.min_rows else "most of the class disagrees"
+        return ClassDecision(False, float("inf"), float("nan"), share, len(scores), why)
+
+    def score_samples(self, X, y, sample_keys=None):
+        X = np.asarray(X, dtype=np.float32)
+        if self.index_ is None:
+            return np.full(len(X), np.nan)
+        return self._scores(X, np.asarray(y, dtype=object), sample_keys)
+
+    def _scores(self, X, y, keys, block: int = 8192):
+        out = np.empty(len(X), dtype=np.float64)
+        for start in range(0, len(X), block):
+            stop = min(start + block, len(X))
+            dist, idx = self.index_.kneighbors(X[start:stop])
+            if keys is not None:
+                is_self = self.reference_keys_[idx] == np.asarray(keys[start:stop])[:, None]
+                is_self &= dist <= 1e-6
+            else:
+                is_self = np.zeros_like(idx, dtype=bool)
+            drop = np.where(is_self.any(axis=1), np.argmax(is_self, axis=1), idx.shape[1] - 1)
+            keep = np.ones_like(idx, dtype=bool)
+            keep[np.arange(len(idx)), drop] = False
+            neighbours = self.reference_y_[idx[keep].reshape(len(idx), -1)]
+            out[start:stop] = np.mean(neighbours != y[start:stop, None], axis=1)
+        return out
+
+    def flag(self, X, y, scores=None, sample_keys=None):
+        y = np.asarray(y, dtype=object)
+        scores = self.score_samples(X, y, sample_keys) if scores is None else scores
+        return np.nan_to_num(scores, nan=-np.inf) > self.thresholds_for(y)

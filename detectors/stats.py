@@ -1,0 +1,124 @@
+"""Mergeable per-class statistics: the only state a detector is fitted from.
+
+``ClassState`` holds, for one class, the row count, the mean and the scatter matrix
+M2 = sum (x - mean)(x - mean)^T in float64, merged with the pairwise update of
+Chan, Golub and LeVeque (1979):
+
+    n = na + nb,   delta = mean_b - mean_a,
+    mean = mean_a + delta * nb / n,
+    M2 = M2_a + M2_b + delta delta^T * na * nb / n.
+
+It also holds a bounded uniform sample of the class: the ``capacity`` rows with the
+smallest 64-bit keys, where a key is a seeded hash of the row id.  Keeping the k smallest
+keys is associative and commutative, so the sample does not depend on how the data was
+sharded or in which order shards were merged (bottom-k / priority sampling).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ClassState:
+    dim: int
+    capacity: int
+    n: int = 0
+    mean: np.ndarray = field(default=None)  # type: ignore[assignment]
+    m2: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sample_keys: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sample_x: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.mean is None:
+            self.mean = np.zeros(self.dim, dtype=np.float64)
+        if self.m2 is None:
+            self.m2 = np.zeros((self.dim, self.dim), dtype=np.float64)
+        if self.sample_keys is None:
+            self.sample_keys = np.zeros(0, dtype=np.uint64)
+        if self.sample_x is None:
+            self.sample_x = np.zeros((0, self.dim), dtype=np.float32)
+
+    @classmethod
+    def from_block(cls, x: np.ndarray, keys: np.ndarray, capacity: int) -> "ClassState":
+        x = np.asarray(x)
+        state = cls(dim=x.shape[1], capacity=capacity)
+        if len(x) == 0:
+            return state
+        x64 = x.astype(np.float64, copy=False)
+        mean = x64.mean(axis=0)
+        centred = x64 - mean
+        state.n = len(x)
+        state.mean = mean
+        state.m2 = centred.T @ centred
+        state.sample_keys, state.sample_x = _bottom_k(
+            np.asarray(keys, dtype=np.uint64), x.astype(np.float32, copy=False), capacity
+        )
+        return state
+
+    def merge(self, other: "ClassState") -> "ClassState":
+        """Return the state of the union of both row sets (neither input is changed)."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + np.outer(delta, delta) * (self.n * other.n / n)
+        keys, xs = _bottom_k(
+            np.concatenate([self.sample_keys, other.sample_keys]),
+            np.concatenate([self.sample_x, other.sample_x]),
+            self.capacity,
+        )
+        return ClassState(self.dim, self.capacity, n, mean, m2, keys, xs)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        """Population covariance M2 / n (zeros for an empty class)."""
+        return self.m2 / max(self.n, 1)
+
+
+def _bottom_k(keys: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k rows with the smallest keys, sorted by (key, row bytes) so ties are order-free."""
+    if len(keys) > k:
+        cut = np.partition(keys, k - 1)[k - 1]
+        keep = keys <= cut
+        keys, x = keys[keep], x[keep]
+    row_tiebreak = np.ascontiguousarray(x).view(np.uint8).reshape(len(x), -1).sum(axis=1)
+    order = np.lexsort((row_tiebreak, keys))[:k]
+    return keys[order], x[order]
+
+
+def merge_states(states) -> ClassState | None:
+    merged = None
+    for state in states:
+        merged = state if merged is None else merged.merge(state)
+    return merged
+
+
+def states_by_class(
+    x: np.ndarray, y: np.ndarray, keys: np.ndarray, capacity: int
+) -> dict[object, ClassState]:
+    """Per-class states of an in-memory dataset (the same math the Beam combiner runs)."""
+    out: dict[object, ClassState] = {}
+    for label in _sorted_labels(y):
+        mask = y == label
+        out[_py(label)] = ClassState.from_block(x[mask], keys[mask], capacity)
+    return out
+
+
+def default_keys(n: int, seed: int) -> np.ndarray:
+    """Sample keys for rows that have no ids: a seeded hash of the row position."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, np.iinfo(np.uint64).max, size=n, dtype=np.uint64, endpoint=True)
+
+
+def _sorted_labels(y: np.ndarray) -> list:
+    return sorted(set(y.tolist()), key=lambda v: (str(type(v)), v))
+
+
+def _py(value):
+    return value.item() if isinstance(value, np.generic) else value

@@ -1,0 +1,119 @@
+"""poisonguard's command line: scan, verify-log.  Unknown scan flags go to Beam's PipelineOptions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pipelines.errors import PoisonguardError, one_line
+
+EPILOG_SCAN = """\
+exit codes: 0 scan done, within policy; 1 scan done, quarantined share over fail_on (outputs published);
+2 bad invocation, config or input (nothing published); 3 internal invariant broken (nothing published).
+Flags not listed here go to Beam's PipelineOptions, e.g. --runner DirectRunner
+--direct_running_mode multi_processing --direct_num_workers 4, or --runner DataflowRunner --project ...
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="poisonguard",
+        description="Screen a training dataset (Parquet) for poisoning: validate rows, run poisoning detectors "
+                    "on per-row embeddings, write clean and quarantined rows and a provenance log.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    scan = sub.add_parser("scan", help="scan Parquet inputs into RUN_DIR", epilog=EPILOG_SCAN,
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          description="Scan INPUT (files, folders or globs of Parquet) and publish RUN_DIR atomically.")
+    scan.add_argument("inputs", nargs="+", metavar="INPUT", help="Parquet file, folder or glob")
+    scan.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to publish (replaced atomically)")
+    scan.add_argument("--config", metavar="FILE", help="YAML config (see configs/example.yaml)")
+    scan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key, dotted (e.g. --set fail_on=0.05 --set columns.label=y)")
+    scan.add_argument("--provenance-log", metavar="FILE",
+                      help="long-lived provenance log (default: poisonguard-provenance.jsonl beside RUN_DIR)")
+    scan.add_argument("--run-id", help="run id to use instead of a fresh UUID")
+    scan.add_argument("--quiet", action="store_true", help="print no summary")
+
+    verify = sub.add_parser("verify-log", help="check a provenance log's hash chain",
+                            description="Exit 0 if the log is intact, 1 naming the first bad record.")
+    verify.add_argument("log", metavar="FILE")
+    return parser
+
+
+class _QuietThirdParty(logging.Filter):
+    """Drop GX's chatter and Beam's optional-dependency notices; keep real warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("great_expectations") and record.levelno < logging.ERROR:
+            return False
+        return "apitools not found" not in record.getMessage()
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_QuietThirdParty())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ["GX_ANALYTICS_ENABLED"] = "false"
+    _configure_logging()
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command == "scan":
+            return _scan(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return _verify(args)
+    except PoisonguardError as exc:
+        print(f"poisonguard: error: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("poisonguard: interrupted; nothing published", file=sys.stderr)
+        return 130
+
+
+def _scan(args, beam_args: list[str]) -> int:
+    from pipelines.config import load_config
+    from pipelines.results import console_summary
+    from pipelines.scan import run_scan
+
+    overrides = list(args.overrides)
+    if args.provenance_log:
+        overrides.append(f"provenance_log={args.provenance_log}")
+    config = load_config(args.config, overrides)
+    _check_beam_args(beam_args)
+    result = run_scan(args.inputs, args.out, config, beam_args, run_id=args.run_id)
+    if not args.quiet:
+        print(console_summary(result.summary, result.run_dir))
+    return result.exit_code
+
+
+def _check_beam_args(beam_args: list[str]) -> None:
+    from pipelines.errors import InputError
+
+    stray = [a for a in beam_args if not a.startswith("-")]
+    if stray and not any(a.startswith("--") for a in beam_args):
+        raise InputError(f"unexpected argument(s) {' '.join(stray)}")
+
+
+def _verify(args) -> int:
+    from pipelines.errors import InputError
+    from pipelines.provenance import verify
+
+    if not os.path.isfile(args.log):
+        raise InputError("no such provenance log", path=args.log)
+    ok, message = verify(args.log)
+    print(f"{args.log}: {'OK' if ok else 'TAMPERED'}: {message}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

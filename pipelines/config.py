@@ -1,0 +1,123 @@
+"""The one config object: YAML (safe_load) + ``--set key=value`` overrides, strictly validated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipelines.errors import ConfigError
+
+DETECTOR_NAMES = ("spectral", "activation_clustering", "spectre", "knn_label")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class Columns(_Strict):
+    id: str = "id"
+    label: str = "label"
+    embedding: str = "embedding"
+
+
+class EmbeddingConfig(_Strict):
+    source: Literal["column"] = "column"
+    dim: int | None = Field(default=None, ge=1, description="declared dimension; None = from the data")
+    max_abs_value: float = Field(default=1e6, gt=0, description="larger |values| are quarantined")
+
+
+class DetectorConfig(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in DETECTOR_NAMES:
+            raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTOR_NAMES)}")
+        return name
+
+
+class Config(_Strict):
+    columns: Columns = Field(default_factory=Columns)
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    suite: str | None = None
+    detectors: list[DetectorConfig] = Field(
+        default_factory=lambda: [DetectorConfig(name="spectral"), DetectorConfig(name="activation_clustering")]
+    )
+    expected_poison_rate: float | None = Field(default=None, gt=0, lt=0.5)
+    max_fit_rows_per_class: int = Field(default=20000, ge=10)
+    fail_on: float = Field(default=0.10, ge=0, le=1, description="largest acceptable quarantined share")
+    seed: int = 0
+    batch_size: int = Field(default=65536, ge=1)
+    provenance_log: str | None = None
+
+    def detector_params(self, det: DetectorConfig) -> dict[str, Any]:
+        params = {"random_state": self.seed, "max_fit_rows_per_class": self.max_fit_rows_per_class}
+        if self.expected_poison_rate is not None:
+            params["expected_poison_rate"] = self.expected_poison_rate
+        params.update(det.params)
+        return params
+
+
+def load_config(path: str | None, overrides: list[str] | None = None, base_dir: Path | None = None) -> Config:
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path:
+        source = path
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config: {exc.strerror}", path=path) from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"not valid YAML: {str(exc).splitlines()[0]}", path=path) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("the config must be a YAML mapping", path=path)
+        data = loaded or {}
+    for item in overrides or []:
+        _apply_override(data, item)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise ConfigError(f"config {source}: {where}: {first['msg']}") from None
+    names = [d.name for d in config.detectors]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config {source}: detectors: each detector may be listed once")
+    _check_detector_params(config, source)
+    return config
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set takes key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a mapping")
+    node[parts[-1]] = value
+
+
+def _check_detector_params(config: Config, source: str) -> None:
+    from detectors import DETECTORS
+
+    for det in config.detectors:
+        allowed = set(DETECTORS[det.name]._param_names())
+        unknown = sorted(set(det.params) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"config {source}: detectors.{det.name}.params: unknown parameter(s) {', '.join(unknown)}"
+            )

@@ -1,0 +1,201 @@
+"""Finding, checking and reading the Parquet inputs; hashing files."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.config import Config
+from pipelines.errors import InputError, one_line
+
+RESERVED_PREFIXES = ("score_",)
+RESERVED_COLUMNS = ("quarantine_reasons", "run_id")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    index: int
+    path: str
+    rows: int
+    row_groups: int
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """A slice of one file (a run of row groups): the unit a reader processes."""
+
+    file_index: int
+    path: str
+    first_group: int
+    last_group: int  # exclusive
+    first_row: int
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    files: tuple[InputFile, ...]
+    schema: pa.Schema
+    dim: int
+    suite_columns: tuple[str, ...]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+
+def discover(inputs: list[str]) -> list[str]:
+    """Expand files, folders (every *.parquet below) and globs into a sorted, de-duplicated list."""
+    found: list[str] = []
+    for item in inputs:
+        if any(ch in item for ch in "*?["):
+            matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise InputError("no file matches this pattern", path=item)
+            found.extend(matches)
+        elif os.path.isdir(item):
+            matches = sorted(str(p) for p in Path(item).rglob("*.parquet") if p.is_file())
+            if not matches:
+                raise InputError("folder holds no *.parquet file", path=item)
+            found.extend(matches)
+        elif os.path.isfile(item):
+            found.append(item)
+        else:
+            raise InputError("no such file or folder", path=item)
+    unique = sorted(dict.fromkeys(os.path.abspath(p) for p in found))
+    if not unique:
+        raise InputError("no input files given")
+    return unique
+
+
+def plan_inputs(paths: list[str], config: Config) -> InputPlan:
+    """Open every footer, check the schema against the config; raise InputError on any problem."""
+    files: list[InputFile] = []
+    schema: pa.Schema | None = None
+    for index, path in enumerate(paths):
+        meta = _read_metadata(path)
+        file_schema = meta.schema.to_arrow_schema()
+        if schema is None:
+            schema = file_schema
+        elif not file_schema.equals(schema):
+            raise InputError(f"schema differs from {paths[0]}: {_schema_diff(schema, file_schema)}", path=path)
+        files.append(InputFile(index, path, meta.num_rows, meta.num_row_groups))
+    assert schema is not None
+    if sum(f.rows for f in files) == 0:
+        raise InputError("input is empty (0 rows)", path=paths[0] if len(paths) == 1 else None)
+    _check_columns(schema, config, paths[0])
+    dim = _embedding_dim(schema, files, config)
+    return InputPlan(tuple(files), schema, dim, ())
+
+
+def work_items(plan: InputPlan, rows_per_item: int) -> list[WorkItem]:
+    items: list[WorkItem] = []
+    for f in plan.files:
+        meta = pq.ParquetFile(f.path).metadata
+        first_group, first_row, rows = 0, 0, 0
+        for group in range(f.row_groups):
+            rows += meta.row_group(group).num_rows
+            if rows >= rows_per_item or group == f.row_groups - 1:
+                items.append(WorkItem(f.index, f.path, first_group, group + 1, first_row))
+                first_group, first_row, rows = group + 1, first_row + rows, 0
+    return items
+
+
+def read_batches(item: WorkItem, columns: list[str] | None, batch_size: int):
+    """Yield (first_row, pyarrow.Table) slices of one work item."""
+    try:
+        handle = pq.ParquetFile(item.path)
+        start = item.first_row
+        groups = list(range(item.first_group, item.last_group))
+        for batch in handle.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns):
+            yield start, pa.Table.from_batches([batch])
+            start += batch.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"cannot read Parquet data: {one_line(exc)}", path=item.path) from None
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_metadata(path: str) -> pq.FileMetaData:
+    try:
+        if os.path.getsize(path) == 0:
+            raise InputError("file is empty (0 bytes), not a Parquet file", path=path)
+        return pq.read_metadata(path)
+    except InputError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"not a readable Parquet file ({one_line(exc)})", path=path) from None
+
+
+def _check_columns(schema: pa.Schema, config: Config, path: str) -> None:
+    cols = config.columns
+    for role, name in (("id", cols.id), ("label", cols.label), ("embedding", cols.embedding)):
+        if name not in schema.names:
+            raise InputError(f"missing {role} column (have: {', '.join(schema.names)})", path=path, column=name)
+    id_type = schema.field(cols.id).type
+    if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+        raise InputError(f"id column must be integer or string, not {id_type}", path=path, column=cols.id)
+    label_type = schema.field(cols.label).type
+    if not (pa.types.is_integer(label_type) or pa.types.is_string(label_type)
+            or pa.types.is_large_string(label_type) or pa.types.is_boolean(label_type)):
+        raise InputError(f"label column must be integer, string or boolean, not {label_type}",
+                         path=path, column=cols.label)
+    emb_type = schema.field(cols.embedding).type
+    if not (_is_list(emb_type) and (pa.types.is_floating(emb_type.value_type) or pa.types.is_integer(emb_type.value_type))):
+        raise InputError(f"embedding column must be a list of numbers, not {emb_type}", path=path,
+                         column=cols.embedding)
+    for name in schema.names:
+        if name in RESERVED_COLUMNS or name.startswith(RESERVED_PREFIXES):
+            raise InputError("column name is reserved for poisonguard's outputs", path=path, column=name)
+
+
+def _embedding_dim(schema: pa.Schema, files: list[InputFile], config: Config) -> int:
+    emb_type = schema.field(config.columns.embedding).type
+    fixed = emb_type.list_size if pa.types.is_fixed_size_list(emb_type) else None
+    declared = config.embedding.dim
+    if declared is not None:
+        if fixed is not None and fixed != declared:
+            raise InputError(f"embedding has fixed size {fixed}, config declares embedding.dim={declared}",
+                             path=files[0].path, column=config.columns.embedding)
+        return declared
+    if fixed is not None:
+        return fixed
+    import pyarrow.compute as pc
+
+    for f in files:
+        for _, table in read_batches(WorkItem(f.index, f.path, 0, f.row_groups, 0), [config.columns.embedding], 4096):
+            lengths = pc.list_value_length(table.column(0)).drop_null()
+            if len(lengths):
+                modes = pc.mode(lengths, n=1)
+                return int(modes[0]["mode"].as_py())
+    raise InputError("cannot infer the embedding dimension: every embedding is null; set embedding.dim",
+                     path=files[0].path, column=config.columns.embedding)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _schema_diff(a: pa.Schema, b: pa.Schema) -> str:
+    only_a = [n for n in a.names if n not in b.names]
+    only_b = [n for n in b.names if n not in a.names]
+    parts = []
+    if only_a:
+        parts.append(f"missing {', '.join(only_a)}")
+    if only_b:
+        parts.append(f"extra {', '.join(only_b)}")
+    for name in a.names:
+        if name in b.names and a.field(name).type != b.field(name).type:
+            parts.append(f"column {name!r} is {b.field(name).type}, not {a.field(name).type}")
+    return "; ".join(parts) or "field metadata or order differs"

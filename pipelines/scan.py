@@ -1,0 +1,273 @@
+"""One scan, end to end: plan, stage, run the Beam graph, check counts, publish, log provenance."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines import __version__
+from pipelines import provenance as prov
+from pipelines.config import Config
+from pipelines.errors import InputError, IntegrityError, PoisonguardError, one_line
+from pipelines.io import InputPlan, discover, plan_inputs, sha256_file
+
+OUTPUT_FOLDERS = ("clean", "quarantine")
+ROWS_PER_WORK_ITEM = 262144
+
+
+@dataclass
+class ScanResult:
+    run_id: str
+    run_dir: str
+    summary: dict
+    exit_code: int
+
+
+def log(message: str) -> None:
+    print(f"[poisonguard] {message}", file=sys.stderr, flush=True)
+
+
+def default_log_path(run_dir: str) -> str:
+    return str(Path(run_dir).resolve().parent / "poisonguard-provenance.jsonl")
+
+
+def run_scan(inputs: list[str], run_dir: str, config: Config, beam_args: list[str] | None = None,
+             run_id: str | None = None) -> ScanResult:
+    started = time.monotonic()
+    os.umask(0o027)
+    run_id = run_id or prov.new_run_id()
+    run_dir = str(Path(run_dir).resolve())
+    _check_run_dir(run_dir)
+    log_path = config.provenance_log or default_log_path(run_dir)
+
+    paths = discover(inputs)
+    plan = plan_inputs(paths, config)
+    suite = None
+    if config.suite:
+        from pipelines.validation import check_suite
+
+        suite = check_suite(config.suite, plan.schema)
+    log(f"plan: {len(plan.files)} file(s), {plan.total_rows} rows, embedding dim {plan.dim}")
+    inputs_meta = [{"namespace": "file", "name": f.path,
+                    "facets": {"poisonguard_content": {"sha256": sha256_file(f.path), "rows": f.rows}}}
+                   for f in plan.files]
+    facets = _run_facets(config, suite)
+    prov.append(log_path, prov.run_event("START", run_id, inputs=inputs_meta, facets=facets))
+
+    staging = _make_staging(run_dir, run_id)
+    try:
+        timings = {"plan_s": round(time.monotonic() - started, 3)}
+        t0 = time.monotonic()
+        _run_pipeline(plan, config, suite, staging, run_id, beam_args or [])
+        timings["pipeline_s"] = round(time.monotonic() - t0, 3)
+        summary = _finish_staging(staging, plan, config, run_id, inputs_meta, timings, started)
+        outputs_meta = summary.pop("_outputs_meta")
+        complete = prov.run_event("COMPLETE", run_id, inputs=inputs_meta, outputs=outputs_meta,
+                                  facets={**facets, "poisonguard_findings": _findings(summary)})
+        record = prov.append(log_path, complete)
+        with open(os.path.join(staging, "provenance.jsonl"), "w", encoding="utf-8") as handle:
+            for event in _events_of_run(log_path, run_id):
+                handle.write(json.dumps(event, sort_keys=True) + "\n")
+        summary["provenance"] = {"log": log_path, "complete_record_sha256": record["poisonguard_record_sha256"]}
+        _write_json(os.path.join(staging, "summary.json"), summary)
+        Path(staging, "_SUCCESS").write_text(run_id + "\n")
+        _publish(staging, run_dir, run_id)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        error = unwrap_error(exc)
+        prov.append(log_path, prov.run_event(
+            "FAIL", run_id, inputs=inputs_meta,
+            facets={"errorMessage": {"message": one_line(error) or type(exc).__name__,
+                                     "programmingLanguage": "python"}}))
+        if error is not exc:
+            raise error from None
+        raise
+    log(f"done in {time.monotonic() - started:.1f} s")
+    return ScanResult(run_id, run_dir, summary, summary["exit_code"])
+
+
+def unwrap_error(exc: BaseException) -> BaseException:
+    """Beam runners wrap worker exceptions; recover our own InputError where there is one."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, PoisonguardError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    match = re.search(r"(?:InputError|ConfigError): (.+)", str(exc))
+    if match:
+        return InputError(match.group(1).splitlines()[0].strip().strip("'\""))
+    return exc
+
+
+def _run_pipeline(plan: InputPlan, config: Config, suite, staging: str, run_id: str, beam_args: list[str]) -> None:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.beam_pipeline import build_scan
+
+    options = PipelineOptions(beam_args)
+    log(f"pipeline: runner {options.get_all_options().get('runner') or 'DirectRunner'}, "
+        f"detectors {', '.join(d.name for d in config.detectors)}")
+    with beam.Pipeline(options=options) as pipeline:
+        build_scan(pipeline, plan, config, suite, staging, run_id, ROWS_PER_WORK_ITEM)
+
+
+def _finish_staging(staging: str, plan: InputPlan, config: Config, run_id: str, inputs_meta, timings, started) -> dict:
+    import pyarrow.parquet as pq
+
+    from pipelines.scoring import output_schemas
+
+    work = os.path.join(staging, "_work")
+    for leftover in glob.glob(os.path.join(staging, "*", "*.tmp-*")):
+        os.remove(leftover)
+    with open(os.path.join(work, "counts.json"), encoding="utf-8") as handle:
+        counts = json.load(handle)
+    with open(os.path.join(work, "fit.json"), encoding="utf-8") as handle:
+        fit = json.load(handle)
+    names = [d.name for d in config.detectors]
+    schemas = dict(zip(OUTPUT_FOLDERS, output_schemas(plan.schema, names)))
+    outputs_meta, written = [], {}
+    for folder in OUTPUT_FOLDERS:
+        parts = sorted(glob.glob(os.path.join(staging, folder, "*.parquet")))
+        if not parts:
+            empty = os.path.join(staging, folder, "part-empty.parquet")
+            pq.write_table(schemas[folder].empty_table(), empty)
+            parts = [empty]
+        rows = 0
+        for part in parts:
+            meta = pq.read_metadata(part)
+            if not meta.schema.to_arrow_schema().equals(schemas[folder]):
+                raise IntegrityError(f"{folder}/{os.path.basename(part)} does not have the output schema")
+            rows += meta.num_rows
+            outputs_meta.append({"namespace": "file", "name": f"{folder}/{os.path.basename(part)}",
+                                 "facets": {"poisonguard_content": {"sha256": sha256_file(part), "rows": meta.num_rows}}})
+        written[folder] = rows
+    total = plan.total_rows
+    if not (counts.get("rows") == total == written["clean"] + written["quarantine"]
+            and counts.get("clean") == written["clean"] and counts.get("quarantined") == written["quarantine"]):
+        raise IntegrityError(
+            f"row count mismatch: {total} rows in, pipeline counted {counts.get('rows')}, "
+            f"wrote {written['clean']} clean + {written['quarantine']} quarantined; nothing published")
+    shutil.rmtree(work)
+    share = written["quarantine"] / total
+    over = share > config.fail_on
+    timings["total_s"] = round(time.monotonic() - started, 3)
+    timings["rows_per_s"] = round(total / max(timings["pipeline_s"], 1e-9), 1)
+    return {
+        "run_id": run_id,
+        "verdict": "over_fail_on" if over else "within_policy",
+        "exit_code": 1 if over else 0,
+        "counts": {"in": total, "clean": written["clean"], "quarantined": written["quarantine"],
+                   "quarantined_share": share},
+        "per_reason": dict(sorted(counts.get("reasons", {}).items())),
+        "per_class": dict(sorted(counts.get("classes", {}).items())),
+        "batch_warnings": counts.get("batch_warnings", {}),
+        "detectors": fit,
+        "inputs": [{"path": i["name"], **i["facets"]["poisonguard_content"]} for i in inputs_meta],
+        "parameters": json.loads(config.model_dump_json()),
+        "embedding_dim": plan.dim,
+        "timings": timings,
+        "versions": versions(),
+        "_outputs_meta": outputs_meta,
+    }
+
+
+def _findings(summary: dict) -> dict:
+    return {
+        "counts": summary["counts"],
+        "per_reason": summary["per_reason"],
+        "detectors": {name: rep["classes"] for name, rep in summary["detectors"].items()},
+    }
+
+
+def _run_facets(config: Config, suite) -> dict:
+    facets = {
+        "poisonguard_code": {"version": __version__, "git_commit": code_commit()},
+        "poisonguard_versions": versions(),
+        "poisonguard_config": json.loads(config.model_dump_json()),
+        "poisonguard_detectors": {d.name: config.detector_params(d) for d in config.detectors},
+    }
+    if config.suite:
+        facets["poisonguard_suite"] = {"path": config.suite, "sha256": sha256_file(config.suite),
+                                       "name": (suite or {}).get("name"),
+                                       "expectations": len((suite or {}).get("expectations", []))}
+    return facets
+
+
+def _events_of_run(log_path: str, run_id: str) -> list[dict]:
+    with open(log_path, encoding="utf-8") as handle:
+        return [e for e in map(json.loads, handle) if e.get("run", {}).get("runId") == run_id]
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0], "poisonguard": __version__}
+    for dist in ("apache-beam", "pyarrow", "numpy", "pandas", "scikit-learn", "scipy", "great-expectations", "torch"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def code_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _check_run_dir(run_dir: str) -> None:
+    path = Path(run_dir)
+    if path.exists():
+        if not path.is_dir():
+            raise InputError("--out exists and is not a folder", path=run_dir)
+        if any(path.iterdir()) and not (path / "_SUCCESS").exists():
+            raise InputError("--out exists, is not empty and is not a poisonguard run folder; refusing to replace it",
+                             path=run_dir)
+    parent = path.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as exc:
+            raise InputError(f"cannot create the output's parent folder: {exc.strerror}", path=str(parent)) from None
+    if not os.access(parent, os.W_OK):
+        raise InputError("output folder's parent is not writable", path=str(parent))
+
+
+def _make_staging(run_dir: str, run_id: str) -> str:
+    path = Path(run_dir)
+    staging = path.parent / f".{path.name}.staging-{run_id}"
+    try:
+        for folder in (*OUTPUT_FOLDERS, "_work"):
+            (staging / folder).mkdir(parents=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the staging folder: {exc.strerror}", path=str(staging)) from None
+    return str(staging)
+
+
+def _publish(staging: str, run_dir: str, run_id: str) -> None:
+    old = None
+    if os.path.exists(run_dir):
+        old = os.path.join(os.path.dirname(run_dir), f".{os.path.basename(run_dir)}.old-{run_id}")
+        os.rename(run_dir, old)
+    os.rename(staging, run_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2, sort_keys=False, allow_nan=False, default=str)
+        handle.write("\n")
