@@ -27,7 +27,7 @@ from detectors.stats import ClassState
 class KnnLabel(PoisonDetector):
     name = "knn_label"
 
-    def __init__(self, *, n_neighbors: int = 10, min_disagreement: float = 0.9,
+    def __init__(self, *, n_neighbors: int = 10, min_disagreement: float = 0.7,
                  reference_size: int = 20000, **kwargs):
         super().__init__(**kwargs)
         self.n_neighbors = n_neighbors

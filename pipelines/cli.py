@@ -49,6 +49,8 @@ class _QuietThirdParty(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith("great_expectations") and record.levelno < logging.ERROR:
             return False
+        if record.name.startswith("apache_beam") and not os.environ.get("POISONGUARD_DEBUG"):
+            return False  # worker failures come back to the driver and are reported in one line
         return "apitools not found" not in record.getMessage()
 
 
@@ -78,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("poisonguard: interrupted; nothing published", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the user gets one line, the traceback on demand
+        if os.environ.get("POISONGUARD_DEBUG"):
+            raise
+        print(f"poisonguard: internal error: {type(exc).__name__}: {one_line(exc)[:500]} "
+              "(nothing published; set POISONGUARD_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
 
 
 def _scan(args, beam_args: list[str]) -> int:

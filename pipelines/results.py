@@ -31,7 +31,8 @@ def _jsonable(value):
 def console_summary(summary: dict, run_dir: str) -> str:
     counts = summary["counts"]
     lines = [
-        f"poisonguard scan {summary['run_id']}: {summary['verdict'].replace('_', ' ')}",
+        f"poisonguard scan {summary['run_id']}: "
+        f"{'within policy' if summary['verdict'] == 'within_policy' else 'over fail_on: training should wait'}",
         f"  rows in {counts['in']}, clean {counts['clean']}, quarantined {counts['quarantined']} "
         f"({100 * counts['quarantined_share']:.2f}%, fail_on {100 * summary['parameters']['fail_on']:.2f}%)",
     ]

@@ -237,6 +237,8 @@ def _check_run_dir(run_dir: str) -> None:
             raise InputError("--out exists, is not empty and is not a poisonguard run folder; refusing to replace it",
                              path=run_dir)
     parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise InputError("cannot create the output folder: its parent is not a folder", path=str(parent))
     if not parent.exists():
         try:
             parent.mkdir(parents=True)

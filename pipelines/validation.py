@@ -167,10 +167,21 @@ def check_suite(path: str, schema: pa.Schema) -> dict:
 def build_gx_suite(suite: dict, path: str = "suite"):
     quiet_gx()
     import great_expectations as gx
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
+    # GX logs and drops an expectation it cannot build; a screening tool must refuse instead.
+    for number, exp in enumerate(suite["expectations"], start=1):
+        try:
+            if not isinstance(exp, dict) or not isinstance(exp.get("type"), str):
+                raise ValueError("each expectation needs a 'type'")
+            ExpectationConfiguration(type=exp["type"], kwargs=exp.get("kwargs", {})).to_domain_obj()
+        except Exception as exc:  # noqa: BLE001 - GX raises many types for a bad expectation
+            name = exp.get("type") if isinstance(exp, dict) else exp
+            raise ConfigError(f"invalid expectation suite: expectation {number} ({name}): {one_line(exc)}",
+                              path=path) from None
     try:
         return gx.ExpectationSuite(**suite)
-    except Exception as exc:  # GX raises many types for a bad suite
+    except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"invalid expectation suite: {one_line(exc)}", path=path) from None
 
 

@@ -1,0 +1,173 @@
+"""Bad input: exit 2, one line naming file/column/problem, no traceback, nothing published."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import CLEAN, DIGITS_CONFIG, error_lines, gaussian_table, read_outputs, run_cli, snapshot, write
+
+
+@pytest.fixture
+def previous_run(tmp):
+    """A published run that every failing scan must leave byte-for-byte as it was."""
+    out = tmp / "run"
+    code, _, _ = run_cli("scan", write(gaussian_table(60, 2, 3), tmp / "ok.parquet"), "--out", out, "--quiet")
+    assert code == 0
+    return out, snapshot(out)
+
+
+def assert_rejected(tmp, previous_run, args, *needles):
+    out, before = previous_run
+    code, stdout, stderr = run_cli("scan", *args, "--out", out)
+    assert code == 2, (code, stderr)
+    lines = error_lines(stderr)
+    assert len(lines) == 1, stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in stderr
+    assert snapshot(out) == before
+    assert not [p for p in out.parent.iterdir() if ".staging-" in p.name]
+    return lines[0]
+
+
+def test_missing_path(tmp, previous_run):
+    assert_rejected(tmp, previous_run, [tmp / "nope.parquet"], "nope.parquet", "no such file")
+
+
+def test_zero_byte_file(tmp, previous_run):
+    (tmp / "empty.parquet").write_bytes(b"")
+    assert_rejected(tmp, previous_run, [tmp / "empty.parquet"], "empty.parquet", "0 bytes")
+
+
+def test_csv_renamed_parquet(tmp, previous_run):
+    (tmp / "data.parquet").write_text("id,label\n1,2\n")
+    assert_rejected(tmp, previous_run, [tmp / "data.parquet"], "data.parquet", "not a readable Parquet file")
+
+
+def test_truncated_parquet(tmp, previous_run):
+    data = write(gaussian_table(60, 2, 3), tmp / "full.parquet").read_bytes()
+    (tmp / "cut.parquet").write_bytes(data[: len(data) // 2])
+    assert_rejected(tmp, previous_run, [tmp / "cut.parquet"], "cut.parquet")
+
+
+def test_corrupt_data_pages_with_valid_footer(tmp, previous_run):
+    path = tmp / "corrupt.parquet"
+    pq.write_table(gaussian_table(2000, 2, 16), path, compression="snappy")
+    data = bytearray(path.read_bytes())
+    start = 64
+    data[start:start + 4000] = bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8))
+    path.write_bytes(bytes(data))
+    assert_rejected(tmp, previous_run, [path], "corrupt.parquet", "cannot read Parquet data")
+
+
+def test_empty_dataset(tmp, previous_run):
+    write(gaussian_table(10, 1, 3).slice(0, 0), tmp / "zero.parquet")
+    assert_rejected(tmp, previous_run, [tmp / "zero.parquet"], "zero.parquet", "0 rows")
+
+
+def test_empty_folder_and_unmatched_glob(tmp, previous_run):
+    (tmp / "nothing").mkdir()
+    assert_rejected(tmp, previous_run, [tmp / "nothing"], "no *.parquet")
+    assert_rejected(tmp, previous_run, [str(tmp / "nothing" / "*.parquet")], "no file matches")
+
+
+@pytest.mark.parametrize("column,role", [("id", "id"), ("label", "label"), ("embedding", "embedding")])
+def test_missing_column(tmp, previous_run, column, role):
+    table = gaussian_table(30, 2, 3)
+    write(table.drop_columns([column]), tmp / "missing.parquet")
+    assert_rejected(tmp, previous_run, [tmp / "missing.parquet"], "missing.parquet", f"'{column}'", f"missing {role} column")
+
+
+@pytest.mark.parametrize("column,array,problem", [
+    ("embedding", pa.array(["1,2,3"] * 60), "embedding column must be a list of numbers"),
+    ("label", pa.array(np.linspace(0, 1, 60)), "label column must be integer, string or boolean"),
+    ("id", pa.array(np.linspace(0, 1, 60)), "id column must be integer or string"),
+])
+def test_wrong_column_types(tmp, previous_run, column, array, problem):
+    table = gaussian_table(30, 2, 3)
+    table = table.set_column(table.schema.get_field_index(column), column, array)
+    write(table, tmp / "types.parquet")
+    assert_rejected(tmp, previous_run, [tmp / "types.parquet"], "types.parquet", problem)
+
+
+def test_files_with_different_schemas(tmp, previous_run):
+    write(gaussian_table(30, 2, 3), tmp / "in" / "a.parquet")
+    write(gaussian_table(30, 2, 3).drop_columns(["note"]), tmp / "in" / "b.parquet")
+    assert_rejected(tmp, previous_run, [tmp / "in"], "b.parquet", "schema differs", "missing note")
+
+
+def test_reserved_output_column_name(tmp, previous_run):
+    table = gaussian_table(30, 2, 3).append_column("score_spectral", pa.array(np.zeros(60)))
+    write(table, tmp / "reserved.parquet")
+    assert_rejected(tmp, previous_run, [tmp / "reserved.parquet"], "'score_spectral'", "reserved")
+
+
+def test_declared_dim_disagrees_with_fixed_size(tmp, previous_run):
+    write(gaussian_table(30, 2, 3), tmp / "d.parquet")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", "embedding.dim=5"], "fixed size 3")
+
+
+def test_config_unknown_key_and_wrong_type(tmp, previous_run):
+    write(gaussian_table(30, 2, 3), tmp / "d.parquet")
+    (tmp / "c.yaml").write_text("colums: {id: id}\n")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "c.yaml"], "colums", "Extra inputs")
+    (tmp / "c.yaml").write_text("fail_on: lots\n")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "c.yaml"], "fail_on")
+    (tmp / "c.yaml").write_text("detectors: [{name: magic}]\n")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "c.yaml"], "unknown detector 'magic'")
+    (tmp / "c.yaml").write_text("detectors: [{name: spectral, params: {nope: 1}}]\n")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "c.yaml"], "unknown parameter(s) nope")
+    (tmp / "c.yaml").write_text("a: [unclosed\n")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "c.yaml"], "not valid YAML")
+
+
+def test_yaml_config_is_loaded_safely(tmp, previous_run):
+    write(gaussian_table(30, 2, 3), tmp / "d.parquet")
+    (tmp / "evil.yaml").write_text("seed: !!python/object/apply:os.system ['touch pwned']\n")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "evil.yaml"], "not valid YAML")
+    assert not (tmp / "pwned").exists()
+
+
+def test_suite_not_json_or_naming_a_missing_column(tmp, previous_run):
+    write(gaussian_table(30, 2, 3), tmp / "d.parquet")
+    (tmp / "s.json").write_text("{not json")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", f"suite={tmp / 's.json'}"], "s.json", "not valid JSON")
+    (tmp / "s.json").write_text(json.dumps({"name": "s", "expectations": [
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "ghost"}}]}))
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", f"suite={tmp / 's.json'}"], "'ghost'", "lacks")
+    (tmp / "s.json").write_text(json.dumps({"name": "s", "expectations": [
+        {"type": "expect_the_moon", "kwargs": {"column": "label"}}]}))
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", f"suite={tmp / 's.json'}"], "invalid expectation suite")
+
+
+def test_out_that_is_not_a_run_folder_is_never_replaced(tmp):
+    precious = tmp / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    code, _, stderr = run_cli("scan", CLEAN, "--out", precious, "--config", DIGITS_CONFIG)
+    assert code == 2 and "refusing to replace" in error_lines(stderr)[0]
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_output_folder_that_cannot_be_created(tmp):
+    blocker = tmp / "a-file"
+    blocker.write_text("not a folder")
+    code, _, stderr = run_cli("scan", CLEAN, "--out", blocker / "run", "--config", DIGITS_CONFIG)
+    assert code == 2, stderr
+    assert "cannot create" in error_lines(stderr)[0] and "Traceback" not in stderr
+    assert blocker.read_text() == "not a folder"
+
+
+def test_unicode_and_very_long_ids_round_trip(tmp):
+    table = gaussian_table(40, 2, 3)
+    ids = [f"zürich-東京-🙂-{i}" + ("x" * 5000 if i % 10 == 0 else "") for i in range(table.num_rows)]
+    table = table.set_column(0, "id", pa.array(ids))
+    code, _, _ = run_cli("scan", write(table, tmp / "u.parquet"), "--out", tmp / "run", "--quiet")
+    assert code == 0
+    clean, held = read_outputs(tmp / "run")
+    assert sorted(clean.column("id").to_pylist() + held.column("id").to_pylist()) == sorted(ids)

@@ -1,0 +1,55 @@
+"""The separated-minority test: its statistic under unimodal nulls, and on real minorities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detectors.calibration import gate_by_other_classes, separated_minority
+
+
+@pytest.mark.parametrize("n", [50, 500, 20000])
+@pytest.mark.parametrize("dist", ["normal", "uniform", "halfnormal", "t5"])
+def test_unimodal_scores_are_never_called_separated(n, dist):
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        values = {"normal": rng.normal(size=n), "uniform": rng.uniform(size=n),
+                  "halfnormal": np.abs(rng.normal(size=n)), "t5": rng.standard_t(5, size=n)}[dist]
+        decision = separated_minority(values)
+        assert not decision.suspicious
+
+
+def test_separated_minority_is_found_with_a_threshold_in_the_gap():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(size=950), rng.normal(loc=9, size=50)])
+    decision = separated_minority(values)
+    assert decision.suspicious and decision.separation > 6
+    assert 3 < decision.threshold < 7
+    assert abs(decision.minority_share - 0.05) < 0.01
+
+
+def test_tiny_or_constant_classes_are_not_tested():
+    assert separated_minority(np.arange(5.0)).why.startswith("fewer than")
+    assert separated_minority(np.ones(100)).why == "constant scores"
+
+
+def test_gate_keeps_only_classes_that_stand_out_among_classes():
+    """Most classes show a natural sub-mode (D ~ 5); only the class far beyond them stays suspicious."""
+    rng = np.random.default_rng(1)
+    decisions = {}
+    for c in range(8):
+        loc = 16 if c == 0 else 5.5 + 0.3 * c
+        values = np.concatenate([rng.normal(size=400), rng.normal(loc=loc, size=40)])
+        decisions[c] = separated_minority(values)
+    assert all(d.suspicious for d in decisions.values())
+    gated = gate_by_other_classes(decisions, min_class_z=3.0)
+    assert gated[0].suspicious and gated[0].class_z > 3.0
+    assert not any(gated[c].suspicious for c in range(1, 8))
+    assert "not an outlier among classes" in gated[1].why
+
+
+def test_gate_needs_enough_classes_for_a_reference():
+    rng = np.random.default_rng(2)
+    decisions = {c: separated_minority(np.concatenate([rng.normal(size=300), rng.normal(loc=8, size=20)]))
+                 for c in range(3)}
+    assert gate_by_other_classes(decisions, min_class_z=3.0) == decisions

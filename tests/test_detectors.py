@@ -1,0 +1,136 @@
+"""Each detector: finds a planted sub-population, leaves Gaussian classes alone, survives degenerate classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detectors import DETECTORS, ActivationClustering, KnnLabel, SpectralSignatures, Spectre, merge_states
+from detectors.stats import ClassState
+
+SUBPOP_DETECTORS = [SpectralSignatures, ActivationClustering, Spectre]
+
+
+def planted(seed=0, n=2000, d=16, classes=5, share=0.05, shift=10.0, target=2):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n * classes, d)).astype(np.float32)
+    y = np.repeat(np.arange(classes), n)
+    poison = np.zeros(len(y), dtype=bool)
+    rows = np.flatnonzero(y == target)[: int(share * n)]
+    direction = rng.normal(size=d)
+    x[rows] += (shift * direction / np.linalg.norm(direction)).astype(np.float32)
+    poison[rows] = True
+    return x, y, poison
+
+
+@pytest.mark.parametrize("cls", SUBPOP_DETECTORS)
+def test_planted_subpopulation_is_found(cls):
+    x, y, poison = planted()
+    det = cls().fit(x, y)
+    flags = det.flag(x, y)
+    assert flags[poison].mean() >= 0.95
+    assert flags[~poison].mean() <= 0.002
+    assert det.decisions_[2].suspicious
+    assert not any(det.decisions_[c].suspicious for c in (0, 1, 3, 4))
+
+
+def test_spectre_finds_what_spectral_misses_under_anisotropic_noise():
+    """Clean variance dominates the top eigenvector; SPECTRE's robust whitening still sees the poison."""
+    rng = np.random.default_rng(1)
+    d, n = 32, 2000
+    scale = np.linspace(3, 0.5, d)
+    x = (rng.normal(size=(5 * n, d)) * scale).astype(np.float32)
+    y = np.repeat(np.arange(5), n)
+    poison = np.zeros(len(y), bool)
+    rows = np.flatnonzero(y == 2)[:100]
+    direction = rng.normal(size=d)
+    x[rows] += (10 * direction / np.linalg.norm(direction)).astype(np.float32)
+    poison[rows] = True
+    spectral = SpectralSignatures().fit(x, y).flag(x, y)
+    spectre = Spectre().fit(x, y).flag(x, y)
+    assert spectral[poison].mean() < 0.5
+    assert spectre[poison].mean() > 0.9 and spectre[~poison].mean() < 0.005
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pure_gaussian_classes_stay_under_one_percent(name, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(6000, 12)).astype(np.float32) * rng.uniform(0.5, 2.0, 12).astype(np.float32)
+    y = rng.integers(0, 6, 6000)
+    x += (y[:, None] * 8.0).astype(np.float32)
+    flags = DETECTORS[name]().fit(x, y).flag(x, y)
+    assert flags.mean() < 0.01
+
+
+def test_knn_label_finds_flipped_labels_in_separated_clusters():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(4, 8)) * 20
+    y_true = np.repeat(np.arange(4), 500)
+    x = (centres[y_true] + rng.normal(size=(2000, 8))).astype(np.float32)
+    y = y_true.copy()
+    flipped = rng.choice(2000, 100, replace=False)
+    y[flipped] = (y[flipped] + 1) % 4
+    flags = KnnLabel().fit(x, y).flag(x, y)
+    is_flipped = y != y_true
+    assert flags[is_flipped].mean() >= 0.95
+    assert flags[~is_flipped].mean() <= 0.005
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_deterministic_under_a_seed(name):
+    x, y, _ = planted(seed=4, n=500)
+    a = DETECTORS[name](random_state=7).fit(x, y)
+    b = DETECTORS[name](random_state=7).fit(x, y)
+    np.testing.assert_array_equal(a.score_samples(x, y), b.score_samples(x, y))
+    np.testing.assert_array_equal(a.flag(x, y), b.flag(x, y))
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_degenerate_classes_neither_crash_nor_flag_everything(name):
+    rng = np.random.default_rng(5)
+    d = 20
+    normal = rng.normal(size=(600, d)).astype(np.float32)
+    y_normal = np.repeat([0, 1, 2], 200)
+    normal += (y_normal[:, None] * 10).astype(np.float32)
+    one_row = rng.normal(size=(1, d)).astype(np.float32) + 50
+    identical = np.tile(rng.normal(size=(1, d)).astype(np.float32) - 50, (30, 1))
+    few = rng.normal(size=(5, d)).astype(np.float32) + 100  # fewer rows than dimensions
+    x = np.vstack([normal, one_row, identical, few])
+    y = np.concatenate([y_normal, [3], np.full(30, 4), np.full(5, 5)])
+    det = DETECTORS[name]().fit(x, y)
+    scores = det.score_samples(x, y)
+    flags = det.flag(x, y, scores=scores)
+    assert flags.mean() < 0.05
+    for label in (3, 4, 5):
+        assert not flags[y == label].all()
+
+
+def test_unseen_class_gets_nan_score_and_no_flag():
+    x, y, _ = planted(n=300)
+    det = SpectralSignatures().fit(x, y)
+    scores = det.score_samples(x[:3], np.array([99, 99, 99]))
+    assert np.isnan(scores).all() and not det.flag(x[:3], np.array([99, 99, 99])).any()
+
+
+def test_expected_poison_rate_mode_reproduces_the_papers_rule():
+    x, y, _ = planted(n=1000)
+    flags = SpectralSignatures(expected_poison_rate=0.05).fit(x, y).flag(x, y)
+    per_class = np.array([flags[y == c].sum() for c in range(5)])
+    assert (per_class == 75).all()  # 1.5 * 0.05 * 1000 in every class, clean ones too
+
+
+def test_chan_merge_equals_direct_moments_and_sample_is_order_free():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(5000, 7)).astype(np.float32) * 3 + 1
+    keys = rng.integers(0, 2**63, size=5000, dtype=np.uint64)
+    whole = ClassState.from_block(x, keys, capacity=500)
+    parts = [ClassState.from_block(x[i:i + 700], keys[i:i + 700], 500) for i in range(0, 5000, 700)]
+    forward = merge_states(parts)
+    backward = merge_states(reversed(parts))
+    for merged in (forward, backward):
+        assert merged.n == 5000
+        np.testing.assert_allclose(merged.mean, x.astype(np.float64).mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(merged.covariance, np.cov(x.astype(np.float64).T, bias=True), rtol=1e-10, atol=1e-10)
+        np.testing.assert_array_equal(merged.sample_keys, whole.sample_keys)
+        np.testing.assert_array_equal(merged.sample_x, whole.sample_x)
