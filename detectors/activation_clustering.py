@@ -29,12 +29,13 @@ from detectors.stats import ClassState
 class ActivationClustering(PoisonDetector):
     name = "activation_clustering"
 
-    def __init__(self, *, n_components: int = 10, reduce: str = "pca", n_init: int = 10,
-                 min_separation: float = 5.0, **kwargs):
+    def __init__(self, *, n_components: int = 10, reduce: str = "pca", n_init: int = 3,
+                 max_cluster_rows: int = 5000, min_separation: float = 5.0, **kwargs):
         super().__init__(min_separation=min_separation, **kwargs)
         self.n_components = n_components
         self.reduce = reduce
         self.n_init = n_init
+        self.max_cluster_rows = max_cluster_rows
 
     def _fit_class(self, state: ClassState):
         from sklearn.cluster import KMeans
@@ -59,8 +60,14 @@ class ActivationClustering(PoisonDetector):
         reduced = (sample - mean) @ basis
         if len(np.unique(reduced.round(12), axis=0)) < 2:
             return None
-        km = KMeans(n_clusters=2, n_init=self.n_init, random_state=self.random_state).fit(reduced)
-        sizes = np.bincount(km.labels_, minlength=2)
+        from threadpoolctl import threadpool_limits
+
+        # the sample is in seeded-hash order, so its first rows are a uniform subsample
+        with threadpool_limits(1):  # OpenMP threads spin against busy cores and other workers
+            km = KMeans(n_clusters=2, n_init=self.n_init, random_state=self.random_state)
+            km.fit(reduced[: self.max_cluster_rows])
+        labels = km.predict(reduced)
+        sizes = np.bincount(labels, minlength=2)
         small = int(np.argmin(sizes)) if sizes[0] != sizes[1] else 1
         c_small, c_big = km.cluster_centers_[small], km.cluster_centers_[1 - small]
         axis = c_small - c_big
@@ -68,11 +75,11 @@ class ActivationClustering(PoisonDetector):
         if norm == 0:
             return None
         axis /= norm
-        big_rows = reduced[km.labels_ != small]
+        big_rows = reduced[labels != small]
         spread = float(np.std((big_rows - c_big) @ axis)) or 1.0
         a = np.linalg.norm(reduced - c_small, axis=1)
         b = np.linalg.norm(reduced - c_big, axis=1)
-        in_small = km.labels_ == small
+        in_small = labels == small
         silhouette = float(np.mean(((b - a) / np.maximum(np.maximum(a, b), 1e-300))[in_small]))
         return {
             "mean": mean, "basis": basis, "c_big": c_big, "axis": axis, "spread": spread,

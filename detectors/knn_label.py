@@ -11,8 +11,10 @@ label flips and clean-label feature collisions, whose embeddings sit inside anot
 bound the cost on large data the neighbours come from a reference set, not all pairs: the first
 rows of every class's bounded sample (a uniform subsample, since the sample is ordered by a
 seeded hash), ``reference_size`` rows in all, shared out in proportion to class size.  A row is
-flagged where s(x) >= ``min_disagreement``; a class is suspicious when at least ``min_rows``
-rows of its sample are.
+flagged where s(x) >= ``min_disagreement`` (0.7: stricter than the plurality rule, so rows on a
+natural class boundary, whose neighbourhoods are mixed, stay clean).  The evidence is per row, so
+one such row is enough (``min_rows`` = 1); a class where more than ``max_share`` of the rows
+disagree is not flagged (the labels, not the rows, are then in question).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ class KnnLabel(PoisonDetector):
     name = "knn_label"
 
     def __init__(self, *, n_neighbors: int = 10, min_disagreement: float = 0.7,
-                 reference_size: int = 20000, **kwargs):
-        super().__init__(**kwargs)
+                 reference_size: int = 20000, min_rows: int = 1, **kwargs):
+        super().__init__(min_rows=min_rows, **kwargs)
         self.n_neighbors = n_neighbors
         self.min_disagreement = min_disagreement
         self.reference_size = reference_size

@@ -22,6 +22,7 @@ from apache_beam.pvalue import AsSingleton
 from detectors import merge_states
 from pipelines import io as pio
 from pipelines.config import Config
+from pipelines.errors import InputError, one_line
 from pipelines.io import InputPlan, WorkItem
 from pipelines.scoring import block_stats, class_states, duplicate_hashes, fit_detectors, merge_stats, \
     score_block, split_tables
@@ -225,8 +226,11 @@ class _MergeStats(beam.CombineFn):
 
 def _write_atomically(table: pa.Table, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"cannot write the outputs: {getattr(exc, 'strerror', None) or one_line(exc)}", path=path) from None
 
 
 def _write_json(value, path: str) -> None:

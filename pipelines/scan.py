@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -20,6 +22,7 @@ from pipelines.errors import InputError, IntegrityError, PoisonguardError, one_l
 from pipelines.io import InputPlan, discover, plan_inputs, sha256_file
 
 OUTPUT_FOLDERS = ("clean", "quarantine")
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ROWS_PER_WORK_ITEM = 262144
 
 
@@ -44,9 +47,17 @@ def run_scan(inputs: list[str], run_dir: str, config: Config, beam_args: list[st
     started = time.monotonic()
     os.umask(0o027)
     run_id = run_id or prov.new_run_id()
+    if not RUN_ID.fullmatch(run_id):
+        raise InputError(f"--run-id must match {RUN_ID.pattern} (it names files), got {run_id!r}")
     run_dir = str(Path(run_dir).resolve())
     _check_run_dir(run_dir)
     log_path = config.provenance_log or default_log_path(run_dir)
+    with _run_dir_lock(run_dir):
+        return _scan_locked(inputs, run_dir, config, beam_args, run_id, log_path, started)
+
+
+def _scan_locked(inputs, run_dir, config, beam_args, run_id, log_path, started) -> ScanResult:
+    _remove_stale_staging(run_dir)
 
     paths = discover(inputs)
     plan = plan_inputs(paths, config)
@@ -83,6 +94,8 @@ def run_scan(inputs: list[str], run_dir: str, config: Config, beam_args: list[st
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         error = unwrap_error(exc)
+        if isinstance(error, OSError) and error.errno is not None:
+            error = InputError(f"cannot write the outputs: {error.strerror}", path=getattr(error, "filename", None))
         prov.append(log_path, prov.run_event(
             "FAIL", run_id, inputs=inputs_meta,
             facets={"errorMessage": {"message": one_line(error) or type(exc).__name__,
@@ -246,6 +259,30 @@ def _check_run_dir(run_dir: str) -> None:
             raise InputError(f"cannot create the output's parent folder: {exc.strerror}", path=str(parent)) from None
     if not os.access(parent, os.W_OK):
         raise InputError("output folder's parent is not writable", path=str(parent))
+
+
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: str):
+    """One scan per RUN_DIR at a time; a second one waits for the first to finish."""
+    path = Path(run_dir)
+    lock = path.parent / f".{path.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _remove_stale_staging(run_dir: str) -> None:
+    """Staging folders of this RUN_DIR found while holding its lock belong to killed scans."""
+    path = Path(run_dir)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.staging-*"):
+        log(f"removing staging folder of an interrupted scan: {stale}")
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _make_staging(run_dir: str, run_id: str) -> str:

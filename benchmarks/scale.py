@@ -1,0 +1,173 @@
+"""Scale: poisonguard scan vs a plain in-memory numpy floor, side by side, on synthetic Parquet.
+
+Each dataset has 10 classes, a planted 5% sub-population in class 3 (shifted 8 sigma along a random
+direction), an embedding column and a 128-float feature column.  For each size it runs, as separate
+processes so that peak RSS (whole process tree, sampled every 50 ms) is measured for each:
+  - `poisonguard scan` with the default detectors (and any extra flags given with --scan-args);
+  - the floor: read the same Parquet into memory, fit and score the same detectors with the same
+    code, write the same clean/quarantine Parquet.
+Prints wall time, rows/s, peak RSS, the ratio to the floor and recall/FPR; writes
+benchmarks/results/scale.md.
+
+    python benchmarks/scale.py [--sizes 100000x128,1000000x128,3000000x128,1000000x512] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "scale.md"
+CLASSES, TARGET, SHARE, FEATURES = 10, 3, 0.05, 128
+ROW_GROUP = 131072
+
+
+def generate(path: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Write the dataset in row groups; return the boolean poison mask."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(CLASSES, dim)).astype(np.float32) * 4
+    direction = rng.normal(size=dim).astype(np.float32)
+    direction /= np.linalg.norm(direction)
+    poison = np.zeros(n, dtype=bool)
+    schema = pa.schema([("id", pa.string()), ("label", pa.int64()),
+                        ("embedding", pa.list_(pa.float32(), dim)), ("features", pa.list_(pa.float32(), FEATURES))])
+    with pq.ParquetWriter(path, schema, compression="snappy") as writer:
+        for start in range(0, n, ROW_GROUP):
+            stop = min(start + ROW_GROUP, n)
+            m = stop - start
+            labels = rng.integers(0, CLASSES, m)
+            x = centres[labels] + rng.normal(size=(m, dim)).astype(np.float32)
+            planted = (labels == TARGET) & (rng.random(m) < SHARE)
+            x[planted] += 8 * direction
+            poison[start:stop] = planted
+            features = rng.normal(size=(m * FEATURES,)).astype(np.float32)
+            writer.write_table(pa.table({
+                "id": pa.array([f"row-{i:09d}" for i in range(start, stop)]),
+                "label": pa.array(labels, pa.int64()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim),
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(features), FEATURES),
+            }, schema=schema), row_group_size=ROW_GROUP)
+    return poison
+
+
+def floor(path: str, out: str) -> None:
+    """The plain in-memory floor: same detectors, same outputs, no Beam, everything in RAM."""
+    from pipelines.config import Config
+    from pipelines.scoring import fit_detectors, split_tables
+    from pipelines.validation import builtin_block
+    from detectors.stats import states_by_class
+
+    config = Config()
+    table = pq.read_table(path)
+    dim = table.schema.field("embedding").type.list_size
+    block = builtin_block(table, file_index=0, first_row=0, id_col="id", label_col="label", emb_col="embedding",
+                          dim=dim, max_abs=1e6, seed=config.seed)
+    fitted = fit_detectors(states_by_class(block.x, block.labels, block.sample_keys, config.max_fit_rows_per_class),
+                           config)
+    scores = {}
+    for name, det in fitted.items():
+        scores[name] = det.score_samples(block.x, block.labels)
+        block.add_reason(f"detector:{name}", det.flag(block.x, block.labels, scores=scores[name]))
+    clean, held = split_tables(table, block, scores, list(fitted), "floor")
+    os.makedirs(f"{out}/clean", exist_ok=True)
+    os.makedirs(f"{out}/quarantine", exist_ok=True)
+    pq.write_table(clean, f"{out}/clean/part-0.parquet")
+    pq.write_table(held, f"{out}/quarantine/part-0.parquet")
+
+
+def measure(cmd: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS of the whole process tree (MiB), exit code."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parent = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            procs = [parent] + parent.children(recursive=True)
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    wall = time.perf_counter() - start
+    stderr = proc.stderr.read()
+    if proc.returncode not in (0, 1):
+        print(stderr[-3000:], file=sys.stderr)
+    return wall, peak / 2**20, proc.returncode
+
+
+def quality(out: Path, poison: np.ndarray) -> tuple[float, float]:
+    import pyarrow.dataset as ds
+
+    held = ds.dataset(str(out / "quarantine"), format="parquet").to_table(columns=["id"]).column("id").to_pylist()
+    flagged = np.zeros(len(poison), dtype=bool)
+    flagged[[int(i.split("-")[1]) for i in held]] = True
+    return float(flagged[poison].mean()), float(flagged[~poison].mean())
+
+
+def run(sizes: list[tuple[int, int]], workdir: Path, scan_args: list[str]) -> str:
+    exe = str(Path(sys.executable).with_name("poisonguard"))
+    lines = ["# Scale: poisonguard scan vs the in-memory numpy floor", "",
+             f"Machine: {os.cpu_count()} cores. Rows carry id, label, the embedding and a {FEATURES}-float "
+             f"feature column; 10 classes, 5% planted in class {TARGET}. Default detectors "
+             "(spectral, activation_clustering), default config. "
+             f"Scan flags: `{' '.join(scan_args) or '(none: DirectRunner in-process)'}`.", "",
+             "| rows x dim | file MiB | scan s | scan rows/s | scan peak RSS MiB | floor s | floor peak RSS MiB | "
+             "scan/floor time | recall (scan/floor) | FPR (scan/floor) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for n, dim in sizes:
+        data = workdir / f"data-{n}x{dim}.parquet"
+        poison = generate(data, n, dim)
+        mib = data.stat().st_size / 2**20
+        print(f"generated {n}x{dim}: {mib:.0f} MiB", file=sys.stderr, flush=True)
+        scan_out, floor_out = workdir / f"scan-{n}x{dim}", workdir / f"floor-{n}x{dim}"
+        scan_s, scan_rss, code = measure([exe, "scan", str(data), "--out", str(scan_out), "--quiet",
+                                          "--provenance-log", str(workdir / "prov.jsonl"), *scan_args])
+        assert code in (0, 1), f"scan failed with {code}"
+        floor_s, floor_rss, code = measure([sys.executable, __file__, "--floor", str(data), str(floor_out)])
+        assert code == 0, "floor failed"
+        (r_scan, f_scan), (r_floor, f_floor) = quality(scan_out, poison), quality(floor_out, poison)
+        lines.append(f"| {n:,} x {dim} | {mib:.0f} | {scan_s:.1f} | {n / scan_s:,.0f} | {scan_rss:.0f} | "
+                     f"{floor_s:.1f} | {floor_rss:.0f} | {scan_s / floor_s:.2f} | {r_scan:.3f} / {r_floor:.3f} | "
+                     f"{100 * f_scan:.3f}% / {100 * f_floor:.3f}% |")
+        print(lines[-1], file=sys.stderr, flush=True)
+        for p in (data, scan_out, floor_out):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="100000x128,1000000x128,3000000x128,1000000x512")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--scan-args", default="", help="extra flags for poisonguard scan (e.g. the runner)")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--floor", nargs=2, metavar=("DATA", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.floor:
+        floor(*args.floor)
+        return
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="poisonguard-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    text = run(sizes, workdir, args.scan_args.split())
+    print(text)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
