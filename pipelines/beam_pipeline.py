@@ -31,11 +31,22 @@ from pipelines.validation import SuiteRunner, builtin_block
 HASH_BUCKETS = 16
 
 
-def _block(table: pa.Table, item: WorkItem, first_row: int, config: Config, dim: int):
+def make_embedder(plan: InputPlan, config: Config):
+    """None for an embedding column; else an Embedder (its model loads lazily, once per worker)."""
+    if config.embedding.source == "column":
+        return None
+    from pipelines.embed import Embedder
+
+    return Embedder(plan.model_path, config.embedding, plan.n_features, config.embedding.device)
+
+
+def make_block(table: pa.Table, file_index: int, first_row: int, config: Config, dim: int, embedder=None):
     cols = config.columns
-    return builtin_block(table, file_index=item.file_index, first_row=first_row, id_col=cols.id,
+    embeddings, bad_features = (None, None) if embedder is None else embedder(table.column(config.embedding.features))
+    return builtin_block(table, file_index=file_index, first_row=first_row, id_col=cols.id,
                          label_col=cols.label, emb_col=cols.embedding, dim=dim,
-                         max_abs=config.embedding.max_abs_value, seed=config.seed)
+                         max_abs=config.embedding.max_abs_value, seed=config.seed,
+                         embeddings=embeddings, bad_features=bad_features)
 
 
 class _Progress:
@@ -72,15 +83,16 @@ class ReadDataset(beam.PTransform):
 
 
 class _FitPass(beam.DoFn):
-    def __init__(self, config: Config, dim: int):
-        self.config, self.dim = config, dim
+    def __init__(self, config: Config, plan: InputPlan):
+        self.config, self.plan = config, plan
 
     def setup(self):
         self.progress = _Progress("fit pass")
+        self.embedder = make_embedder(self.plan, self.config)
 
     def process(self, element):
         item, first_row, table = element
-        block = _block(table, item, first_row, self.config, self.dim)
+        block = make_block(table, item.file_index, first_row, self.config, self.plan.dim, self.embedder)
         self.progress.add(len(block))
         for label, state in class_states(block, self.config.max_fit_rows_per_class):
             yield beam.pvalue.TaggedOutput("states", (label, state))
@@ -107,13 +119,13 @@ class _MergeStates(beam.CombineFn):
 class FitDetectors(beam.PTransform):
     """Batches -> (fitted detectors, duplicate id hashes), each a one-element PCollection."""
 
-    def __init__(self, config: Config, dim: int):
+    def __init__(self, config: Config, plan: InputPlan):
         super().__init__()
-        self.config, self.dim = config, dim
+        self.config, self.plan = config, plan
 
     def expand(self, batches):
         config = self.config
-        out = batches | "Moments" >> beam.ParDo(_FitPass(config, self.dim)).with_outputs("states", "ids")
+        out = batches | "Moments" >> beam.ParDo(_FitPass(config, self.plan)).with_outputs("states", "ids")
         fitted = (
             out.states
             | "MergePerClass" >> beam.CombinePerKey(_MergeStates())
@@ -131,15 +143,16 @@ class FitDetectors(beam.PTransform):
 
 
 class _Validate(beam.DoFn):
-    def __init__(self, config: Config, dim: int, suite: dict | None):
-        self.config, self.dim, self.suite = config, dim, suite
+    def __init__(self, config: Config, plan: InputPlan, suite: dict | None):
+        self.config, self.plan, self.suite = config, plan, suite
 
     def setup(self):
         self.runner = SuiteRunner(self.suite, self.config.suite or "suite") if self.suite else None
+        self.embedder = make_embedder(self.plan, self.config)
 
     def process(self, element):
         item, first_row, table = element
-        block = _block(table, item, first_row, self.config, self.dim)
+        block = make_block(table, item.file_index, first_row, self.config, self.plan.dim, self.embedder)
         warnings: list[str] = []
         if self.runner is not None:
             masks, warnings = self.runner.failures(table)
@@ -149,14 +162,17 @@ class _Validate(beam.DoFn):
 
 
 class ValidateRows(beam.PTransform):
-    """Batches -> (item, table, RowBlock with built-in and suite reasons, batch-level warnings)."""
+    """Batches -> (item, table, RowBlock with built-in and suite reasons, batch-level warnings).
 
-    def __init__(self, config: Config, dim: int, suite: dict | None):
+    The Embed step (column, user model or proxy model) runs inside it, on the same batch.
+    """
+
+    def __init__(self, config: Config, plan: InputPlan, suite: dict | None):
         super().__init__()
-        self.config, self.dim, self.suite = config, dim, suite
+        self.config, self.plan, self.suite = config, plan, suite
 
     def expand(self, batches):
-        return batches | "Validate" >> beam.ParDo(_Validate(self.config, self.dim, self.suite))
+        return batches | "Validate" >> beam.ParDo(_Validate(self.config, self.plan, self.suite))
 
 
 class ScoreRows(beam.PTransform):
@@ -248,12 +264,13 @@ def build_scan(pipeline: beam.Pipeline, plan: InputPlan, config: Config, suite: 
     detector_names = [d.name for d in config.detectors]
     work = os.path.join(staging, "_work")
 
-    fit_input = pipeline | "ReadForFit" >> ReadDataset(items, [cols.id, cols.label, cols.embedding], config.batch_size)
-    fitted, dups = fit_input | "FitDetectors" >> FitDetectors(config, plan.dim)
+    vector = cols.embedding if config.embedding.source == "column" else config.embedding.features
+    fit_input = pipeline | "ReadForFit" >> ReadDataset(items, [cols.id, cols.label, vector], config.batch_size)
+    fitted, dups = fit_input | "FitDetectors" >> FitDetectors(config, plan)
     scored = (
         pipeline
         | "ReadDataset" >> ReadDataset(items, None, config.batch_size)
-        | "ValidateRows" >> ValidateRows(config, plan.dim, suite)
+        | "ValidateRows" >> ValidateRows(config, plan, suite)
         | "ScoreRows" >> ScoreRows(fitted, dups)
     )
     counts = scored | "WriteOutputs" >> WriteOutputs(staging, detector_names, run_id)

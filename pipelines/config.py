@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.errors import ConfigError
 
@@ -24,9 +24,31 @@ class Columns(_Strict):
 
 
 class EmbeddingConfig(_Strict):
-    source: Literal["column"] = "column"
+    source: Literal["column", "model", "proxy"] = "column"
     dim: int | None = Field(default=None, ge=1, description="declared dimension; None = from the data")
     max_abs_value: float = Field(default=1e6, gt=0, description="larger |values| are quarantined")
+    features: str | None = None
+    features_shape: list[int] | None = None
+    model: str | None = None
+    architecture: Literal["mlp"] | None = None
+    hidden: list[int] = Field(default_factory=lambda: [128, 32], min_length=1)
+    layer: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    inference_batch_size: int = Field(default=4096, ge=1)
+    proxy_architecture: Literal["mlp", "cnn"] = "mlp"
+    proxy_epochs: int = Field(default=600, ge=1, le=100000)
+    proxy_max_rows: int = Field(default=50000, ge=10)
+    proxy_lr: float = Field(default=3e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _sources(self):
+        if self.source in ("model", "proxy") and not self.features:
+            raise ValueError(f"embedding.source {self.source} needs embedding.features (the feature column)")
+        if self.source == "proxy" and self.proxy_architecture == "cnn" and len(self.features_shape or []) != 3:
+            raise ValueError("embedding.proxy_architecture cnn needs embedding.features_shape [channels, height, width]")
+        if self.source == "model" and not self.model:
+            raise ValueError("embedding.source model needs embedding.model (a TorchScript or state-dict file)")
+        return self
 
 
 class DetectorConfig(_Strict):
@@ -46,7 +68,7 @@ class Config(_Strict):
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     suite: str | None = None
     detectors: list[DetectorConfig] = Field(
-        default_factory=lambda: [DetectorConfig(name="spectral"), DetectorConfig(name="activation_clustering")]
+        default_factory=lambda: [DetectorConfig(name=name) for name in DETECTOR_NAMES]
     )
     expected_poison_rate: float | None = Field(default=None, gt=0, lt=0.5)
     max_fit_rows_per_class: int = Field(default=20000, ge=10)

@@ -15,7 +15,7 @@ from detectors import merge_states
 from pipelines.config import Config
 from pipelines.io import discover, plan_inputs
 from pipelines.scoring import class_states, duplicate_hashes, fit_detectors, reason_order, score_block
-from pipelines.validation import BUILTIN, SuiteRunner, builtin_block, check_suite
+from pipelines.validation import BUILTIN, SuiteRunner, check_suite
 
 
 @dataclass
@@ -28,16 +28,19 @@ class InMemoryResult:
 
 
 def scan_in_memory(inputs: list[str], config: Config) -> InMemoryResult:
+    import tempfile
+
+    from pipelines.beam_pipeline import make_block, make_embedder
+    from pipelines.scan import resolve_embedding
+
     paths = discover(inputs)
     plan = plan_inputs(paths, config)
     suite = check_suite(config.suite, plan.schema) if config.suite else None
-    cols = config.columns
     tables = [pq.read_table(f.path) for f in plan.files]
-    blocks = [
-        builtin_block(t, file_index=f.index, first_row=0, id_col=cols.id, label_col=cols.label,
-                      emb_col=cols.embedding, dim=plan.dim, max_abs=config.embedding.max_abs_value, seed=config.seed)
-        for f, t in zip(plan.files, tables)
-    ]
+    with tempfile.TemporaryDirectory() as work:
+        plan, _ = resolve_embedding(plan, config, work)
+        embedder = make_embedder(plan, config)
+        blocks = [make_block(t, f.index, 0, config, plan.dim, embedder) for f, t in zip(plan.files, tables)]
     per_class: dict = {}
     for block in blocks:
         for label, state in class_states(block, config.max_fit_rows_per_class):

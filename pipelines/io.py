@@ -41,8 +41,9 @@ class WorkItem:
 class InputPlan:
     files: tuple[InputFile, ...]
     schema: pa.Schema
-    dim: int
-    suite_columns: tuple[str, ...]
+    dim: int | None
+    n_features: int | None = None
+    model_path: str | None = None
 
     @property
     def total_rows(self) -> int:
@@ -89,8 +90,10 @@ def plan_inputs(paths: list[str], config: Config) -> InputPlan:
     if sum(f.rows for f in files) == 0:
         raise InputError("input is empty (0 rows)", path=paths[0] if len(paths) == 1 else None)
     _check_columns(schema, config, paths[0])
-    dim = _embedding_dim(schema, files, config)
-    return InputPlan(tuple(files), schema, dim, ())
+    emb = config.embedding
+    if emb.source == "column":
+        return InputPlan(tuple(files), schema, _list_width(schema, files, config.columns.embedding, emb.dim))
+    return InputPlan(tuple(files), schema, emb.dim, n_features=_list_width(schema, files, emb.features, None))
 
 
 def work_items(plan: InputPlan, rows_per_item: int) -> list[WorkItem]:
@@ -140,7 +143,10 @@ def _read_metadata(path: str) -> pq.FileMetaData:
 
 def _check_columns(schema: pa.Schema, config: Config, path: str) -> None:
     cols = config.columns
-    for role, name in (("id", cols.id), ("label", cols.label), ("embedding", cols.embedding)):
+    roles = (("id", cols.id), ("label", cols.label))
+    if config.embedding.source == "column":
+        roles += (("embedding", cols.embedding),)
+    for role, name in roles:
         if name not in schema.names:
             raise InputError(f"missing {role} column (have: {', '.join(schema.names)})", path=path, column=name)
     id_type = schema.field(cols.id).type
@@ -151,36 +157,38 @@ def _check_columns(schema: pa.Schema, config: Config, path: str) -> None:
             or pa.types.is_large_string(label_type) or pa.types.is_boolean(label_type)):
         raise InputError(f"label column must be integer, string or boolean, not {label_type}",
                          path=path, column=cols.label)
-    emb_type = schema.field(cols.embedding).type
-    if not (_is_list(emb_type) and (pa.types.is_floating(emb_type.value_type) or pa.types.is_integer(emb_type.value_type))):
-        raise InputError(f"embedding column must be a list of numbers, not {emb_type}", path=path,
-                         column=cols.embedding)
+    vector = cols.embedding if config.embedding.source == "column" else config.embedding.features
+    role = "embedding" if config.embedding.source == "column" else "features"
+    if vector not in schema.names:
+        raise InputError(f"missing {role} column (have: {', '.join(schema.names)})", path=path, column=vector)
+    vec_type = schema.field(vector).type
+    if not (_is_list(vec_type) and (pa.types.is_floating(vec_type.value_type) or pa.types.is_integer(vec_type.value_type))):
+        raise InputError(f"{role} column must be a list of numbers, not {vec_type}", path=path, column=vector)
     for name in schema.names:
         if name in RESERVED_COLUMNS or name.startswith(RESERVED_PREFIXES):
             raise InputError("column name is reserved for poisonguard's outputs", path=path, column=name)
 
 
-def _embedding_dim(schema: pa.Schema, files: list[InputFile], config: Config) -> int:
-    emb_type = schema.field(config.columns.embedding).type
-    fixed = emb_type.list_size if pa.types.is_fixed_size_list(emb_type) else None
-    declared = config.embedding.dim
+def _list_width(schema: pa.Schema, files: list[InputFile], column: str, declared: int | None) -> int:
+    """A list column's width: the fixed size, the declared one, or the most common length."""
+    col_type = schema.field(column).type
+    fixed = col_type.list_size if pa.types.is_fixed_size_list(col_type) else None
     if declared is not None:
         if fixed is not None and fixed != declared:
-            raise InputError(f"embedding has fixed size {fixed}, config declares embedding.dim={declared}",
-                             path=files[0].path, column=config.columns.embedding)
+            raise InputError(f"column has fixed size {fixed}, config declares embedding.dim={declared}",
+                             path=files[0].path, column=column)
         return declared
     if fixed is not None:
         return fixed
     import pyarrow.compute as pc
 
     for f in files:
-        for _, table in read_batches(WorkItem(f.index, f.path, 0, f.row_groups, 0), [config.columns.embedding], 4096):
+        for _, table in read_batches(WorkItem(f.index, f.path, 0, f.row_groups, 0), [column], 4096):
             lengths = pc.list_value_length(table.column(0)).drop_null()
             if len(lengths):
-                modes = pc.mode(lengths, n=1)
-                return int(modes[0]["mode"].as_py())
-    raise InputError("cannot infer the embedding dimension: every embedding is null; set embedding.dim",
-                     path=files[0].path, column=config.columns.embedding)
+                return int(pc.mode(lengths, n=1)[0]["mode"].as_py())
+    raise InputError("cannot infer the vector width: every value is null; set embedding.dim",
+                     path=files[0].path, column=column)
 
 
 def _is_list(t: pa.DataType) -> bool:

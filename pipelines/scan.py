@@ -12,8 +12,10 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from pipelines import __version__
 from pipelines import provenance as prov
@@ -75,14 +77,19 @@ def _scan_locked(inputs, run_dir, config, beam_args, run_id, log_path, started) 
 
     staging = _make_staging(run_dir, run_id)
     try:
+        plan, embedding_info = resolve_embedding(plan, config, os.path.join(staging, "_work"))
+        if config.embedding.source == "proxy":
+            shutil.copyfile(plan.model_path, os.path.join(staging, "proxy_model.pt"))
         timings = {"plan_s": round(time.monotonic() - started, 3)}
         t0 = time.monotonic()
         _run_pipeline(plan, config, suite, staging, run_id, beam_args or [])
         timings["pipeline_s"] = round(time.monotonic() - t0, 3)
         summary = _finish_staging(staging, plan, config, run_id, inputs_meta, timings, started)
+        summary["embedding"] = embedding_info
         outputs_meta = summary.pop("_outputs_meta")
         complete = prov.run_event("COMPLETE", run_id, inputs=inputs_meta, outputs=outputs_meta,
-                                  facets={**facets, "poisonguard_findings": _findings(summary)})
+                                  facets={**facets, "poisonguard_embedding": embedding_info,
+                                          "poisonguard_findings": _findings(summary)})
         record = prov.append(log_path, complete)
         with open(os.path.join(staging, "provenance.jsonl"), "w", encoding="utf-8") as handle:
             for event in _events_of_run(log_path, run_id):
@@ -105,6 +112,55 @@ def _scan_locked(inputs, run_dir, config, beam_args, run_id, log_path, started) 
         raise
     log(f"done in {time.monotonic() - started:.1f} s")
     return ScanResult(run_id, run_dir, summary, summary["exit_code"])
+
+
+def resolve_embedding(plan: InputPlan, config: Config, work_dir: str) -> tuple[InputPlan, dict]:
+    """Train the proxy or check the user's model; fix the embedding dimension from a dry run."""
+    emb = config.embedding
+    if emb.source == "column":
+        return plan, {"source": "column", "column": config.columns.embedding, "dim": plan.dim}
+    info: dict = {"source": emb.source, "features": emb.features, "features_shape": emb.features_shape}
+    if emb.source == "proxy":
+        from pipelines.proxy import train_proxy
+
+        path = os.path.join(work_dir, "proxy_model.pt")
+        log(f"proxy: training on up to {emb.proxy_max_rows} rows for {emb.proxy_epochs} epochs")
+        info.update(train_proxy(plan, config, path))
+        log(f"proxy: training accuracy {info['train_accuracy']:.4f}")
+    else:
+        path = os.path.abspath(emb.model)
+        if not os.path.isfile(path):
+            raise InputError("model file not found", path=emb.model)
+    info["model_file_sha256"] = sha256_file(path)
+    dim = _probe_dim(path, plan, config)
+    if emb.dim is not None and dim != emb.dim:
+        raise InputError(f"model output dimension {dim} disagrees with embedding.dim={emb.dim}", path=emb.model or path)
+    info["dim"] = dim
+    return replace(plan, dim=dim, model_path=path), info
+
+
+def _probe_dim(path: str, plan: InputPlan, config: Config) -> int:
+    import torch
+
+    from pipelines.embed import Embedder, embedding_fn, load_model
+
+    emb = config.embedding
+    model = load_model(path, architecture=emb.architecture, hidden=emb.hidden, in_features=plan.n_features,
+                       n_classes=None)
+    shape = tuple(emb.features_shape or (plan.n_features,))
+    if int(np.prod(shape)) != plan.n_features:
+        raise InputError(f"embedding.features_shape {list(shape)} does not hold {plan.n_features} values",
+                         column=emb.features)
+    try:
+        with torch.inference_mode():
+            out = embedding_fn(model, emb.layer)(torch.zeros((2, *shape)))
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model can fail in many ways on the wrong input
+        raise InputError(f"model cannot embed features of shape {list(shape)}: {one_line(exc)[:200]}",
+                         path=emb.model or path) from None
+    del Embedder
+    return int(out.reshape(2, -1).shape[1])
 
 
 def unwrap_error(exc: BaseException) -> BaseException:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from pipelines.errors import ConfigError, InputError, one_line
 
 BUILTIN = "validation:builtin:"
-ROW_LOCAL_CHECKS = ("id_missing", "label_missing", "embedding_missing", "embedding_dim",
+ROW_LOCAL_CHECKS = ("id_missing", "label_missing", "features_invalid", "embedding_missing", "embedding_dim",
                     "embedding_finite", "embedding_magnitude")
 DUPLICATE_ID = BUILTIN + "id_duplicate"
 
@@ -72,7 +72,9 @@ def hash_strings(values: np.ndarray, key: str = "0123456789123456") -> np.ndarra
 
 
 def builtin_block(table: pa.Table, *, file_index: int, first_row: int, id_col: str, label_col: str,
-                  emb_col: str, dim: int, max_abs: float, seed: int) -> RowBlock:
+                  emb_col: str, dim: int, max_abs: float, seed: int, embeddings=None,
+                  bad_features: np.ndarray | None = None) -> RowBlock:
+    """Built-in checks of one batch; ``embeddings`` replaces the embedding column (model/proxy modes)."""
     n = table.num_rows
     id_arr = table.column(id_col)
     ids = pc.cast(id_arr, pa.string()).to_numpy(zero_copy_only=False)
@@ -81,7 +83,11 @@ def builtin_block(table: pa.Table, *, file_index: int, first_row: int, id_col: s
     labels_arr = table.column(label_col)
     label_null = np.asarray(pc.is_null(labels_arr), dtype=bool)
     labels = _labels_to_numpy(labels_arr, label_null)
-    x, emb_reasons = _embeddings(table.column(emb_col), n, dim, max_abs)
+    column = table.column(emb_col) if embeddings is None else embeddings
+    x, emb_reasons = _embeddings(column, n, dim, max_abs)
+    if bad_features is not None:
+        emb_reasons["features_invalid"] = bad_features
+        emb_reasons["embedding_missing"] = emb_reasons["embedding_missing"] & ~bad_features
     block = RowBlock(
         file_index=file_index, first_row=first_row, ids=ids,
         id_hash=hash_strings(safe_ids), sample_keys=hash_strings(safe_ids, seeded_hash_key(seed)),

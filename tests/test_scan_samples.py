@@ -50,7 +50,8 @@ def test_output_schema_matches_the_contract(poisoned_run):
     _, _, _, out = poisoned_run
     source = pq.read_table(POISONED)
     clean, held = read_outputs(out)
-    scores = [pa.field("score_spectral", pa.float64()), pa.field("score_activation_clustering", pa.float64())]
+    scores = [pa.field(f"score_{name}", pa.float64())
+              for name in ("spectral", "activation_clustering", "spectre", "knn_label")]
     expected_clean = pa.schema(list(source.schema) + scores)
     assert clean.schema.equals(expected_clean)
     expected_held = pa.schema(list(expected_clean) + [pa.field("quarantine_reasons", pa.list_(pa.string())),

@@ -41,11 +41,12 @@ class DigitsMLP(torch.nn.Module):
         self.head = torch.nn.Linear(EMBED_DIM, 10)
 
     def forward(self, x):
-        return self.head(self.features(x))
+        return self.head(self.embed(x))
 
     @torch.jit.export
     def embed(self, x):
-        return self.features(x)
+        """Raw pixels (0..16) in, 32-d embedding out: the scaling is part of the model."""
+        return self.features(x / 16.0)
 
 
 def stamp(images: np.ndarray) -> np.ndarray:
@@ -59,7 +60,7 @@ def train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 600) -> DigitsM
     torch.use_deterministic_algorithms(True)
     model = DigitsMLP()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
     for _ in range(epochs):
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(xt), yt)
@@ -70,7 +71,7 @@ def train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 600) -> DigitsM
 
 def embed(model: DigitsMLP, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return model.embed(torch.tensor(x / 16.0, dtype=torch.float32)).numpy()
+        return model.embed(torch.tensor(x, dtype=torch.float32)).numpy()
 
 
 def table(ids, labels, pixels, embeddings) -> pa.Table:
@@ -97,8 +98,8 @@ def main() -> None:
 
     model = train(x_p, y_p, MODEL_SEED)
     with torch.no_grad():
-        preds = model(torch.tensor(x_p / 16.0)).argmax(1).numpy()
-        triggered = model(torch.tensor(stamp(x[y != TARGET]) / 16.0)).argmax(1).numpy()
+        preds = model(torch.tensor(x_p)).argmax(1).numpy()
+        triggered = model(torch.tensor(stamp(x[y != TARGET]))).argmax(1).numpy()
     print(f"poisoned model: train accuracy {np.mean(preds == y_p):.3f}, "
           f"attack success on stamped non-target images {np.mean(triggered == TARGET):.3f}")
     pq.write_table(table(ids, y_p, x_p, embed(model, x_p)), HERE / "digits_poisoned.parquet")
