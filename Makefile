@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 
-.PHONY: venv demo test bench-quality bench-scale samples clean
+.PHONY: venv browser demo test bench-quality bench-scale bench-embed samples clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,13 +14,21 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The report test renders report.html in a real headless Chromium (Debian's package).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		echo "installing Debian's chromium for the report test"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
+
 demo: venv
 	$(VENV)/bin/poisonguard scan data/samples/digits_poisoned.parquet --out $(RUN_DIR) \
-		--config configs/digits.yaml; code=$$?; \
-	echo "outputs: $(RUN_DIR)/ (clean/, quarantine/, summary.json, provenance.jsonl); provenance log: runs/poisonguard-provenance.jsonl"; \
+		--config configs/digits.yaml --state runs/state; code=$$?; \
+	echo "outputs: $(RUN_DIR)/ (report.html, review.csv, clean/, quarantine/, summary.json, provenance.jsonl)"; \
+	echo "provenance log: runs/poisonguard-provenance.jsonl; state (decisions, drift baselines): runs/state"; \
 	exit $$code
 
-test: venv
+test: venv browser
 	$(PY) -m pytest -q tests
 
 bench-quality: venv
@@ -29,6 +37,9 @@ bench-quality: venv
 
 bench-scale: venv
 	$(PY) benchmarks/scale.py
+
+bench-embed: venv
+	$(PY) benchmarks/embed.py
 
 samples: venv
 	$(PY) data/samples/make_samples.py

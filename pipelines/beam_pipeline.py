@@ -26,7 +26,8 @@ from pipelines.errors import InputError, one_line
 from pipelines.io import InputPlan, WorkItem
 from pipelines.scoring import block_stats, class_states, duplicate_hashes, fit_detectors, merge_stats, \
     score_block, split_tables
-from pipelines.validation import SuiteRunner, builtin_block
+from pipelines.state import class_moments
+from pipelines.validation import SuiteRunner, apply_decisions, builtin_block
 
 HASH_BUCKETS = 16
 
@@ -117,7 +118,7 @@ class _MergeStates(beam.CombineFn):
 
 
 class FitDetectors(beam.PTransform):
-    """Batches -> (fitted detectors, duplicate id hashes), each a one-element PCollection."""
+    """Batches -> fitted detectors, duplicate id hashes, per-class moments: one-element PCollections."""
 
     def __init__(self, config: Config, plan: InputPlan):
         super().__init__()
@@ -126,12 +127,13 @@ class FitDetectors(beam.PTransform):
     def expand(self, batches):
         config = self.config
         out = batches | "Moments" >> beam.ParDo(_FitPass(config, self.plan)).with_outputs("states", "ids")
-        fitted = (
+        states = (
             out.states
             | "MergePerClass" >> beam.CombinePerKey(_MergeStates())
             | "AllClasses" >> beam.combiners.ToList()
-            | "Fit" >> beam.Map(lambda pairs: fit_detectors(dict(pairs), config))
         )
+        fitted = states | "Fit" >> beam.Map(lambda pairs: fit_detectors(dict(pairs), config))
+        moments = states | "ClassMoments" >> beam.Map(lambda pairs: class_moments(dict(pairs)))
         dups = (
             out.ids
             | "ByBucket" >> beam.GroupByKey()
@@ -139,12 +141,12 @@ class FitDetectors(beam.PTransform):
             | "AllDups" >> beam.combiners.ToList()
             | "Concat" >> beam.Map(lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.uint64))
         )
-        return fitted, dups
+        return fitted, dups, moments
 
 
 class _Validate(beam.DoFn):
-    def __init__(self, config: Config, plan: InputPlan, suite: dict | None):
-        self.config, self.plan, self.suite = config, plan, suite
+    def __init__(self, config: Config, plan: InputPlan, suite: dict | None, decisions: dict | None):
+        self.config, self.plan, self.suite, self.decisions = config, plan, suite, decisions or {}
 
     def setup(self):
         self.runner = SuiteRunner(self.suite, self.config.suite or "suite") if self.suite else None
@@ -158,6 +160,8 @@ class _Validate(beam.DoFn):
             masks, warnings = self.runner.failures(table)
             for reason, mask in masks.items():
                 block.add_reason(reason, mask)
+        if self.decisions:
+            apply_decisions(block, table, self.decisions, self.plan.schema.names)
         yield item, table, block, warnings
 
 
@@ -167,12 +171,12 @@ class ValidateRows(beam.PTransform):
     The Embed step (column, user model or proxy model) runs inside it, on the same batch.
     """
 
-    def __init__(self, config: Config, plan: InputPlan, suite: dict | None):
+    def __init__(self, config: Config, plan: InputPlan, suite: dict | None, decisions: dict | None = None):
         super().__init__()
-        self.config, self.plan, self.suite = config, plan, suite
+        self.config, self.plan, self.suite, self.decisions = config, plan, suite, decisions
 
     def expand(self, batches):
-        return batches | "Validate" >> beam.ParDo(_Validate(self.config, self.plan, self.suite))
+        return batches | "Validate" >> beam.ParDo(_Validate(self.config, self.plan, self.suite, self.decisions))
 
 
 class ScoreRows(beam.PTransform):
@@ -255,7 +259,7 @@ def _write_json(value, path: str) -> None:
 
 
 def build_scan(pipeline: beam.Pipeline, plan: InputPlan, config: Config, suite: dict | None,
-               staging: str, run_id: str, rows_per_item: int) -> None:
+               staging: str, run_id: str, rows_per_item: int, decisions: dict | None = None) -> None:
     """ReadDataset -> ValidateRows -> (Embed) -> FitDetectors -> ScoreRows -> WriteOutputs."""
     from pipelines.results import fit_report
 
@@ -266,13 +270,14 @@ def build_scan(pipeline: beam.Pipeline, plan: InputPlan, config: Config, suite: 
 
     vector = cols.embedding if config.embedding.source == "column" else config.embedding.features
     fit_input = pipeline | "ReadForFit" >> ReadDataset(items, [cols.id, cols.label, vector], config.batch_size)
-    fitted, dups = fit_input | "FitDetectors" >> FitDetectors(config, plan)
+    fitted, dups, moments = fit_input | "FitDetectors" >> FitDetectors(config, plan)
     scored = (
         pipeline
         | "ReadDataset" >> ReadDataset(items, None, config.batch_size)
-        | "ValidateRows" >> ValidateRows(config, plan, suite)
+        | "ValidateRows" >> ValidateRows(config, plan, suite, decisions)
         | "ScoreRows" >> ScoreRows(fitted, dups)
     )
     counts = scored | "WriteOutputs" >> WriteOutputs(staging, detector_names, run_id)
     counts | "SaveCounts" >> beam.Map(_write_json, os.path.join(work, "counts.json"))
     fitted | "SaveFit" >> beam.Map(lambda f: _write_json(fit_report(f), os.path.join(work, "fit.json")))
+    moments | "SaveMoments" >> beam.Map(_write_json, os.path.join(work, "moments.json"))

@@ -35,7 +35,21 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--provenance-log", metavar="FILE",
                       help="long-lived provenance log (default: poisonguard-provenance.jsonl beside RUN_DIR)")
     scan.add_argument("--run-id", help="run id to use instead of a fresh UUID")
+    scan.add_argument("--state", metavar="DIR", help="state folder: reviewer decisions and drift baselines (config: state)")
     scan.add_argument("--quiet", action="store_true", help="print no summary")
+
+    review = sub.add_parser("review", help="record release/confirm decisions on a run's quarantine",
+                            description="Record reviewers' decisions (CSV or Parquet: id, decision = release | "
+                                        "confirm, note) in the state folder and the provenance log. Every "
+                                        "decision is checked first; nothing is applied unless all are valid.")
+    review.add_argument("run_dir", metavar="RUN_DIR")
+    review.add_argument("--decisions", required=True, metavar="FILE", help="review.csv filled in, or a Parquet file")
+    review.add_argument("--reviewer", required=True, metavar="NAME")
+    review.add_argument("--state", metavar="DIR", help="state folder (default: the run's configured state)")
+    review.add_argument("--provenance-log", metavar="FILE", help="default: the run's provenance log")
+
+    report = sub.add_parser("report", help="re-render RUN_DIR/report.html", description="Re-render report.html.")
+    report.add_argument("run_dir", metavar="RUN_DIR")
 
     verify = sub.add_parser("verify-log", help="check a provenance log's hash chain",
                             description="Exit 0 if the log is intact, 1 naming the first bad record.")
@@ -73,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             return _scan(args, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command == "review":
+            return _review(args)
+        if args.command == "report":
+            return _report(args)
         return _verify(args)
     except PoisonguardError as exc:
         print(f"poisonguard: error: {one_line(exc)}", file=sys.stderr)
@@ -96,6 +114,8 @@ def _scan(args, beam_args: list[str]) -> int:
     overrides = list(args.overrides)
     if args.provenance_log:
         overrides.append(f"provenance_log={args.provenance_log}")
+    if args.state:
+        overrides.append(f"state={args.state}")
     config = load_config(args.config, overrides)
     _check_beam_args(beam_args)
     result = run_scan(args.inputs, args.out, config, beam_args, run_id=args.run_id)
@@ -110,6 +130,41 @@ def _check_beam_args(beam_args: list[str]) -> None:
     stray = [a for a in beam_args if not a.startswith("-")]
     if stray and not any(a.startswith("--") for a in beam_args):
         raise InputError(f"unexpected argument(s) {' '.join(stray)}")
+
+
+def _run_summary(run_dir: str) -> dict:
+    import json
+
+    from pipelines.errors import InputError
+
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, "_SUCCESS")):
+        raise InputError("not a completed poisonguard run folder", path=run_dir)
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _review(args) -> int:
+    from pipelines.errors import InputError
+    from pipelines.review import apply_review
+
+    summary = _run_summary(args.run_dir)
+    state = args.state or summary["parameters"].get("state")
+    if not state:
+        raise InputError("no state folder: pass --state DIR (or set state in the scan's config)")
+    log_path = args.provenance_log or summary.get("provenance", {}).get("log")
+    counts = apply_review(args.run_dir, args.decisions, args.reviewer, state, log_path)
+    print(f"recorded {counts['release']} release and {counts['confirm']} confirm decision(s) in {state}; "
+          f"logged to {log_path}")
+    return 0
+
+
+def _report(args) -> int:
+    from pipelines.report import render_report
+
+    _run_summary(args.run_dir)
+    print(render_report(args.run_dir))
+    return 0
 
 
 def _verify(args) -> int:

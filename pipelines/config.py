@@ -63,6 +63,19 @@ class DetectorConfig(_Strict):
         return name
 
 
+class DriftConfig(_Strict):
+    max_share_ratio: float = Field(default=2.0, gt=1, description="warn when a class's share changes by this factor")
+    max_mean_shift: float = Field(default=0.5, gt=0, description="warn when a class mean moves this many class SDs")
+
+
+class ReportConfig(_Strict):
+    image_column: str | None = None
+    image_shape: list[int] | None = None
+    top_suspects: int = Field(default=20, ge=1)
+    max_points_per_class: int = Field(default=1500, ge=10)
+    max_classes: int = Field(default=20, ge=1)
+
+
 class Config(_Strict):
     columns: Columns = Field(default_factory=Columns)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
@@ -76,6 +89,9 @@ class Config(_Strict):
     seed: int = 0
     batch_size: int = Field(default=65536, ge=1)
     provenance_log: str | None = None
+    state: str | None = None
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     def detector_params(self, det: DetectorConfig) -> dict[str, Any]:
         params = {"random_state": self.seed, "max_fit_rows_per_class": self.max_fit_rows_per_class}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import html
 import glob
 import json
 import os
@@ -22,6 +23,7 @@ from pipelines import provenance as prov
 from pipelines.config import Config
 from pipelines.errors import InputError, IntegrityError, PoisonguardError, one_line
 from pipelines.io import InputPlan, discover, plan_inputs, sha256_file
+from pipelines.state import StateFolder, drift
 
 OUTPUT_FOLDERS = ("clean", "quarantine")
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -80,12 +82,17 @@ def _scan_locked(inputs, run_dir, config, beam_args, run_id, log_path, started) 
         plan, embedding_info = resolve_embedding(plan, config, os.path.join(staging, "_work"))
         if config.embedding.source == "proxy":
             shutil.copyfile(plan.model_path, os.path.join(staging, "proxy_model.pt"))
+        state = StateFolder(config.state) if config.state else None
+        decisions = state.decisions() if state else {}
         timings = {"plan_s": round(time.monotonic() - started, 3)}
         t0 = time.monotonic()
-        _run_pipeline(plan, config, suite, staging, run_id, beam_args or [])
+        _run_pipeline(plan, config, suite, staging, run_id, beam_args or [], decisions)
         timings["pipeline_s"] = round(time.monotonic() - t0, 3)
+        moments = json.loads(Path(staging, "_work", "moments.json").read_text())
         summary = _finish_staging(staging, plan, config, run_id, inputs_meta, timings, started)
         summary["embedding"] = embedding_info
+        summary["drift"] = _drift(state, moments, config)
+        _write_review_template(staging, plan, config)
         outputs_meta = summary.pop("_outputs_meta")
         complete = prov.run_event("COMPLETE", run_id, inputs=inputs_meta, outputs=outputs_meta,
                                   facets={**facets, "poisonguard_embedding": embedding_info,
@@ -96,8 +103,11 @@ def _scan_locked(inputs, run_dir, config, beam_args, run_id, log_path, started) 
                 handle.write(json.dumps(event, sort_keys=True) + "\n")
         summary["provenance"] = {"log": log_path, "complete_record_sha256": record["poisonguard_record_sha256"]}
         _write_json(os.path.join(staging, "summary.json"), summary)
+        _render_report(staging)
         Path(staging, "_SUCCESS").write_text(run_id + "\n")
         _publish(staging, run_dir, run_id)
+        if state:
+            state.save_baseline(run_id, moments)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         error = unwrap_error(exc)
@@ -112,6 +122,55 @@ def _scan_locked(inputs, run_dir, config, beam_args, run_id, log_path, started) 
         raise
     log(f"done in {time.monotonic() - started:.1f} s")
     return ScanResult(run_id, run_dir, summary, summary["exit_code"])
+
+
+def _drift(state, moments: dict, config: Config) -> dict:
+    if state is None:
+        return {"previous_run": None, "warnings": [], "note": "no state folder configured"}
+    baseline = state.latest_baseline()
+    if baseline is None:
+        return {"previous_run": None, "warnings": [], "note": "first run with this state folder"}
+    previous_run, previous = baseline
+    warnings = drift(previous, moments, max_share_ratio=config.drift.max_share_ratio,
+                     max_mean_shift=config.drift.max_mean_shift)
+    for warning in warnings:
+        log(f"drift: class {warning['class']}: {warning['kind']}")
+    return {"previous_run": previous_run, "warnings": warnings}
+
+
+def _write_review_template(staging: str, plan: InputPlan, config: Config) -> None:
+    """review.csv: each quarantined row with its reasons and scores, and empty decision/note columns."""
+    import csv
+
+    import pyarrow.parquet as pq
+
+    names = [d.name for d in config.detectors]
+    cols = config.columns
+    with open(os.path.join(staging, "review.csv"), "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "label", "reasons", *(f"score_{n}" for n in names), "source_file", "decision", "note"])
+        for part in sorted(glob.glob(os.path.join(staging, "quarantine", "*.parquet"))):
+            match = re.search(r"part-(\d+)-", part)
+            source = plan.files[int(match.group(1))].path if match else ""
+            table = pq.read_table(part, columns=[cols.id, cols.label, "quarantine_reasons",
+                                                 *(f"score_{n}" for n in names)])
+            for row in table.to_pylist():
+                writer.writerow([row[cols.id], row[cols.label], ";".join(row["quarantine_reasons"]),
+                                 *(row[f"score_{n}"] for n in names), source, "", ""])
+
+
+def _render_report(staging: str) -> None:
+    """The report is for people: a plotting failure leaves a short page saying so, not a failed scan."""
+    from pipelines.report import render_report
+
+    try:
+        render_report(staging)
+    except Exception as exc:  # noqa: BLE001
+        log(f"warning: report.html could not be rendered fully: {one_line(exc)}")
+        Path(staging, "report.html").write_text(
+            "<!DOCTYPE html><html><body><h1>poisonguard report</h1><p>The report could not be rendered: "
+            f"{html.escape(one_line(exc))}. Run <code>poisonguard report RUN_DIR</code> to retry; "
+            "summary.json holds every figure.</p></body></html>", encoding="utf-8")
 
 
 def resolve_embedding(plan: InputPlan, config: Config, work_dir: str) -> tuple[InputPlan, dict]:
@@ -176,7 +235,8 @@ def unwrap_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def _run_pipeline(plan: InputPlan, config: Config, suite, staging: str, run_id: str, beam_args: list[str]) -> None:
+def _run_pipeline(plan: InputPlan, config: Config, suite, staging: str, run_id: str, beam_args: list[str],
+                  decisions: dict | None = None) -> None:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -186,7 +246,7 @@ def _run_pipeline(plan: InputPlan, config: Config, suite, staging: str, run_id: 
     log(f"pipeline: runner {options.get_all_options().get('runner') or 'DirectRunner'}, "
         f"detectors {', '.join(d.name for d in config.detectors)}")
     with beam.Pipeline(options=options) as pipeline:
-        build_scan(pipeline, plan, config, suite, staging, run_id, ROWS_PER_WORK_ITEM)
+        build_scan(pipeline, plan, config, suite, staging, run_id, ROWS_PER_WORK_ITEM, decisions)
 
 
 def _finish_staging(staging: str, plan: InputPlan, config: Config, run_id: str, inputs_meta, timings, started) -> dict:
@@ -239,6 +299,7 @@ def _finish_staging(staging: str, plan: InputPlan, config: Config, run_id: str, 
         "per_reason": dict(sorted(counts.get("reasons", {}).items())),
         "per_class": dict(sorted(counts.get("classes", {}).items())),
         "batch_warnings": counts.get("batch_warnings", {}),
+        "review": counts.get("review", {"released": 0, "confirmed": 0}),
         "detectors": fit,
         "inputs": [{"path": i["name"], **i["facets"]["poisonguard_content"]} for i in inputs_meta],
         "parameters": json.loads(config.model_dump_json()),
@@ -254,6 +315,8 @@ def _findings(summary: dict) -> dict:
         "counts": summary["counts"],
         "per_reason": summary["per_reason"],
         "detectors": {name: rep["classes"] for name, rep in summary["detectors"].items()},
+        "drift": summary.get("drift"),
+        "review": summary.get("review"),
     }
 
 

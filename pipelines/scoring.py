@@ -58,6 +58,8 @@ def score_block(block: RowBlock, fitted: dict[str, PoisonDetector], dup_hashes: 
             column[ok] = s
             flags[ok] = detector.flag(x, y, scores=s)
         scores[name] = column
+        if block.released is not None:
+            flags &= ~block.released
         block.add_reason(DETECTOR_REASON + name, flags)
     return scores
 
@@ -117,6 +119,10 @@ def block_stats(block: RowBlock, warnings: list[str] | None = None) -> dict:
         "reasons": {reason: int(mask.sum()) for reason, mask in block.reasons.items() if mask.any()},
         "classes": classes,
         "batch_warnings": dict(Counter(warnings or [])),
+        "review": {
+            "released": int(0 if block.released is None else (block.released & ~quarantined).sum()),
+            "confirmed": int(block.reasons.get("review:confirmed", np.zeros(len(block), bool)).sum()),
+        },
     }
 
 

@@ -35,6 +35,7 @@ class RowBlock:
     labels: np.ndarray
     x: np.ndarray  # float32 (n, dim); zeros where the embedding is unusable
     reasons: dict[str, np.ndarray] = field(default_factory=dict)
+    released: np.ndarray | None = None  # rows a reviewer released: detector flags do not apply
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -59,6 +60,30 @@ class RowBlock:
     def add_reason(self, reason: str, mask: np.ndarray) -> None:
         if mask.any():
             self.reasons[reason] = self.reasons.get(reason, np.zeros(len(self), bool)) | mask
+
+
+REVIEW_CONFIRMED = "review:confirmed"
+
+
+def apply_decisions(block: RowBlock, table: pa.Table, decisions: dict, columns: list[str]) -> None:
+    """Reviewer decisions for rows whose id *and* content hash match; others are scored afresh."""
+    import pandas as pd
+
+    from pipelines.state import content_hashes
+
+    rows = np.flatnonzero(pd.Series(block.ids, dtype=object).isin(decisions.keys()).to_numpy())
+    if not len(rows):
+        return
+    confirmed = np.zeros(len(block), dtype=bool)
+    released = np.zeros(len(block), dtype=bool)
+    for row, digest in zip(rows, content_hashes(table.take(rows), columns)):
+        decision = decisions[block.ids[row]].get(digest)
+        if decision == "confirm":
+            confirmed[row] = True
+        elif decision == "release":
+            released[row] = True
+    block.add_reason(REVIEW_CONFIRMED, confirmed)
+    block.released = released
 
 
 def seeded_hash_key(seed: int) -> str:

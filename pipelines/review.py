@@ -1,0 +1,81 @@
+"""`poisonguard review`: record reviewers' decisions on a run's quarantine, in the state folder and the log."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pipelines import provenance as prov
+from pipelines.errors import InputError
+from pipelines.state import DECISIONS, StateFolder, content_hashes
+
+ADDED = ("quarantine_reasons", "run_id")
+
+
+def read_decisions(path: str) -> list[dict]:
+    if not Path(path).is_file():
+        raise InputError("no such decisions file", path=path)
+    if path.endswith(".parquet"):
+        rows = pq.read_table(path).to_pylist()
+    else:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    if not rows:
+        raise InputError("decisions file has no rows", path=path)
+    for column in ("id", "decision"):
+        if column not in rows[0]:
+            raise InputError("decisions file lacks a column", path=path, column=column)
+    return [r for r in rows if str(r.get("decision") or "").strip()]
+
+
+def apply_review(run_dir: str, decisions_path: str, reviewer: str, state_dir: str, log_path: str) -> dict:
+    """Validate every decision first; apply none unless all are valid."""
+    run = Path(run_dir)
+    if not (run / "_SUCCESS").exists():
+        raise InputError("not a completed poisonguard run folder", path=run_dir)
+    summary = json.loads((run / "summary.json").read_text())
+    rows = read_decisions(decisions_path)
+    if not rows:
+        raise InputError("no decision filled in (the decision column is empty)", path=decisions_path)
+    id_col = summary["parameters"]["columns"]["id"]
+    held = pads.dataset(str(run / "quarantine"), format="parquet").to_table()
+    clean_ids = set(pads.dataset(str(run / "clean"), format="parquet").to_table(columns=[id_col])
+                    .column(id_col).cast(pa.string()).to_pylist())
+    held_ids = held.column(id_col).cast(pa.string()).to_pylist()
+    positions: dict[str, list[int]] = {}
+    for i, row_id in enumerate(held_ids):
+        positions.setdefault(row_id, []).append(i)
+    problems, seen = [], set()
+    for number, row in enumerate(rows, start=2):
+        row_id, decision = str(row["id"]), str(row["decision"]).strip().lower()
+        if decision not in DECISIONS:
+            problems.append(f"row {number}: decision {row['decision']!r} is not release or confirm")
+        if row_id in seen:
+            problems.append(f"row {number}: id {row_id!r} has more than one decision")
+        seen.add(row_id)
+        if row_id not in positions:
+            where = "is in this run's clean output, not its quarantine" if row_id in clean_ids else "is not in this run"
+            problems.append(f"row {number}: id {row_id!r} {where}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise InputError(f"decisions rejected, nothing applied: {'; '.join(problems[:3])}{more}", path=decisions_path)
+    input_columns = [c for c in held.column_names if c not in ADDED and not c.startswith("score_")]
+    records, when = [], prov.now_iso()
+    for row in rows:
+        rows_held = positions[str(row["id"])]
+        for digest in content_hashes(held.take(rows_held), input_columns):
+            records.append({"id": str(row["id"]), "content_sha256": digest,
+                            "decision": str(row["decision"]).strip().lower(), "reviewer": reviewer,
+                            "note": str(row.get("note") or ""), "run_id": summary["run_id"], "time": when})
+    StateFolder(state_dir).append_decisions(records)
+    counts = {d: sum(r["decision"] == d for r in records) for d in DECISIONS}
+    prov.append(log_path, prov.run_event("COMPLETE", prov.new_run_id(), job="review", facets={
+        "poisonguard_review": {"scan_run_id": summary["run_id"], "reviewer": reviewer, "counts": counts,
+                               "decisions": [{k: r[k] for k in ("id", "content_sha256", "decision", "note")}
+                                             for r in records]}}))
+    return counts

@@ -1,0 +1,117 @@
+"""The state folder that lives across scans: reviewer decisions and per-class drift baselines.
+
+    STATE/decisions.jsonl   append-only: id, content_sha256, decision, reviewer, note, run_id, time
+    STATE/runs/RUN_ID.json  per-class row counts, shares, embedding means and covariance traces
+    STATE/latest            the run id of the last scan that wrote a baseline
+
+A decision applies to the row with that id *and* that content: the sha256 of the row's input
+columns (canonical JSON), so an edited row is scored afresh.  Class means live here, never in
+summary.json or the provenance log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+DECISIONS = ("release", "confirm")
+
+
+def content_hashes(table: pa.Table, columns: list[str]) -> list[str]:
+    """sha256 of each row's values in ``columns`` (canonical JSON; floats as Python reprs)."""
+    rows = table.select(columns).to_pylist()
+    return [hashlib.sha256(json.dumps(row, sort_keys=True, default=_json_default, ensure_ascii=False)
+                           .encode()).hexdigest() for row in rows]
+
+
+def _json_default(value):
+    if isinstance(value, bytes):
+        return value.hex()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+class StateFolder:
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    # ---- decisions -------------------------------------------------------------------------
+    def append_decisions(self, records: list[dict]) -> None:
+        with _locked(self.path / "decisions.jsonl") as fd:
+            os.write(fd, b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records))
+            os.fsync(fd)
+
+    def decisions(self) -> dict[str, dict[str, str]]:
+        """id -> {content_sha256 -> latest decision}."""
+        path = self.path / "decisions.jsonl"
+        out: dict[str, dict[str, str]] = {}
+        if not path.exists():
+            return out
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                record = json.loads(line)
+                out.setdefault(record["id"], {})[record["content_sha256"]] = record["decision"]
+        return out
+
+    # ---- drift ------------------------------------------------------------------------------
+    def save_baseline(self, run_id: str, moments: dict) -> None:
+        runs = self.path / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        (runs / f"{run_id}.json").write_text(json.dumps(moments))
+        (self.path / "latest").write_text(run_id + "\n")
+
+    def latest_baseline(self) -> tuple[str, dict] | None:
+        latest = self.path / "latest"
+        if not latest.exists():
+            return None
+        run_id = latest.read_text().strip()
+        path = self.path / "runs" / f"{run_id}.json"
+        return (run_id, json.loads(path.read_text())) if path.exists() else None
+
+
+def class_moments(states: dict) -> dict:
+    """Per class: rows, share, mean and covariance trace (what drift compares), from mergeable states."""
+    total = sum(s.n for s in states.values()) or 1
+    return {str(label): {"n": int(s.n), "share": s.n / total, "mean": s.mean.tolist(),
+                         "trace": float(np.trace(s.covariance))} for label, s in states.items()}
+
+
+def drift(previous: dict, current: dict, *, max_share_ratio: float, max_mean_shift: float) -> list[dict]:
+    """Class-share and embedding-mean shifts beyond the configured limits (no raw values)."""
+    warnings = []
+    for label in sorted(set(previous) | set(current)):
+        old, new = previous.get(label), current.get(label)
+        if old is None or new is None:
+            warnings.append({"class": label, "kind": "class_appeared" if old is None else "class_vanished",
+                             "previous_share": old and old["share"], "share": new and new["share"]})
+            continue
+        ratio = new["share"] / max(old["share"], 1e-12)
+        if ratio >= max_share_ratio or ratio <= 1 / max_share_ratio:
+            warnings.append({"class": label, "kind": "share", "previous_share": old["share"],
+                             "share": new["share"], "ratio": ratio, "limit": max_share_ratio})
+        if len(old["mean"]) == len(new["mean"]):
+            scale = np.sqrt(max(old["trace"], 1e-12))
+            shift = float(np.linalg.norm(np.asarray(new["mean"]) - np.asarray(old["mean"])) / scale)
+            if shift >= max_mean_shift:
+                warnings.append({"class": label, "kind": "mean", "shift": shift, "limit": max_mean_shift})
+    return warnings

@@ -1,0 +1,175 @@
+"""The reviewer loop: report in a real browser, review.csv -> review -> a second scan that honours it, drift."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DIGITS_CONFIG, POISONED, TRUTH, error_lines, read_outputs, run_cli, write
+
+REPORT_SETTINGS = ["--set", "report.image_column=pixels", "--set", "report.image_shape=[8, 8]"]
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert exe, "Chromium is required for the report test (make test installs Debian's chromium)"
+    return exe
+
+
+@pytest.fixture(scope="module")
+def first_scan(tmp_path_factory):
+    root = tmp_path_factory.mktemp("review")
+    code, _, stderr = run_cli("scan", POISONED, "--out", root / "run1", "--config", DIGITS_CONFIG,
+                              "--state", root / "state", "--quiet", *REPORT_SETTINGS)
+    assert code == 0, stderr
+    return root
+
+
+def test_report_renders_in_headless_chromium(first_scan, tmp):
+    report = first_scan / "run1" / "report.html"
+    html_text = report.read_text()
+    assert "http://" not in html_text and "https://" not in html_text  # self-contained
+    exe = _chromium()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000"]
+    dom = subprocess.run([exe, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'data-loaded="ok"' in dom.stdout
+    assert 'data-broken-images="0"' in dom.stdout
+    images = int(dom.stdout.split('data-images="')[1].split('"')[0])
+    assert images >= 4  # overview, score distributions, projection, thumbnails
+    assert 'id="rows-in">1797<' in dom.stdout and "Class 0" in dom.stdout
+    shot = tmp / "report.png"
+    run = subprocess.run([exe, *flags, "--window-size=1200,1800", f"--screenshot={shot}", report.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(str(shot))
+    assert pixels.shape[0] >= 1000 and pixels.std() > 0.05  # a rendered page, not a blank one
+
+
+def test_report_command_rerenders(first_scan):
+    report = first_scan / "run1" / "report.html"
+    report.unlink()
+    code, stdout, _ = run_cli("report", first_scan / "run1")
+    assert code == 0 and report.exists() and str(report) in stdout
+
+
+def _fill(review_csv, decisions):
+    rows = list(csv.DictReader(open(review_csv, newline="", encoding="utf-8")))
+    for row in rows:
+        if row["id"] in decisions:
+            row["decision"], row["note"] = decisions[row["id"]], "checked by hand"
+    with open(review_csv, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def test_review_then_rescan_honours_decisions(first_scan, tmp):
+    run1, state = first_scan / "run1", first_scan / "state"
+    truth = pq.read_table(TRUTH).to_pandas().set_index("id")
+    review_rows = list(csv.DictReader(open(run1 / "review.csv", newline="", encoding="utf-8")))
+    held_ids = [r["id"] for r in review_rows]
+    poisoned = [i for i in held_ids if truth.loc[i, "poisoned"]]
+    false_alarms = [i for i in held_ids if not truth.loc[i, "poisoned"]]
+    assert poisoned and false_alarms
+    confirm, release = poisoned[:3], false_alarms[:2]
+    decided = tmp / "review.csv"
+    shutil.copy(run1 / "review.csv", decided)
+    _fill(decided, {**{i: "confirm" for i in confirm}, **{i: "release" for i in release}})
+    code, stdout, stderr = run_cli("review", run1, "--decisions", decided, "--reviewer", "ada")
+    assert code == 0, stderr
+    assert "recorded 2 release and 3 confirm" in stdout
+
+    # edit one released row: it must be scored afresh, not let through on the old decision
+    table = pq.read_table(POISONED)
+    ids = table.column("id").to_pylist()
+    edited_row = ids.index(release[1])
+    pixels = table.column("pixels").to_pylist()
+    pixels[edited_row] = [v + 1.0 for v in pixels[edited_row]]
+    edited = table.set_column(table.schema.get_field_index("pixels"), "pixels",
+                              pa.array(pixels, table.schema.field("pixels").type))
+    data = write(edited, tmp / "digits_next_cycle.parquet")
+
+    # detectors that miss everything: confirmed rows must still be held back
+    code, _, stderr = run_cli("scan", data, "--out", tmp / "run2", "--config", DIGITS_CONFIG, "--state", state,
+                              "--quiet", "--set", "detectors=[{name: spectral, params: {min_separation: 1000}}]")
+    assert code == 0, stderr
+    clean, held = read_outputs(tmp / "run2")
+    held_reasons = dict(zip(held.column("id").to_pylist(), held.column("quarantine_reasons").to_pylist()))
+    for row_id in confirm:
+        assert held_reasons[row_id] == ["review:confirmed"]
+    summary = json.loads((tmp / "run2" / "summary.json").read_text())
+    assert summary["review"]["confirmed"] == 3
+
+    # default detectors: the unedited released row goes to clean, the edited one is judged afresh
+    code, _, stderr = run_cli("scan", data, "--out", tmp / "run3", "--config", DIGITS_CONFIG, "--state", state, "--quiet")
+    assert code == 0, stderr
+    clean, held = read_outputs(tmp / "run3")
+    clean_ids = set(clean.column("id").to_pylist())
+    assert release[0] in clean_ids
+    assert json.loads((tmp / "run3" / "summary.json").read_text())["review"]["released"] >= 1
+    scores = {r["id"]: r for r in (clean.to_pylist() + held.to_pylist()) if r["id"] == release[1]}
+    assert np.isfinite(scores[release[1]]["score_spectral"])
+    log = [json.loads(line) for line in (first_scan / "poisonguard-provenance.jsonl").read_text().splitlines()]
+    reviews = [e for e in log if e["job"]["name"] == "review"]
+    assert reviews and reviews[-1]["run"]["facets"]["poisonguard_review"]["reviewer"] == "ada"
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"digit-99999": "release"}, "is not in this run"),
+    ({"digit-00001": "release"}, "is in this run's clean output, not its quarantine"),
+    (None, "is not release or confirm"),
+])
+def test_bad_decisions_are_rejected_and_nothing_is_applied(first_scan, tmp, bad, needle):
+    run1 = first_scan / "run1"
+    state = tmp / "fresh-state"
+    decided = tmp / "review.csv"
+    shutil.copy(run1 / "review.csv", decided)
+    first = next(csv.DictReader(open(decided, newline="", encoding="utf-8")))["id"]
+    rows = _fill(decided, {first: "maybe"} if bad is None else {first: "confirm"})
+    if bad:
+        rows.append({**rows[0], "id": next(iter(bad)), "decision": bad[next(iter(bad))]})
+        with open(decided, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    code, _, stderr = run_cli("review", run1, "--decisions", decided, "--reviewer", "bob", "--state", state)
+    assert code == 2
+    line = error_lines(stderr)[0]
+    assert needle in line and "nothing applied" in line
+    assert not (state / "decisions.jsonl").exists()
+
+
+def test_drift_reported_when_a_class_share_doubles_and_not_on_a_rerun(tmp):
+    table = pq.read_table(POISONED)
+    state = tmp / "state"
+    args = ["--config", DIGITS_CONFIG, "--state", state, "--quiet"]
+    assert run_cli("scan", POISONED, "--out", tmp / "a", *args)[0] == 0
+    assert run_cli("scan", POISONED, "--out", tmp / "b", *args)[0] == 0
+    rerun = json.loads((tmp / "b" / "summary.json").read_text())["drift"]
+    assert rerun["previous_run"] and rerun["warnings"] == []
+    labels = np.asarray(table.column("label"))
+    keep = np.flatnonzero(labels != 3)
+    threes = np.flatnonzero(labels == 3)
+    copies = [table.take(threes).set_column(0, "id", pa.array([f"{i}-copy{k}" for i in
+                                                              table.take(threes).column("id").to_pylist()]))
+              for k in range(2)]
+    doubled = pa.concat_tables([table.take(keep), table.take(threes), *copies])  # share 9.9% -> 24.8%
+    assert run_cli("scan", write(doubled, tmp / "shifted.parquet"), "--out", tmp / "c", *args)[0] in (0, 1)
+    drift = json.loads((tmp / "c" / "summary.json").read_text())["drift"]
+    share = [w for w in drift["warnings"] if w["kind"] == "share"]
+    assert [w["class"] for w in share] == ["3"]
+    assert share[0]["ratio"] >= 2.0
+    complete = [json.loads(line) for line in (tmp / "c" / "provenance.jsonl").read_text().splitlines()][-1]
+    assert complete["run"]["facets"]["poisonguard_findings"]["drift"]["warnings"]
+    assert "Drift since run" in (tmp / "c" / "report.html").read_text()
