@@ -123,8 +123,8 @@ def run(sizes: list[tuple[int, int]], workdir: Path, scan_args: list[str]) -> st
     exe = str(Path(sys.executable).with_name("poisonguard"))
     lines = ["# Scale: poisonguard scan vs the in-memory numpy floor", "",
              f"Machine: {os.cpu_count()} cores. Rows carry id, label, the embedding and a {FEATURES}-float "
-             f"feature column; 10 classes, 5% planted in class {TARGET}. Default detectors "
-             "(spectral, activation_clustering), default config. "
+             f"feature column; 10 classes, 5% planted in class {TARGET}. The default detectors "
+             "(spectral, activation_clustering, spectre, knn_label), default config. "
              f"Scan flags: `{' '.join(scan_args) or '(none: DirectRunner in-process)'}`.", "",
              "| rows x dim | file MiB | scan s | scan rows/s | scan peak RSS MiB | floor s | floor peak RSS MiB | "
              "scan/floor time | recall (scan/floor) | FPR (scan/floor) |",

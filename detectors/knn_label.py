@@ -10,7 +10,8 @@ Peri et al. remove a row whose label is not the plurality of its neighbourhood; 
 label flips and clean-label feature collisions, whose embeddings sit inside another class.  To
 bound the cost on large data the neighbours come from a reference set, not all pairs: the first
 rows of every class's bounded sample (a uniform subsample, since the sample is ordered by a
-seeded hash), ``reference_size`` rows in all, shared out in proportion to class size.  A row is
+seeded hash), ``reference_size`` rows in all, shared out in proportion to class size; the class
+decision scores at most ``max_decision_rows`` sample rows per class.  A row is
 flagged where s(x) >= ``min_disagreement`` (0.7: stricter than the plurality rule, so rows on a
 natural class boundary, whose neighbourhoods are mixed, stay clean).  The evidence is per row, so
 one such row is enough (``min_rows`` = 1); a class where more than ``max_share`` of the rows
@@ -30,11 +31,12 @@ class KnnLabel(PoisonDetector):
     name = "knn_label"
 
     def __init__(self, *, n_neighbors: int = 10, min_disagreement: float = 0.7,
-                 reference_size: int = 20000, min_rows: int = 1, **kwargs):
+                 reference_size: int = 10000, max_decision_rows: int = 5000, min_rows: int = 1, **kwargs):
         super().__init__(min_rows=min_rows, **kwargs)
         self.n_neighbors = n_neighbors
         self.min_disagreement = min_disagreement
         self.reference_size = reference_size
+        self.max_decision_rows = max_decision_rows
 
     def fit_states(self, states: dict[object, ClassState]):
         from sklearn.neighbors import NearestNeighbors
@@ -61,8 +63,8 @@ class KnnLabel(PoisonDetector):
             if self.k_ == 0 or len(state.sample_x) == 0:
                 self.decisions_[label] = NOT_TESTED
                 continue
-            scores = self._scores(state.sample_x, np.full(len(state.sample_x), label, dtype=object),
-                                  state.sample_keys)
+            m = min(len(state.sample_x), self.max_decision_rows)  # the sample is in hash order: uniform
+            scores = self._scores(state.sample_x[:m], np.full(m, label, dtype=object), state.sample_keys[:m])
             self.decisions_[label] = self._decide_knn(scores)
         return self
 
@@ -85,11 +87,14 @@ class KnnLabel(PoisonDetector):
             return np.full(len(X), np.nan)
         return self._scores(X, np.asarray(y, dtype=object), sample_keys)
 
-    def _scores(self, X, y, keys, block: int = 8192):
+    def _scores(self, X, y, keys, block: int = 256):
+        from sklearn import config_context
+
         out = np.empty(len(X), dtype=np.float64)
         for start in range(0, len(X), block):
             stop = min(start + block, len(X))
-            dist, idx = self.index_.kneighbors(X[start:stop])
+            with config_context(working_memory=64):  # MiB of distances at a time, not sklearn's 1 GiB
+                dist, idx = self.index_.kneighbors(X[start:stop])
             if keys is not None:
                 is_self = self.reference_keys_[idx] == np.asarray(keys[start:stop])[:, None]
                 is_self &= dist <= 1e-6

@@ -84,10 +84,10 @@ class Config(_Strict):
         default_factory=lambda: [DetectorConfig(name=name) for name in DETECTOR_NAMES]
     )
     expected_poison_rate: float | None = Field(default=None, gt=0, lt=0.5)
-    max_fit_rows_per_class: int = Field(default=20000, ge=10)
+    max_fit_rows_per_class: int = Field(default=5000, ge=10)
     fail_on: float = Field(default=0.10, ge=0, le=1, description="largest acceptable quarantined share")
     seed: int = 0
-    batch_size: int = Field(default=65536, ge=1)
+    batch_size: int = Field(default=8192, ge=1)
     provenance_log: str | None = None
     state: str | None = None
     drift: DriftConfig = Field(default_factory=DriftConfig)

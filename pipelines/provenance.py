@@ -10,13 +10,13 @@ inserted or reordered record breaks the sequence or the chain.  Appends hold an 
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
 import uuid
+
+from pipelines.locking import locked_file
 
 PRODUCER = "https://github.com/poisonguard/poisonguard"
 SCHEMA_URL = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent"
@@ -55,18 +55,6 @@ def record_hash(record: dict) -> str:
     return hashlib.sha256(canonical(body)).hexdigest()
 
 
-@contextlib.contextmanager
-def _locked(path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield fd
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 def _last_record(fd: int) -> dict | None:
     size = os.lseek(fd, 0, os.SEEK_END)
     if size == 0:
@@ -83,7 +71,7 @@ def _last_record(fd: int) -> dict | None:
 
 def append(path: str, event: dict) -> dict:
     """Chain and append one event under an exclusive lock; returns the record written."""
-    with _locked(path) as fd:
+    with locked_file(path) as fd:
         last = _last_record(fd)
         record = dict(event)
         record["poisonguard_seq"] = 0 if last is None else int(last["poisonguard_seq"]) + 1

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import html
 import glob
 import json
@@ -23,6 +21,7 @@ from pipelines import provenance as prov
 from pipelines.config import Config
 from pipelines.errors import InputError, IntegrityError, PoisonguardError, one_line
 from pipelines.io import InputPlan, discover, plan_inputs, sha256_file
+from pipelines.locking import locked_file
 from pipelines.state import StateFolder, drift
 
 OUTPUT_FOLDERS = ("clean", "quarantine")
@@ -201,7 +200,7 @@ def resolve_embedding(plan: InputPlan, config: Config, work_dir: str) -> tuple[I
 def _probe_dim(path: str, plan: InputPlan, config: Config) -> int:
     import torch
 
-    from pipelines.embed import Embedder, embedding_fn, load_model
+    from pipelines.embed import embedding_fn, load_model
 
     emb = config.embedding
     model = load_model(path, architecture=emb.architecture, hidden=emb.hidden, in_features=plan.n_features,
@@ -218,7 +217,6 @@ def _probe_dim(path: str, plan: InputPlan, config: Config) -> int:
     except Exception as exc:  # noqa: BLE001 - a model can fail in many ways on the wrong input
         raise InputError(f"model cannot embed features of shape {list(shape)}: {one_line(exc)[:200]}",
                          path=emb.model or path) from None
-    del Embedder
     return int(out.reshape(2, -1).shape[1])
 
 
@@ -240,8 +238,9 @@ def _run_pipeline(plan: InputPlan, config: Config, suite, staging: str, run_id: 
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipelines.beam_pipeline import build_scan
+    from pipelines.beam_pipeline import build_scan, use_system_allocator
 
+    use_system_allocator()
     options = PipelineOptions(beam_args)
     log(f"pipeline: runner {options.get_all_options().get('runner') or 'DirectRunner'}, "
         f"detectors {', '.join(d.name for d in config.detectors)}")
@@ -380,18 +379,10 @@ def _check_run_dir(run_dir: str) -> None:
         raise InputError("output folder's parent is not writable", path=str(parent))
 
 
-@contextlib.contextmanager
 def _run_dir_lock(run_dir: str):
     """One scan per RUN_DIR at a time; a second one waits for the first to finish."""
     path = Path(run_dir)
-    lock = path.parent / f".{path.name}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    return locked_file(path.parent / f".{path.name}.lock", append=False)
 
 
 def _remove_stale_staging(run_dir: str) -> None:

@@ -11,8 +11,6 @@ summary.json or the provenance log.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+from pipelines.locking import locked_file
 
 DECISIONS = ("release", "confirm")
 
@@ -39,25 +39,13 @@ def _json_default(value):
     return str(value)
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield fd
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 class StateFolder:
     def __init__(self, path: str):
         self.path = Path(path)
 
     # ---- decisions -------------------------------------------------------------------------
     def append_decisions(self, records: list[dict]) -> None:
-        with _locked(self.path / "decisions.jsonl") as fd:
+        with locked_file(self.path / "decisions.jsonl") as fd:
             os.write(fd, b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records))
             os.fsync(fd)
 
