@@ -27,7 +27,7 @@ from pipelines.io import InputPlan, WorkItem
 from pipelines.scoring import block_stats, class_states, duplicate_hashes, fit_detectors, merge_stats, \
     score_block, split_tables
 from pipelines.state import class_moments
-from pipelines.validation import SuiteRunner, apply_decisions, builtin_block
+from pipelines.validation import ID_MISSING, SuiteRunner, apply_decisions, builtin_block
 
 HASH_BUCKETS = 16
 
@@ -128,7 +128,7 @@ class _FitPass(beam.DoFn):
         self.progress.add(len(block))
         for label, state in class_states(block, self.config.max_fit_rows_per_class):
             self.states[label] = state if label not in self.states else self.states[label].merge(state)
-        valid_ids = block.id_hash[~block.reasons.get("validation:builtin:id_missing", np.zeros(len(block), bool))]
+        valid_ids = block.id_hash[~block.mask(ID_MISSING)]
         buckets = valid_ids % HASH_BUCKETS
         for bucket in np.unique(buckets):
             self.ids.setdefault(int(bucket), []).append(valid_ids[buckets == bucket])
@@ -310,8 +310,8 @@ def build_scan(pipeline: beam.Pipeline, plan: InputPlan, config: Config, suite: 
     detector_names = [d.name for d in config.detectors]
     work = os.path.join(staging, "_work")
 
-    vector = cols.embedding if config.embedding.source == "column" else config.embedding.features
-    fit_input = pipeline | "ReadForFit" >> ReadDataset(items, [cols.id, cols.label, vector], config.batch_size)
+    fit_input = pipeline | "ReadForFit" >> ReadDataset(items, [cols.id, cols.label, config.vector_column],
+                                                        config.batch_size)
     fitted, dups, moments = fit_input | "FitDetectors" >> FitDetectors(config, plan)
     scored = (
         pipeline

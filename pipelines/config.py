@@ -93,6 +93,11 @@ class Config(_Strict):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
+    @property
+    def vector_column(self) -> str:
+        """The column pass 1 reads for embeddings: the embedding itself, or the model's features."""
+        return self.columns.embedding if self.embedding.source == "column" else self.embedding.features
+
     def detector_params(self, det: DetectorConfig) -> dict[str, Any]:
         params = {"random_state": self.seed, "max_fit_rows_per_class": self.max_fit_rows_per_class}
         if self.expected_poison_rate is not None:

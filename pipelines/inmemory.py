@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 from detectors import merge_states
 from pipelines.config import Config
 from pipelines.io import discover, plan_inputs
-from pipelines.scoring import class_states, duplicate_hashes, fit_detectors, reason_order, score_block
-from pipelines.validation import BUILTIN, SuiteRunner, check_suite
+from pipelines.scoring import class_states, duplicate_hashes, fit_detectors, row_reasons, score_block
+from pipelines.validation import ID_MISSING, SuiteRunner, check_suite
 
 
 @dataclass
@@ -46,8 +46,7 @@ def scan_in_memory(inputs: list[str], config: Config) -> InMemoryResult:
         for label, state in class_states(block, config.max_fit_rows_per_class):
             per_class.setdefault(label, []).append(state)
     fitted = fit_detectors({label: merge_states(states) for label, states in per_class.items()}, config)
-    id_hashes = np.concatenate([b.id_hash[~b.reasons.get(BUILTIN + "id_missing", np.zeros(len(b), bool))]
-                                for b in blocks])
+    id_hashes = np.concatenate([b.id_hash[~b.mask(ID_MISSING)] for b in blocks])
     dups = duplicate_hashes(id_hashes)
     runner = SuiteRunner(suite, config.suite or "suite") if suite else None
     ids, quarantined, reasons = [], [], []
@@ -58,11 +57,9 @@ def scan_in_memory(inputs: list[str], config: Config) -> InMemoryResult:
             for reason, mask in masks.items():
                 block.add_reason(reason, mask)
         block_scores = score_block(block, fitted, dups)
-        names = reason_order(block.reasons)
-        matrix = np.column_stack([block.reasons[r] for r in names]) if names else np.zeros((len(block), 0), bool)
         ids.extend(pa.array(block.ids).to_pylist())
         quarantined.append(block.quarantined)
-        reasons.extend([[names[j] for j in np.flatnonzero(row)] for row in matrix])
+        reasons.extend(row_reasons(block, np.ones(len(block), dtype=bool)))
         for name, values in block_scores.items():
             scores[name].append(values)
     return InMemoryResult(ids, np.concatenate(quarantined), reasons,

@@ -157,7 +157,7 @@ def _check_columns(schema: pa.Schema, config: Config, path: str) -> None:
             or pa.types.is_large_string(label_type) or pa.types.is_boolean(label_type)):
         raise InputError(f"label column must be integer, string or boolean, not {label_type}",
                          path=path, column=cols.label)
-    vector = cols.embedding if config.embedding.source == "column" else config.embedding.features
+    vector = config.vector_column
     role = "embedding" if config.embedding.source == "column" else "features"
     if vector not in schema.names:
         raise InputError(f"missing {role} column (have: {', '.join(schema.names)})", path=path, column=vector)

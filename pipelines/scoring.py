@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from detectors import ClassState, PoisonDetector, make_detector
 from pipelines.config import Config
-from pipelines.validation import BUILTIN, DUPLICATE_ID, RowBlock
+from pipelines.validation import BUILTIN, DUPLICATE_ID, ID_MISSING, REVIEW_CONFIRMED, RowBlock
 
 DETECTOR_REASON = "detector:"
 
@@ -44,8 +44,7 @@ def score_block(block: RowBlock, fitted: dict[str, PoisonDetector], dup_hashes: 
     scores: dict[str, np.ndarray] = {}
     ok = np.flatnonzero(block.scorable)
     if len(dup_hashes):
-        block.add_reason(DUPLICATE_ID, np.isin(block.id_hash, dup_hashes) & ~block.reasons.get(
-            BUILTIN + "id_missing", np.zeros(len(block), bool)))
+        block.add_reason(DUPLICATE_ID, np.isin(block.id_hash, dup_hashes) & ~block.mask(ID_MISSING))
     for name, detector in fitted.items():
         column = np.full(len(block), np.nan)
         flags = np.zeros(len(block), dtype=bool)
@@ -77,6 +76,15 @@ def reason_order(reasons) -> list[str]:
     return sorted(reasons, key=rank)
 
 
+def row_reasons(block: RowBlock, rows: np.ndarray) -> list[list[str]]:
+    """The ordered reason list of each selected row (a boolean mask over the block)."""
+    names = reason_order(block.reasons)
+    if not names:
+        return [[] for _ in range(int(rows.sum()))]
+    matrix = np.column_stack([block.reasons[r] for r in names])[rows]
+    return [[names[j] for j in np.flatnonzero(row)] for row in matrix]
+
+
 def split_tables(table: pa.Table, block: RowBlock, scores: dict[str, np.ndarray], detector_names: list[str],
                  run_id: str) -> tuple[pa.Table, pa.Table]:
     """Every input column unchanged, plus score_<detector>; quarantine adds reasons and run_id."""
@@ -85,12 +93,7 @@ def split_tables(table: pa.Table, block: RowBlock, scores: dict[str, np.ndarray]
     quarantined = block.quarantined
     clean = table.filter(pa.array(~quarantined))
     held = table.filter(pa.array(quarantined))
-    names = reason_order(block.reasons)
-    if names:
-        matrix = np.column_stack([block.reasons[r] for r in names])[quarantined]
-        reasons = [[names[j] for j in np.flatnonzero(row)] for row in matrix]
-    else:
-        reasons = []
+    reasons = row_reasons(block, quarantined)
     held = held.append_column(pa.field("quarantine_reasons", pa.list_(pa.string())),
                               pa.array(reasons, pa.list_(pa.string())))
     held = held.append_column(pa.field("run_id", pa.string()), pa.array([run_id] * held.num_rows, pa.string()))
@@ -107,7 +110,7 @@ def output_schemas(schema: pa.Schema, detector_names: list[str]) -> tuple[pa.Sch
 
 def block_stats(block: RowBlock, warnings: list[str] | None = None) -> dict:
     quarantined = block.quarantined
-    labels = np.where(block.reasons.get(BUILTIN + "label_missing", np.zeros(len(block), bool)),
+    labels = np.where(block.mask(BUILTIN + "label_missing"),
                       "<null>", block.labels.astype(str))
     classes: dict[str, dict[str, int]] = {}
     for label, n_in, n_q in _count_by(labels, quarantined):
@@ -121,7 +124,7 @@ def block_stats(block: RowBlock, warnings: list[str] | None = None) -> dict:
         "batch_warnings": dict(Counter(warnings or [])),
         "review": {
             "released": int(0 if block.released is None else (block.released & ~quarantined).sum()),
-            "confirmed": int(block.reasons.get("review:confirmed", np.zeros(len(block), bool)).sum()),
+            "confirmed": int(block.mask(REVIEW_CONFIRMED).sum()),
         },
     }
 

@@ -21,6 +21,7 @@ BUILTIN = "validation:builtin:"
 ROW_LOCAL_CHECKS = ("id_missing", "label_missing", "features_invalid", "embedding_missing", "embedding_dim",
                     "embedding_finite", "embedding_magnitude")
 DUPLICATE_ID = BUILTIN + "id_duplicate"
+ID_MISSING = BUILTIN + "id_missing"
 
 
 @dataclass
@@ -40,14 +41,16 @@ class RowBlock:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def mask(self, reason: str) -> np.ndarray:
+        """Rows carrying ``reason`` (all False when no row does)."""
+        return self.reasons.get(reason, np.zeros(len(self), dtype=bool))
+
     @property
     def scorable(self) -> np.ndarray:
         """Rows whose id, label and embedding are usable (the rows detectors fit and score)."""
         bad = np.zeros(len(self), dtype=bool)
         for check in ROW_LOCAL_CHECKS:
-            mask = self.reasons.get(BUILTIN + check)
-            if mask is not None:
-                bad |= mask
+            bad |= self.mask(BUILTIN + check)
         return ~bad
 
     @property
@@ -59,7 +62,7 @@ class RowBlock:
 
     def add_reason(self, reason: str, mask: np.ndarray) -> None:
         if mask.any():
-            self.reasons[reason] = self.reasons.get(reason, np.zeros(len(self), bool)) | mask
+            self.reasons[reason] = self.mask(reason) | mask
 
 
 REVIEW_CONFIRMED = "review:confirmed"
@@ -118,7 +121,7 @@ def builtin_block(table: pa.Table, *, file_index: int, first_row: int, id_col: s
         id_hash=hash_strings(safe_ids), sample_keys=hash_strings(safe_ids, seeded_hash_key(seed)),
         labels=labels, x=x,
     )
-    block.add_reason(BUILTIN + "id_missing", id_null)
+    block.add_reason(ID_MISSING, id_null)
     block.add_reason(BUILTIN + "label_missing", label_null)
     for check, mask in emb_reasons.items():
         block.add_reason(BUILTIN + check, mask)

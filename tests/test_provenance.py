@@ -23,30 +23,35 @@ def test_intact_log_verifies(tmp):
     assert code == 0 and "5 records" in stdout
 
 
-def test_one_changed_byte_is_named(tmp):
-    path = _log(tmp)
+def _tamper(path, edit):
+    """Apply ``edit`` to the log's lines, then run verify-log on it."""
     lines = path.read_bytes().splitlines(keepends=True)
-    lines[2] = lines[2].replace(b'"run-2"', b'"run-X"')
+    edit(lines)
     path.write_bytes(b"".join(lines))
-    code, stdout, _ = run_cli("verify-log", path)
+    return run_cli("verify-log", path)
+
+
+def test_one_changed_byte_is_named(tmp):
+    def change(lines):
+        lines[2] = lines[2].replace(b'"run-2"', b'"run-X"')
+
+    code, stdout, _ = _tamper(_log(tmp), change)
     assert code == 1 and "record 2 (line 3)" in stdout and "edited" in stdout
 
 
 def test_removed_record_is_named(tmp):
-    path = _log(tmp)
-    lines = path.read_bytes().splitlines(keepends=True)
-    del lines[1]
-    path.write_bytes(b"".join(lines))
-    code, stdout, _ = run_cli("verify-log", path)
+    def remove(lines):
+        del lines[1]
+
+    code, stdout, _ = _tamper(_log(tmp), remove)
     assert code == 1 and "line 2" in stdout and "expected record 1" in stdout
 
 
 def test_swapped_records_are_named(tmp):
-    path = _log(tmp)
-    lines = path.read_bytes().splitlines(keepends=True)
-    lines[1], lines[3] = lines[3], lines[1]
-    path.write_bytes(b"".join(lines))
-    code, stdout, _ = run_cli("verify-log", path)
+    def swap(lines):
+        lines[1], lines[3] = lines[3], lines[1]
+
+    code, stdout, _ = _tamper(_log(tmp), swap)
     assert code == 1 and "line 2" in stdout
 
 
