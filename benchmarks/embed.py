@@ -22,8 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipelines.config import Config  # noqa: E402
-from pipelines.embed import Embedder  # noqa: E402
+from poisonguard.config import Config  # noqa: E402
+from poisonguard.embed import Embedder  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "embed.md"
 
@@ -47,8 +47,8 @@ def model_rate(path: str, column: pa.Array, device: str, emb) -> float:
 
 
 def proxy_rates(device_rows: int, epochs: int) -> tuple[float, str]:
-    from pipelines.io import InputFile, InputPlan
-    from pipelines.proxy import train_proxy
+    from poisonguard.io import InputFile, InputPlan
+    from poisonguard.proxy import train_proxy
     import pyarrow.parquet as pq
 
     column = feature_column(device_rows)

@@ -28,7 +28,7 @@ from sklearn.datasets import load_breast_cancer, load_digits, load_wine
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from detectors import DETECTORS  # noqa: E402
+from poisonguard.detectors import DETECTORS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.md"
 DEFAULT_FUSION = ("spectral", "activation_clustering", "spectre", "knn_label")

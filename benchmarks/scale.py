@@ -4,8 +4,8 @@ Each dataset has 10 classes, a planted 5% sub-population in class 3 (shifted 8 s
 direction), an embedding column and a 128-float feature column.  For each size it runs, as separate
 processes so that peak RSS (whole process tree, sampled every 50 ms) is measured for each:
   - `poisonguard scan` with the default detectors (and any extra flags given with --scan-args);
-  - the floor: read the same Parquet into memory, fit and score the same detectors with the same
-    code, write the same clean/quarantine Parquet.
+  - the floor: the in-memory engine on the same Parquet (the same screening core and batches, no
+    Beam, no run lifecycle, report or provenance), writing the same clean/quarantine Parquet.
 Prints wall time, rows/s, peak RSS, the ratio to the floor and recall/FPR; writes
 benchmarks/results/scale.md.
 
@@ -64,28 +64,22 @@ def generate(path: Path, n: int, dim: int, seed: int = 0) -> np.ndarray:
 
 
 def floor(path: str, out: str) -> None:
-    """The plain in-memory floor: same detectors, same outputs, no Beam, everything in RAM."""
-    from pipelines.config import Config
-    from pipelines.scoring import fit_detectors, split_tables
-    from pipelines.validation import builtin_block
-    from detectors.stats import states_by_class
+    """The floor: the in-memory engine (the same screening core, no Beam, no run lifecycle or report)."""
+    from poisonguard.config import Config
+    from poisonguard.core.screening import Screener
+    from poisonguard.engines import memory
+    from poisonguard.engines.outputs import write_block
+    from poisonguard.io import ROWS_PER_WORK_ITEM, plan_inputs
 
     config = Config()
-    table = pq.read_table(path)
-    dim = table.schema.field("embedding").type.list_size
-    block = builtin_block(table, file_index=0, first_row=0, id_col="id", label_col="label", emb_col="embedding",
-                          dim=dim, max_abs=1e6, seed=config.seed)
-    fitted = fit_detectors(states_by_class(block.x, block.labels, block.sample_keys, config.max_fit_rows_per_class),
-                           config)
-    scores = {}
-    for name, det in fitted.items():
-        scores[name] = det.score_samples(block.x, block.labels)
-        block.add_reason(f"detector:{name}", det.flag(block.x, block.labels, scores=scores[name]))
-    clean, held = split_tables(table, block, scores, list(fitted), "floor")
-    os.makedirs(f"{out}/clean", exist_ok=True)
-    os.makedirs(f"{out}/quarantine", exist_ok=True)
-    pq.write_table(clean, f"{out}/clean/part-0.parquet")
-    pq.write_table(held, f"{out}/quarantine/part-0.parquet")
+    plan = plan_inputs([path], config)
+    for folder in ("clean", "quarantine"):
+        os.makedirs(f"{out}/{folder}", exist_ok=True)
+
+    def sink(file_index, first_row, clean, held):
+        write_block(out, file_index, first_row, clean, held)
+
+    memory.run(Screener(config, plan), "floor", sink, ROWS_PER_WORK_ITEM)
 
 
 def measure(cmd: list[str]) -> tuple[float, float, int]:
@@ -135,7 +129,7 @@ def run(sizes: list[tuple[int, int]], workdir: Path, scan_args: list[str]) -> st
         mib = data.stat().st_size / 2**20
         print(f"generated {n}x{dim}: {mib:.0f} MiB", file=sys.stderr, flush=True)
         scan_out, floor_out = workdir / f"scan-{n}x{dim}", workdir / f"floor-{n}x{dim}"
-        scan_s, scan_rss, code = measure([exe, "scan", str(data), "--out", str(scan_out), "--quiet",
+        scan_s, scan_rss, code = measure([exe, "scan", str(data), "--out", str(scan_out), "--quiet", "--engine", "beam",
                                           "--provenance-log", str(workdir / "prov.jsonl"), *scan_args])
         assert code in (0, 1), f"scan failed with {code}"
         floor_s, floor_rss, code = measure([sys.executable, __file__, "--floor", str(data), str(floor_out)])

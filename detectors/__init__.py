@@ -1,12 +1,12 @@
 """Poisoning detectors: pure numpy / scikit-learn estimators, usable without Beam."""
 
-from detectors.activation_clustering import ActivationClustering
-from detectors.base import PoisonDetector
-from detectors.calibration import ClassDecision, separated_minority
-from detectors.knn_label import KnnLabel
-from detectors.spectral import SpectralSignatures
-from detectors.spectre import Spectre
-from detectors.stats import ClassState, merge_states, states_by_class
+from poisonguard.detectors.activation_clustering import ActivationClustering
+from poisonguard.detectors.base import PoisonDetector
+from poisonguard.detectors.calibration import ClassDecision, separated_minority
+from poisonguard.detectors.knn_label import KnnLabel
+from poisonguard.detectors.spectral import SpectralSignatures
+from poisonguard.detectors.spectre import Spectre
+from poisonguard.detectors.stats import ClassState, merge_states, states_by_class
 
 DETECTORS: dict[str, type[PoisonDetector]] = {
     cls.name: cls for cls in (SpectralSignatures, ActivationClustering, Spectre, KnnLabel)

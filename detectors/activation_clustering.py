@@ -22,20 +22,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from detectors.base import PoisonDetector, top_eigh
-from detectors.stats import ClassState
+from typing import Literal
+
+from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params, top_eigh
+from poisonguard.detectors.stats import ClassState
 
 
 class ActivationClustering(PoisonDetector):
     name = "activation_clustering"
 
-    def __init__(self, *, n_components: int = 10, reduce: str = "pca", n_init: int = 3,
-                 max_cluster_rows: int = 5000, min_separation: float = 5.0, **kwargs):
-        super().__init__(min_separation=min_separation, **kwargs)
-        self.n_components = n_components
-        self.reduce = reduce
-        self.n_init = n_init
-        self.max_cluster_rows = max_cluster_rows
+    _parameter_bounds = {**COMMON_BOUNDS, "n_components": {"ge": 1, "le": 512}, "n_init": {"ge": 1, "le": 100},
+                         "max_cluster_rows": {"ge": 10, "le": 1_000_000}}
+
+    def __init__(self, *, n_components: int = 10, reduce: Literal["pca", "ica"] = "pca", n_init: int = 3,
+                 max_cluster_rows: int = 5000, max_share: float = 0.35, min_separation: float = 5.0,
+                 min_rows: int = 3, min_class_z: float | None = 3.0, expected_poison_rate: float | None = None,
+                 max_fit_rows_per_class: int = 5000, random_state: int = 0):
+        store_params(self, locals())
 
     def _fit_class(self, state: ClassState):
         from sklearn.cluster import KMeans

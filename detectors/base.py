@@ -1,10 +1,12 @@
 """The estimator contract every detector follows (scikit-learn conventions).
 
 ``fit(X, y)`` builds per-class ``ClassState`` (moments + bounded sample) and calls
-``fit_states``; the Beam pipeline calls ``fit_states`` directly with states merged across
-shards, so both paths fit from exactly the same numbers.  ``score_samples(X, y)`` gives every
-row a score (higher = more suspicious, NaN for a class that was not fitted) and ``flag(X, y)``
-applies the per-class decision of ``detectors.calibration``.
+``fit_states``; the engines call ``fit_states`` directly with states merged across shards, so
+both paths fit from exactly the same numbers.  ``score_samples(X, y)`` gives every row a score
+(higher = more suspicious, NaN for a class that was not fitted) and ``flag(X, y)`` applies the
+per-class decision of ``detectors.calibration``.  All three take the same arguments,
+``(X, y, sample_keys=None)``: the seeded per-row keys that say which rows are in the bounded
+class samples (only ``knn_label`` uses them, to leave a row out of its own neighbourhood).
 """
 
 from __future__ import annotations
@@ -12,49 +14,40 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
-from detectors.calibration import NOT_TESTED, ClassDecision, gate_by_other_classes, separated_minority, top_fraction
-from detectors.stats import ClassState, default_keys, states_by_class
+from poisonguard.detectors.calibration import NOT_TESTED, ClassDecision, gate_by_other_classes, \
+    separated_minority, top_fraction
+from poisonguard.detectors.params import validate_params
+from poisonguard.detectors.stats import ClassState, default_keys, states_by_class
+
+COMMON_BOUNDS = {
+    "max_share": {"gt": 0.0, "lt": 1.0},
+    "min_separation": {"gt": 0.0},
+    "min_rows": {"ge": 1},
+    "min_class_z": {"gt": 0.0},
+    "expected_poison_rate": {"gt": 0.0, "lt": 0.5},
+    "max_fit_rows_per_class": {"ge": 10, "le": 1_000_000},
+    "random_state": {"ge": 0, "lt": 2**32},
+}
 
 
-class PoisonDetector:
+def store_params(estimator, arguments: dict) -> None:
+    """scikit-learn's rule for ``__init__``: every argument stored unchanged under its own name."""
+    for name, value in arguments.items():
+        if name not in ("self", "__class__"):
+            setattr(estimator, name, value)
+
+
+class PoisonDetector(BaseEstimator):
+    """Base class; subclasses declare every parameter explicitly in their ``__init__``."""
+
     name = "base"
+    _parameter_bounds = COMMON_BOUNDS
 
-    def __init__(
-        self,
-        *,
-        max_share: float = 0.35,
-        min_separation: float = 4.0,
-        min_rows: int = 3,
-        min_class_z: float | None = 3.0,
-        expected_poison_rate: float | None = None,
-        max_fit_rows_per_class: int = 20000,
-        random_state: int = 0,
-    ):
-        self.max_share = max_share
-        self.min_separation = min_separation
-        self.min_rows = min_rows
-        self.min_class_z = min_class_z
-        self.expected_poison_rate = expected_poison_rate
-        self.max_fit_rows_per_class = max_fit_rows_per_class
-        self.random_state = random_state
-
-    def get_params(self) -> dict:
-        return {key: getattr(self, key) for key in self._param_names()}
-
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        import inspect
-
-        names: list[str] = []
-        for klass in reversed(cls.__mro__):
-            init = klass.__dict__.get("__init__")
-            if init is None:
-                continue
-            for param in inspect.signature(init).parameters.values():
-                if param.kind == param.KEYWORD_ONLY and param.name not in names:
-                    names.append(param.name)
-        return names
+    def _validate_params(self) -> None:
+        validate_params(type(self), self.get_params(deep=False))
 
     # ---- fitting -------------------------------------------------------------------------
     def fit(self, X, y, sample_keys=None):
@@ -64,6 +57,7 @@ class PoisonDetector:
         return self.fit_states(states_by_class(X, y, keys, self.max_fit_rows_per_class))
 
     def fit_states(self, states: dict[object, ClassState]):
+        self._validate_params()
         self.classes_ = list(states)
         self.n_features_in_ = next(iter(states.values())).dim if states else 0
         self.class_models_ = {}
@@ -107,26 +101,28 @@ class PoisonDetector:
         return threshold
 
     # ---- scoring -------------------------------------------------------------------------
-    def score_samples(self, X, y) -> np.ndarray:
+    def score_samples(self, X, y, sample_keys=None) -> np.ndarray:
+        check_is_fitted(self, "decisions_")
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y)
         scores = np.full(len(X), np.nan, dtype=np.float64)
-        for label, rows in _rows_by_label(y):
+        for label, rows in rows_by_label(y):
             model = self.class_models_.get(label)
             if model is not None:
                 scores[rows] = self._score_class(model, X[rows])
         return scores
 
-    def flag(self, X, y, scores: np.ndarray | None = None) -> np.ndarray:
+    def flag(self, X, y, sample_keys=None, scores: np.ndarray | None = None) -> np.ndarray:
+        check_is_fitted(self, "decisions_")
         y = np.asarray(y)
-        scores = self.score_samples(X, y) if scores is None else scores
-        thresholds = self.thresholds_for(y)
+        scores = self.score_samples(X, y, sample_keys) if scores is None else scores
         with np.errstate(invalid="ignore"):
-            return np.nan_to_num(scores, nan=-np.inf) > thresholds
+            return np.nan_to_num(scores, nan=-np.inf) > self.thresholds_for(y)
 
     def thresholds_for(self, y: np.ndarray) -> np.ndarray:
+        check_is_fitted(self, "decisions_")
         thresholds = np.full(len(y), np.inf)
-        for label, rows in _rows_by_label(y):
+        for label, rows in rows_by_label(y):
             decision = self.decisions_.get(label)
             if decision is not None and decision.suspicious:
                 thresholds[rows] = decision.threshold
@@ -134,10 +130,11 @@ class PoisonDetector:
 
     def class_report(self) -> dict[str, dict]:
         """Per class: the statistic, the decision and the threshold (for summary.json)."""
+        check_is_fitted(self, "decisions_")
         return {str(label): decision.to_dict() for label, decision in self.decisions_.items()}
 
 
-def _rows_by_label(y: np.ndarray):
+def rows_by_label(y: np.ndarray):
     """(label, row indices) for each label present, grouped in one sort (O(n log n))."""
     if len(y) == 0:
         return

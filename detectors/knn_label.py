@@ -21,26 +21,30 @@ disagree is not flagged (the labels, not the rows, are then in question).
 from __future__ import annotations
 
 import numpy as np
+from sklearn.utils.validation import check_is_fitted
 
-from detectors.base import PoisonDetector
-from detectors.calibration import NOT_TESTED, ClassDecision
-from detectors.stats import ClassState
+from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params
+from poisonguard.detectors.calibration import NOT_TESTED, ClassDecision
+from poisonguard.detectors.stats import ClassState
 
 
 class KnnLabel(PoisonDetector):
     name = "knn_label"
 
-    def __init__(self, *, n_neighbors: int = 10, min_disagreement: float = 0.7,
-                 reference_size: int = 10000, max_decision_rows: int = 5000, min_rows: int = 1, **kwargs):
-        super().__init__(min_rows=min_rows, **kwargs)
-        self.n_neighbors = n_neighbors
-        self.min_disagreement = min_disagreement
-        self.reference_size = reference_size
-        self.max_decision_rows = max_decision_rows
+    _parameter_bounds = {**COMMON_BOUNDS, "n_neighbors": {"ge": 1, "le": 1000},
+                         "min_disagreement": {"gt": 0.0, "le": 1.0}, "reference_size": {"ge": 10, "le": 1_000_000},
+                         "max_decision_rows": {"ge": 10, "le": 1_000_000}}
+
+    def __init__(self, *, n_neighbors: int = 10, min_disagreement: float = 0.7, reference_size: int = 10000,
+                 max_decision_rows: int = 5000, max_share: float = 0.35, min_separation: float = 4.0,
+                 min_rows: int = 1, min_class_z: float | None = 3.0, expected_poison_rate: float | None = None,
+                 max_fit_rows_per_class: int = 5000, random_state: int = 0):
+        store_params(self, locals())
 
     def fit_states(self, states: dict[object, ClassState]):
         from sklearn.neighbors import NearestNeighbors
 
+        self._validate_params()
         self.classes_ = list(states)
         self.n_features_in_ = next(iter(states.values())).dim if states else 0
         total = sum(state.n for state in states.values())
@@ -71,7 +75,7 @@ class KnnLabel(PoisonDetector):
     def _decide_knn(self, scores: np.ndarray) -> ClassDecision:
         threshold = float(np.nextafter(self.min_disagreement, -np.inf))
         if self.expected_poison_rate is not None:
-            from detectors.calibration import top_fraction
+            from poisonguard.detectors.calibration import top_fraction
 
             return top_fraction(scores, self.expected_poison_rate)
         hits = int(np.sum(scores > threshold))
@@ -82,6 +86,7 @@ class KnnLabel(PoisonDetector):
         return ClassDecision(False, float("inf"), float("nan"), share, len(scores), why)
 
     def score_samples(self, X, y, sample_keys=None):
+        check_is_fitted(self, "decisions_")
         X = np.asarray(X, dtype=np.float32)
         if self.index_ is None:
             return np.full(len(X), np.nan)
@@ -107,7 +112,6 @@ class KnnLabel(PoisonDetector):
             out[start:stop] = np.mean(neighbours != y[start:stop, None], axis=1)
         return out
 
-    def flag(self, X, y, scores=None, sample_keys=None):
+    def flag(self, X, y, sample_keys=None, scores=None):
         y = np.asarray(y, dtype=object)
-        scores = self.score_samples(X, y, sample_keys) if scores is None else scores
-        return np.nan_to_num(scores, nan=-np.inf) > self.thresholds_for(y)
+        return super().flag(X, y, sample_keys, scores)

@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from detectors.base import PoisonDetector, top_eigh
-from detectors.stats import ClassState
+from poisonguard.detectors.base import PoisonDetector, store_params, top_eigh
+from poisonguard.detectors.stats import ClassState
 
 
 class SpectralSignatures(PoisonDetector):
     name = "spectral"
+
+    def __init__(self, *, max_share: float = 0.35, min_separation: float = 4.0, min_rows: int = 3,
+                 min_class_z: float | None = 3.0, expected_poison_rate: float | None = None,
+                 max_fit_rows_per_class: int = 5000, random_state: int = 0):
+        store_params(self, locals())
 
     def _fit_class(self, state: ClassState):
         if state.n < 2:

@@ -27,20 +27,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from detectors.base import PoisonDetector, top_eigh
-from detectors.stats import ClassState
+from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params, top_eigh
+from poisonguard.detectors.stats import ClassState
 
 
 class Spectre(PoisonDetector):
     name = "spectre"
 
-    def __init__(self, *, max_components: int = 64, explained_variance: float = 0.95,
-                 alpha: float = 4.0, max_iter: int = 20, min_separation: float = 5.0, **kwargs):
-        super().__init__(min_separation=min_separation, **kwargs)
-        self.max_components = max_components
-        self.explained_variance = explained_variance
-        self.alpha = alpha
-        self.max_iter = max_iter
+    _parameter_bounds = {**COMMON_BOUNDS, "max_components": {"ge": 1, "le": 1024},
+                         "explained_variance": {"gt": 0.0, "le": 1.0}, "alpha": {"gt": 0.0, "le": 100.0},
+                         "max_iter": {"ge": 1, "le": 1000}}
+
+    def __init__(self, *, max_components: int = 64, explained_variance: float = 0.95, alpha: float = 4.0,
+                 max_iter: int = 20, max_share: float = 0.35, min_separation: float = 5.0, min_rows: int = 3,
+                 min_class_z: float | None = 3.0, expected_poison_rate: float | None = None,
+                 max_fit_rows_per_class: int = 5000, random_state: int = 0):
+        store_params(self, locals())
 
     def _fit_class(self, state: ClassState):
         sample = state.sample_x.astype(np.float64)

@@ -1,4 +1,4 @@
-"""poisonguard's command line: scan, verify-log.  Unknown scan flags go to Beam's PipelineOptions."""
+"""poisonguard's command line, a thin shell over ``poisonguard.api``.  Unknown scan flags go to Beam."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from pipelines.errors import PoisonguardError, one_line
+from poisonguard.errors import PoisonguardError, one_line
 
 EPILOG_SCAN = """\
 exit codes: 0 scan done, within policy; 1 scan done, quarantined share over fail_on (outputs published);
@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Screen a training dataset (Parquet) for poisoning: validate rows, run poisoning detectors "
                     "on per-row embeddings, write clean and quarantined rows and a provenance log.",
     )
+    from poisonguard import __version__
+
+    parser.add_argument("--version", action="version", version=f"poisonguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     scan = sub.add_parser("scan", help="scan Parquet inputs into RUN_DIR", epilog=EPILOG_SCAN,
                           formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -36,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="long-lived provenance log (default: poisonguard-provenance.jsonl beside RUN_DIR)")
     scan.add_argument("--run-id", help="run id to use instead of a fresh UUID")
     scan.add_argument("--state", metavar="DIR", help="state folder: reviewer decisions and drift baselines (config: state)")
+    scan.add_argument("--engine", choices=("auto", "memory", "beam"),
+                      help="auto (default): in memory for small runs without Beam flags, else Beam (config: engine)")
     scan.add_argument("--quiet", action="store_true", help="print no summary")
 
     review = sub.add_parser("review", help="record release/confirm decisions on a run's quarantine",
@@ -69,16 +74,19 @@ class _QuietThirdParty(logging.Filter):
 
 
 def _configure_logging() -> None:
+    """The command owns its process: poisonguard's progress at INFO, other libraries' warnings only."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
     handler.addFilter(_QuietThirdParty())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+    logging.getLogger("poisonguard").setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ["GX_ANALYTICS_ENABLED"] = "false"
+    os.umask(0o027)  # run folders and logs are not world-readable
     _configure_logging()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -107,25 +115,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _scan(args, beam_args: list[str]) -> int:
-    from pipelines.config import load_config
-    from pipelines.results import console_summary
-    from pipelines.scan import run_scan
+    from poisonguard.api import scan
+    from poisonguard.config import load_config
+    from poisonguard.run.summary import console_summary
 
     overrides = list(args.overrides)
-    if args.provenance_log:
-        overrides.append(f"provenance_log={args.provenance_log}")
-    if args.state:
-        overrides.append(f"state={args.state}")
+    if args.engine:
+        overrides.append(f"engine={args.engine}")
     config = load_config(args.config, overrides)
     _check_beam_args(beam_args)
-    result = run_scan(args.inputs, args.out, config, beam_args, run_id=args.run_id)
+    result = scan(args.inputs, args.out, config, state=args.state, provenance_log=args.provenance_log,
+                  run_id=args.run_id, beam_args=beam_args)
     if not args.quiet:
         print(console_summary(result.summary, result.run_dir))
     return result.exit_code
 
 
 def _check_beam_args(beam_args: list[str]) -> None:
-    from pipelines.errors import InputError
+    from poisonguard.errors import InputError
 
     stray = [a for a in beam_args if not a.startswith("-")]
     if stray and not any(a.startswith("--") for a in beam_args):
@@ -135,18 +142,20 @@ def _check_beam_args(beam_args: list[str]) -> None:
 def _run_summary(run_dir: str) -> dict:
     import json
 
-    from pipelines.errors import InputError
+    from poisonguard.errors import InputError
 
-    path = os.path.join(run_dir, "summary.json")
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, "_SUCCESS")):
+    from poisonguard.names import SUCCESS, SUMMARY
+
+    path = os.path.join(run_dir, SUMMARY)
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, SUCCESS)):
         raise InputError("not a completed poisonguard run folder", path=run_dir)
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
 
 def _review(args) -> int:
-    from pipelines.errors import InputError
-    from pipelines.review import apply_review
+    from poisonguard.errors import InputError
+    from poisonguard.review import apply_review
 
     summary = _run_summary(args.run_dir)
     state = args.state or summary["parameters"].get("state")
@@ -160,7 +169,7 @@ def _review(args) -> int:
 
 
 def _report(args) -> int:
-    from pipelines.report import render_report
+    from poisonguard.report import render_report
 
     _run_summary(args.run_dir)
     print(render_report(args.run_dir))
@@ -168,8 +177,8 @@ def _report(args) -> int:
 
 
 def _verify(args) -> int:
-    from pipelines.errors import InputError
-    from pipelines.provenance import verify
+    from poisonguard.errors import InputError
+    from poisonguard.provenance import verify
 
     if not os.path.isfile(args.log):
         raise InputError("no such provenance log", path=args.log)

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.errors import ConfigError
+from poisonguard.errors import ConfigError
 
-DETECTOR_NAMES = ("spectral", "activation_clustering", "spectre", "knn_label")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_ALIASES = 100
+ParamValue = bool | int | float | str | None
+
+
+def _registry() -> dict:
+    """The detector registry: the names and parameters the config accepts, in default order."""
+    from poisonguard.detectors import DETECTORS
+
+    return DETECTORS
 
 
 class _Strict(BaseModel):
@@ -53,13 +64,13 @@ class EmbeddingConfig(_Strict):
 
 class DetectorConfig(_Strict):
     name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, ParamValue] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name not in DETECTOR_NAMES:
-            raise ValueError(f"unknown detector {name!r}; known: {', '.join(DETECTOR_NAMES)}")
+        if name not in _registry():
+            raise ValueError(f"unknown detector {name!r}; known: {', '.join(_registry())}")
         return name
 
 
@@ -81,13 +92,16 @@ class Config(_Strict):
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     suite: str | None = None
     detectors: list[DetectorConfig] = Field(
-        default_factory=lambda: [DetectorConfig(name=name) for name in DETECTOR_NAMES]
+        default_factory=lambda: [DetectorConfig(name=name) for name in _registry()], min_length=1
     )
     expected_poison_rate: float | None = Field(default=None, gt=0, lt=0.5)
     max_fit_rows_per_class: int = Field(default=5000, ge=10)
     fail_on: float = Field(default=0.10, ge=0, le=1, description="largest acceptable quarantined share")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)
     batch_size: int = Field(default=8192, ge=1)
+    engine: Literal["auto", "memory", "beam"] = "auto"
+    memory_engine_max_rows: int = Field(default=200_000, ge=0,
+                                        description="auto engine: in memory up to this many rows, Beam above")
     provenance_log: str | None = None
     state: str | None = None
     drift: DriftConfig = Field(default_factory=DriftConfig)
@@ -106,8 +120,16 @@ class Config(_Strict):
         return params
 
 
-def load_config(path: str | None, overrides: list[str] | None = None, base_dir: Path | None = None) -> Config:
-    data: dict[str, Any] = {}
+PATH_KEYS = (("suite",), ("provenance_log",), ("state",), ("embedding", "model"))
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """The config from YAML ``path`` (or ``base``, or defaults), then ``key=value`` overrides.
+
+    Relative paths inside the file resolve against the file's folder; override paths against the
+    working folder.
+    """
+    data: dict[str, Any] = json.loads(base.model_dump_json()) if base is not None else {}
     source = "defaults"
     if path:
         source = path
@@ -115,26 +137,47 @@ def load_config(path: str | None, overrides: list[str] | None = None, base_dir: 
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config: {exc.strerror}", path=path) from None
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config is larger than {MAX_CONFIG_BYTES} bytes", path=path)
         try:
+            _check_aliases(text, path)
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"not valid YAML: {str(exc).splitlines()[0]}", path=path) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("the config must be a YAML mapping", path=path)
-        data = loaded or {}
+        data = _resolve_paths(loaded or {}, Path(path).resolve().parent)
     for item in overrides or []:
         _apply_override(data, item)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
+        where = _location(first["loc"]) or "config"
         raise ConfigError(f"config {source}: {where}: {first['msg']}") from None
     names = [d.name for d in config.detectors]
     if len(set(names)) != len(names):
         raise ConfigError(f"config {source}: detectors: each detector may be listed once")
     _check_detector_params(config, source)
     return config
+
+
+def _location(loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _resolve_paths(data: dict, base_dir: Path) -> dict:
+    for keys in PATH_KEYS:
+        node = data
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        value = node.get(keys[-1]) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
+            node[keys[-1]] = os.path.normpath(base_dir / value)
+    return data
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
@@ -154,13 +197,23 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def _check_detector_params(config: Config, source: str) -> None:
-    from detectors import DETECTORS
+def _check_aliases(text: str, path: str) -> None:
+    """Refuse YAML alias bombs before anything expands them."""
+    aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
+    if aliases > MAX_YAML_ALIASES:
+        raise ConfigError(f"config uses {aliases} YAML aliases; at most {MAX_YAML_ALIASES} are allowed", path=path)
 
-    for det in config.detectors:
-        allowed = set(DETECTORS[det.name]._param_names())
-        unknown = sorted(set(det.params) - allowed)
-        if unknown:
-            raise ConfigError(
-                f"config {source}: detectors.{det.name}.params: unknown parameter(s) {', '.join(unknown)}"
-            )
+
+def _check_detector_params(config: Config, source: str) -> None:
+    """Each detector's params against its typed, bounded signature: exit 2 naming the field."""
+    from pydantic import ValidationError as ParamsError
+
+    from poisonguard.detectors import DETECTORS
+    from poisonguard.detectors.params import first_error, params_model
+
+    for index, det in enumerate(config.detectors):
+        try:
+            params_model(DETECTORS[det.name]).model_validate(config.detector_params(det))
+        except ParamsError as exc:
+            field, message = first_error(exc)
+            raise ConfigError(f"config {source}: detectors[{index}].params.{field}: {message}") from None

@@ -7,14 +7,16 @@ with ``torch.load(weights_only=True)`` into a named architecture.  torch is impo
 from __future__ import annotations
 
 import hashlib
-import sys
+import logging
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.errors import InputError, one_line
+from poisonguard.errors import InputError, one_line
+
+log = logging.getLogger("poisonguard")
 
 
 def _torch():
@@ -156,7 +158,7 @@ class Embedder:
         if now - self._last >= 5:
             self._last = now
             rate = self._rows / max(now - self._start, 1e-9)
-            print(f"[poisonguard] embed: {self._rows} rows, {rate:,.0f} rows/s", file=sys.stderr, flush=True)
+            log.info("embed: %d rows, %.0f rows/s", self._rows, rate)
 
 
 def weights_sha256(model) -> str:

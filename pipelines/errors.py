@@ -30,3 +30,16 @@ class IntegrityError(PoisonguardError):
 
 def one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def as_reported(exc: BaseException) -> BaseException:
+    """The error to report: our own one where a runner wrapped it, a full disk or an unwritable
+    output as bad input (exit 2), anything else as it is."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, PoisonguardError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return InputError(f"cannot write the outputs: {exc.strerror}", path=getattr(exc, "filename", None))
+    return exc

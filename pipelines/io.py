@@ -11,11 +11,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.config import Config
-from pipelines.errors import InputError, one_line
+from poisonguard.config import Config
+from poisonguard.errors import InputError, one_line
+from poisonguard.names import is_added_column
 
-RESERVED_PREFIXES = ("score_",)
-RESERVED_COLUMNS = ("quarantine_reasons", "run_id")
+
+ROWS_PER_WORK_ITEM = 262144  # rows of whole row groups per work item: the unit a worker reads
+
+
+def file_identity(stat: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a file's bytes change: device, inode, size, mtime and ctime (no user can set ctime)."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,8 @@ class InputFile:
     path: str
     rows: int
     row_groups: int
+    sha256: str = ""
+    identity: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,7 @@ class WorkItem:
     first_group: int
     last_group: int  # exclusive
     first_row: int
+    identity: tuple = ()  # the file as planned and hashed; a reader refuses a file that changed since
 
 
 @dataclass(frozen=True)
@@ -79,13 +88,17 @@ def plan_inputs(paths: list[str], config: Config) -> InputPlan:
     files: list[InputFile] = []
     schema: pa.Schema | None = None
     for index, path in enumerate(paths):
+        identity = file_identity(os.stat(path))
         meta = _read_metadata(path)
         file_schema = meta.schema.to_arrow_schema()
         if schema is None:
             schema = file_schema
         elif not file_schema.equals(schema):
             raise InputError(f"schema differs from {paths[0]}: {_schema_diff(schema, file_schema)}", path=path)
-        files.append(InputFile(index, path, meta.num_rows, meta.num_row_groups))
+        digest = sha256_file(path)
+        if file_identity(os.stat(path)) != identity:
+            raise InputError("input file changed while it was being hashed", path=path)
+        files.append(InputFile(index, path, meta.num_rows, meta.num_row_groups, digest, identity))
     assert schema is not None
     if sum(f.rows for f in files) == 0:
         raise InputError("input is empty (0 rows)", path=paths[0] if len(paths) == 1 else None)
@@ -104,15 +117,38 @@ def work_items(plan: InputPlan, rows_per_item: int) -> list[WorkItem]:
         for group in range(f.row_groups):
             rows += meta.row_group(group).num_rows
             if rows >= rows_per_item or group == f.row_groups - 1:
-                items.append(WorkItem(f.index, f.path, first_group, group + 1, first_row))
+                items.append(WorkItem(f.index, f.path, first_group, group + 1, first_row, f.identity))
                 first_group, first_row, rows = group + 1, first_row + rows, 0
     return items
 
 
 def read_batches(item: WorkItem, columns: list[str] | None, batch_size: int):
-    """Yield (first_row, pyarrow.Table) slices of one work item."""
+    """Yield (first_row, pyarrow.Table) slices of one work item, from the very file that was hashed."""
     try:
-        handle = pq.ParquetFile(item.path)
+        raw = open(item.path, "rb")
+    except OSError as exc:
+        raise InputError(f"cannot read Parquet data: {exc.strerror}", path=item.path) from None
+    with raw:
+        if item.identity and file_identity(os.fstat(raw.fileno())) != item.identity:
+            raise InputError("input file changed after it was hashed (replaced or rewritten between passes); "
+                             "nothing published", path=item.path)
+        yield from _read_open(raw, item, columns, batch_size)
+
+
+def check_unchanged(plan: "InputPlan") -> None:
+    """Exit 2 if any input is no longer the file that was hashed and scored."""
+    for f in plan.files:
+        try:
+            identity = file_identity(os.stat(f.path))
+        except OSError:
+            identity = ()
+        if identity != f.identity:
+            raise InputError("input file changed during the scan; nothing published", path=f.path)
+
+
+def _read_open(raw, item: WorkItem, columns: list[str] | None, batch_size: int):
+    try:
+        handle = pq.ParquetFile(raw)
         start = item.first_row
         groups = list(range(item.first_group, item.last_group))
         for batch in handle.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns):
@@ -165,7 +201,7 @@ def _check_columns(schema: pa.Schema, config: Config, path: str) -> None:
     if not (_is_list(vec_type) and (pa.types.is_floating(vec_type.value_type) or pa.types.is_integer(vec_type.value_type))):
         raise InputError(f"{role} column must be a list of numbers, not {vec_type}", path=path, column=vector)
     for name in schema.names:
-        if name in RESERVED_COLUMNS or name.startswith(RESERVED_PREFIXES):
+        if is_added_column(name):
             raise InputError("column name is reserved for poisonguard's outputs", path=path, column=name)
 
 
@@ -183,7 +219,7 @@ def _list_width(schema: pa.Schema, files: list[InputFile], column: str, declared
     import pyarrow.compute as pc
 
     for f in files:
-        for _, table in read_batches(WorkItem(f.index, f.path, 0, f.row_groups, 0), [column], 4096):
+        for _, table in read_batches(WorkItem(f.index, f.path, 0, f.row_groups, 0, f.identity), [column], 4096):
             lengths = pc.list_value_length(table.column(0)).drop_null()
             if len(lengths):
                 return int(pc.mode(lengths, n=1)[0]["mode"].as_py())

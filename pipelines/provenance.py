@@ -16,7 +16,7 @@ import json
 import os
 import uuid
 
-from pipelines.locking import locked_file
+from poisonguard.locking import locked_file
 
 PRODUCER = "https://github.com/poisonguard/poisonguard"
 SCHEMA_URL = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent"
@@ -44,6 +44,13 @@ def run_event(event_type: str, run_id: str, *, job: str = "scan", inputs=None, o
         "inputs": inputs or [],
         "outputs": outputs or [],
     }
+
+
+def fail_event(run_id: str, inputs: list, error: BaseException) -> dict:
+    from poisonguard.errors import one_line
+
+    return run_event("FAIL", run_id, inputs=inputs, facets={"errorMessage": {
+        "message": one_line(error) or type(error).__name__, "programmingLanguage": "python"}})
 
 
 def canonical(record: dict) -> bytes:

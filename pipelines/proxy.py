@@ -10,15 +10,17 @@ like a user's model.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.embed import features_to_numpy, weights_sha256
-from pipelines.validation import hash_strings, seeded_hash_key
+from poisonguard.core.block import hash_strings, seeded_hash_key
+from poisonguard.embed import features_to_numpy, weights_sha256
+
+log = logging.getLogger("poisonguard")
 
 
 class ProxyMLP(torch.nn.Module):
@@ -112,8 +114,7 @@ def train_proxy(plan, config, out_path: str) -> dict:
             opt.step()
         if time.monotonic() - last >= 5 or epoch == emb.proxy_epochs:
             last = time.monotonic()
-            print(f"[poisonguard] proxy: epoch {epoch}/{emb.proxy_epochs}, loss {loss.item():.4f}, "
-                  f"{time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+            log.info("proxy: epoch %d/%d, loss %.4f, %.0f s", epoch, emb.proxy_epochs, loss.item(), time.monotonic() - started)
     model.eval()
     with torch.no_grad():
         accuracy = float((model(xt).argmax(1) == yt).float().mean())

@@ -10,11 +10,12 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipelines import provenance as prov
-from pipelines.errors import InputError
-from pipelines.state import DECISIONS, StateFolder, content_hashes
-
-ADDED = ("quarantine_reasons", "run_id")
+from poisonguard import provenance as prov
+from poisonguard.core.decisions import content_hashes
+from poisonguard.errors import InputError
+from poisonguard.names import CLEAN, QUARANTINE, SUCCESS, SUMMARY, is_added_column
+from poisonguard.run.summary import csv_value
+from poisonguard.state import DECISIONS, StateFolder
 
 
 def read_decisions(path: str) -> list[dict]:
@@ -23,8 +24,9 @@ def read_decisions(path: str) -> list[dict]:
     if path.endswith(".parquet"):
         rows = pq.read_table(path).to_pylist()
     else:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's BOM is dropped
+            rows = [{key: csv_value(value or "") for key, value in row.items() if key is not None}
+                    for row in csv.DictReader(handle)]
     if not rows:
         raise InputError("decisions file has no rows", path=path)
     for column in ("id", "decision"):
@@ -36,15 +38,15 @@ def read_decisions(path: str) -> list[dict]:
 def apply_review(run_dir: str, decisions_path: str, reviewer: str, state_dir: str, log_path: str) -> dict:
     """Validate every decision first; apply none unless all are valid."""
     run = Path(run_dir)
-    if not (run / "_SUCCESS").exists():
+    if not (run / SUCCESS).exists():
         raise InputError("not a completed poisonguard run folder", path=run_dir)
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((run / SUMMARY).read_text())
     rows = read_decisions(decisions_path)
     if not rows:
         raise InputError("no decision filled in (the decision column is empty)", path=decisions_path)
     id_col = summary["parameters"]["columns"]["id"]
-    held = pads.dataset(str(run / "quarantine"), format="parquet").to_table()
-    clean_ids = set(pads.dataset(str(run / "clean"), format="parquet").to_table(columns=[id_col])
+    held = pads.dataset(str(run / QUARANTINE), format="parquet").to_table()
+    clean_ids = set(pads.dataset(str(run / CLEAN), format="parquet").to_table(columns=[id_col])
                     .column(id_col).cast(pa.string()).to_pylist())
     held_ids = held.column(id_col).cast(pa.string()).to_pylist()
     positions: dict[str, list[int]] = {}
@@ -64,7 +66,7 @@ def apply_review(run_dir: str, decisions_path: str, reviewer: str, state_dir: st
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise InputError(f"decisions rejected, nothing applied: {'; '.join(problems[:3])}{more}", path=decisions_path)
-    input_columns = [c for c in held.column_names if c not in ADDED and not c.startswith("score_")]
+    input_columns = [c for c in held.column_names if not is_added_column(c)]
     records, when = [], prov.now_iso()
     for row in rows:
         rows_held = positions[str(row["id"])]

@@ -4,39 +4,23 @@
     STATE/runs/RUN_ID.json  per-class row counts, shares, embedding means and covariance traces
     STATE/latest            the run id of the last scan that wrote a baseline
 
-A decision applies to the row with that id *and* that content: the sha256 of the row's input
-columns (canonical JSON), so an edited row is scored afresh.  Class means live here, never in
-summary.json or the provenance log.
+Decisions are keyed by row id and content hash (``poisonguard.core.decisions``).  Class means
+live here, never in summary.json or the provenance log.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from pipelines.locking import locked_file
+from poisonguard.locking import locked_file
 
 DECISIONS = ("release", "confirm")
-
-
-def content_hashes(table: pa.Table, columns: list[str]) -> list[str]:
-    """sha256 of each row's values in ``columns`` (canonical JSON; floats as Python reprs)."""
-    rows = table.select(columns).to_pylist()
-    return [hashlib.sha256(json.dumps(row, sort_keys=True, default=_json_default, ensure_ascii=False)
-                           .encode()).hexdigest() for row in rows]
-
-
-def _json_default(value):
-    if isinstance(value, bytes):
-        return value.hex()
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    return str(value)
+log = logging.getLogger("poisonguard")
 
 
 class StateFolder:
@@ -67,6 +51,13 @@ class StateFolder:
         runs.mkdir(parents=True, exist_ok=True)
         (runs / f"{run_id}.json").write_text(json.dumps(moments))
         (self.path / "latest").write_text(run_id + "\n")
+
+    def save_baseline_or_warn(self, run_id: str, moments: dict) -> None:
+        """After a publish: a baseline that cannot be saved is a warning, never a failed run."""
+        try:
+            self.save_baseline(run_id, moments)
+        except OSError as exc:
+            log.warning("drift baseline not saved in %s: %s", self.path, exc.strerror or exc)
 
     def latest_baseline(self) -> tuple[str, dict] | None:
         latest = self.path / "latest"
@@ -103,3 +94,18 @@ def drift(previous: dict, current: dict, *, max_share_ratio: float, max_mean_shi
             if shift >= max_mean_shift:
                 warnings.append({"class": label, "kind": "mean", "shift": shift, "limit": max_mean_shift})
     return warnings
+
+
+def drift_section(state: StateFolder | None, moments: dict, config) -> dict:
+    """summary.json's drift section: warnings against the state folder's latest baseline."""
+    if state is None:
+        return {"previous_run": None, "warnings": [], "note": "no state folder configured"}
+    baseline = state.latest_baseline()
+    if baseline is None:
+        return {"previous_run": None, "warnings": [], "note": "first run with this state folder"}
+    previous_run, previous = baseline
+    warnings = drift(previous, moments, max_share_ratio=config.drift.max_share_ratio,
+                     max_mean_shift=config.drift.max_mean_shift)
+    for warning in warnings:
+        log.warning("drift: class %s: %s", warning["class"], warning["kind"])
+    return {"previous_run": previous_run, "warnings": warnings}

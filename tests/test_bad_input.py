@@ -55,14 +55,17 @@ def test_truncated_parquet(tmp, previous_run):
     assert_rejected(tmp, previous_run, [tmp / "cut.parquet"], "cut.parquet")
 
 
-def test_corrupt_data_pages_with_valid_footer(tmp, previous_run):
+@pytest.mark.parametrize("engine", [["--engine", "memory"], ["--engine", "beam"],
+                                    ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]],
+                         ids=["memory", "beam", "beam-multi-processing"])
+def test_corrupt_data_pages_with_valid_footer(tmp, previous_run, engine):
     path = tmp / "corrupt.parquet"
     pq.write_table(gaussian_table(2000, 2, 16), path, compression="snappy")
     data = bytearray(path.read_bytes())
     start = 64
     data[start:start + 4000] = bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8))
     path.write_bytes(bytes(data))
-    assert_rejected(tmp, previous_run, [path], "corrupt.parquet", "cannot read Parquet data")
+    assert_rejected(tmp, previous_run, [path, *engine], "corrupt.parquet", "cannot read Parquet data")
 
 
 def test_empty_dataset(tmp, previous_run):
@@ -121,9 +124,33 @@ def test_config_unknown_key_and_wrong_type(tmp, previous_run):
     (tmp / "c.yaml").write_text("detectors: [{name: magic}]\n")
     assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "c.yaml"], "unknown detector 'magic'")
     (tmp / "c.yaml").write_text("detectors: [{name: spectral, params: {nope: 1}}]\n")
-    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "c.yaml"], "unknown parameter(s) nope")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "c.yaml"],
+                    "detectors[0].params.nope", "Extra inputs")
     (tmp / "c.yaml").write_text("a: [unclosed\n")
     assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "c.yaml"], "not valid YAML")
+
+
+@pytest.mark.parametrize("params, needle", [
+    ("{min_separation: x}", "detectors[1].params.min_separation: Input should be a valid number"),
+    ("{min_separation: -1}", "detectors[1].params.min_separation: Input should be greater than 0"),
+    ("{n_components: 2.5}", "detectors[1].params.n_components: Input should be a valid integer"),
+    ("{reduce: tsne}", "detectors[1].params.reduce"),
+    ("{n_init: true}", "detectors[1].params.n_init"),
+])
+def test_bad_detector_parameter_is_exit_2_naming_the_field(tmp, previous_run, params, needle):
+    write(gaussian_table(30, 2, 3), tmp / "d.parquet")
+    (tmp / "c.yaml").write_text(f"detectors: [{{name: spectral}}, {{name: activation_clustering, params: {params}}}]\n")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "c.yaml"], needle)
+
+
+def test_empty_detector_list_negative_seed_and_alias_bomb_are_exit_2(tmp, previous_run):
+    write(gaussian_table(30, 2, 3), tmp / "d.parquet")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", "detectors=[]"], "detectors", "at least 1")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", "seed=-1"], "seed", "greater than or equal to 0")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(12))
+    (tmp / "bomb.yaml").write_text(bomb)
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "bomb.yaml"], "YAML aliases")
 
 
 def test_yaml_config_is_loaded_safely(tmp, previous_run):

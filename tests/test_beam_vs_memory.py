@@ -1,54 +1,77 @@
-"""The Beam graph (in-process and multi-processing) and the in-memory path make the same decisions."""
+"""Both engines (in memory, and Beam in-process and multi-processing) make the same decisions,
+with reviewers' decisions from a state folder applied, row by row."""
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from conftest import CLEAN, DIGITS_CONFIG, POISONED, read_outputs, run_cli
-from pipelines.config import load_config
-from pipelines.inmemory import scan_in_memory
+
+SCORES = ["score_spectral", "score_activation_clustering", "score_spectre", "score_knn_label"]
 
 
-def _beam_decisions(run_dir):
+def _decisions(run_dir):
     clean, held = read_outputs(run_dir)
     decided = {}
-    for row in clean.select(["id", "score_spectral", "score_activation_clustering"]).to_pylist():
-        decided[row["id"]] = ([], row["score_spectral"], row["score_activation_clustering"])
-    for row in held.select(["id", "quarantine_reasons", "score_spectral", "score_activation_clustering"]).to_pylist():
-        decided[row["id"]] = (row["quarantine_reasons"], row["score_spectral"], row["score_activation_clustering"])
+    for table, held_back in ((clean, False), (held, True)):
+        cols = ["id", *SCORES] + (["quarantine_reasons"] if held_back else [])
+        for row in table.select(cols).to_pylist():
+            decided[row["id"]] = (row.get("quarantine_reasons", []), [row[s] for s in SCORES])
     return decided
 
 
-def _compare(run_dir, sample):
-    beam = _beam_decisions(run_dir)
-    memory = scan_in_memory([str(sample)], load_config(str(DIGITS_CONFIG)))
-    assert len(beam) == len(memory.ids)
-    for i, row_id in enumerate(memory.ids):
-        reasons, spectral, ac = beam[row_id]
-        assert reasons == memory.reasons[i], row_id
-        np.testing.assert_allclose(spectral, memory.scores["spectral"][i], rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(ac, memory.scores["activation_clustering"][i], rtol=1e-6, atol=1e-9)
-    return memory
+def _review(tmp, run_dir, state):
+    """Release the first three quarantined rows and confirm the next two."""
+    with open(run_dir / "review.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for row, decision in zip(rows, ["release"] * 3 + ["confirm"] * 2):
+        row["decision"] = decision
+    path = tmp / "decisions.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    code, _, stderr = run_cli("review", run_dir, "--decisions", path, "--reviewer", "ana", "--state", state)
+    assert code == 0, stderr
 
 
 @pytest.mark.parametrize("sample", [POISONED, CLEAN], ids=["poisoned", "clean"])
-def test_beam_and_in_memory_paths_give_the_same_flags(tmp, sample):
-    code, _, _ = run_cli("scan", sample, "--out", tmp / "run", "--config", DIGITS_CONFIG, "--quiet",
-                         "--set", "batch_size=500")
-    assert code == 0
-    memory = _compare(tmp / "run", sample)
+def test_engines_give_the_same_flags_scores_and_reasons_with_review_decisions(tmp, sample):
+    state = tmp / "state"
+    code, _, stderr = run_cli("scan", POISONED, "--out", tmp / "first", "--config", DIGITS_CONFIG, "--quiet",
+                              "--state", state, "--engine", "memory")
+    assert code == 0, stderr
+    _review(tmp, tmp / "first", state)
+    results = {}
+    for engine in ("memory", "beam"):
+        code, _, stderr = run_cli("scan", sample, "--out", tmp / engine, "--config", DIGITS_CONFIG, "--quiet",
+                                  "--state", state, "--engine", engine, "--set", "batch_size=500")
+        assert code == 0, stderr
+        results[engine] = _decisions(tmp / engine)
+    memory, beam = results["memory"], results["beam"]
+    assert memory.keys() == beam.keys() and len(memory) == 1797
+    for row_id, (reasons, scores) in memory.items():
+        assert beam[row_id][0] == reasons, row_id
+        np.testing.assert_allclose(beam[row_id][1], scores, rtol=1e-6, atol=1e-9, err_msg=str(row_id))
     if sample == POISONED:
-        assert memory.quarantined.sum() > 0
+        confirmed = [r for r, (reasons, _) in memory.items() if "review:confirmed" in reasons]
+        assert len(confirmed) == 2
+        assert sum(1 for reasons, _ in memory.values() if reasons) > 0
 
 
 def test_multi_processing_runner_gives_identical_decisions_and_counts(tmp):
-    code, _, stderr = run_cli("scan", POISONED, "--out", tmp / "run", "--config", DIGITS_CONFIG, "--quiet",
+    code, _, stderr = run_cli("scan", POISONED, "--out", tmp / "memory", "--config", DIGITS_CONFIG, "--quiet",
+                              "--set", "batch_size=300", "--engine", "memory")
+    assert code == 0, stderr
+    code, _, stderr = run_cli("scan", POISONED, "--out", tmp / "mp", "--config", DIGITS_CONFIG, "--quiet",
                               "--set", "batch_size=300", "--direct_running_mode", "multi_processing",
                               "--direct_num_workers", "2")
     assert code == 0, stderr
-    clean, held = read_outputs(tmp / "run")
+    clean, held = read_outputs(tmp / "mp")
     assert clean.num_rows + held.num_rows == 1797
-    assert len(set(clean.column("id").to_pylist()) | set(held.column("id").to_pylist())) == 1797
-    _compare(tmp / "run", POISONED)
+    mp, memory = _decisions(tmp / "mp"), _decisions(tmp / "memory")
+    assert mp.keys() == memory.keys()
+    assert all(mp[k][0] == memory[k][0] for k in memory)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detectors.calibration import gate_by_other_classes, separated_minority
+from poisonguard.detectors.calibration import gate_by_other_classes, separated_minority
 
 
 @pytest.mark.parametrize("n", [50, 500, 20000])

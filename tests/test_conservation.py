@@ -67,6 +67,12 @@ def test_every_row_lands_once_with_columns_unchanged(tmp_path_factory, rows):
     check_conservation(tmp_path_factory, rows)
 
 
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=tables)
+def test_every_row_lands_once_on_the_beam_engine(tmp_path_factory, rows):
+    check_conservation(tmp_path_factory, rows, "--engine", "beam")
+
+
 @settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(row, min_size=20, max_size=80))
 def test_conservation_under_multi_processing(tmp_path_factory, rows):

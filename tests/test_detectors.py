@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detectors import DETECTORS, ActivationClustering, KnnLabel, SpectralSignatures, Spectre, merge_states
-from detectors.stats import ClassState
+from poisonguard.detectors import DETECTORS, ActivationClustering, KnnLabel, SpectralSignatures, Spectre, merge_states
+from poisonguard.detectors.stats import ClassState
 
 SUBPOP_DETECTORS = [SpectralSignatures, ActivationClustering, Spectre]
 

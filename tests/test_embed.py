@@ -73,7 +73,7 @@ def test_torchscript_model_mode_reproduces_column_mode(tmp):
 
 
 def test_state_dict_with_named_architecture(tmp):
-    from pipelines.embed import build_mlp
+    from poisonguard.embed import build_mlp
 
     torch.manual_seed(0)
     model = build_mlp(64, [48, 24], 10)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import CLEAN, DIGITS_CONFIG, POISONED, error_lines, gaussian_table, read_outputs, run_cli, snapshot, write
-from pipelines import provenance as prov
+from poisonguard import provenance as prov
 
 EXE = str(Path(sys.executable).with_name("poisonguard"))
 
@@ -85,7 +85,7 @@ def test_ctrl_c_writes_a_fail_event_and_publishes_nothing(tmp, published):
 
 
 def test_full_disk_exits_2_without_partial_output(tmp, published, monkeypatch):
-    import pipelines.beam_pipeline as bp
+    import poisonguard.engines.outputs as bp
 
     out, before = published
 

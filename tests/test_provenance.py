@@ -6,7 +6,7 @@ import json
 import threading
 
 from conftest import run_cli
-from pipelines import provenance as prov
+from poisonguard import provenance as prov
 
 
 def _log(tmp, n=5):

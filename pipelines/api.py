@@ -1,0 +1,151 @@
+"""The Python API: ``scan`` (files to a published run folder) and ``screen`` (a table in a notebook).
+
+Neither changes process-wide state (umask, logging handlers, working folder) or prints anything;
+progress goes to the ``poisonguard`` logger, which has no handler unless the caller adds one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from poisonguard.config import Config, load_config
+from poisonguard.names import QUARANTINE_REASONS, RUN_ID, is_added_column
+
+
+@dataclass
+class ScanResult:
+    """What ``scan`` published: the verdict, the exit code a scheduler should use, counts and paths."""
+
+    run_id: str
+    run_dir: str
+    verdict: str
+    exit_code: int
+    counts: dict
+    engine: str
+    summary: dict = field(repr=False)
+
+    @property
+    def paths(self) -> dict[str, str]:
+        from poisonguard import names
+
+        return {key: os.path.join(self.run_dir, value) for key, value in (
+            ("clean", names.CLEAN), ("quarantine", names.QUARANTINE), ("summary", names.SUMMARY),
+            ("report", names.REPORT), ("review", names.REVIEW_CSV), ("provenance", names.RUN_PROVENANCE))}
+
+
+def _config(config: Config | str | os.PathLike | dict | None, overrides: list[str] | None) -> Config:
+    if isinstance(config, Config):
+        return config.model_copy(deep=True) if not overrides else load_config(None, overrides, base=config)
+    if isinstance(config, dict):
+        return load_config(None, overrides, base=Config.model_validate(config))
+    return load_config(None if config is None else str(config), overrides)
+
+
+def scan(inputs, out: str | os.PathLike, config: Config | str | dict | None = None, *, state: str | None = None,
+         provenance_log: str | None = None, run_id: str | None = None, overrides: list[str] | None = None,
+         beam_args: list[str] | None = None) -> ScanResult:
+    """Screen Parquet ``inputs`` (paths, folders or globs) and publish the run folder ``out``.
+
+    ``config`` is a Config, a dict of config keys or a YAML path; ``overrides`` are ``key=value``
+    strings as on the command line.  Raises ``poisonguard.errors.InputError`` for bad input
+    (nothing published).
+    """
+    from poisonguard.orchestrator import run_scan
+
+    cfg = _config(config, overrides)
+    if state is not None:
+        cfg.state = str(state)
+    if provenance_log is not None:
+        cfg.provenance_log = str(provenance_log)
+    inputs = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs]
+    result = run_scan(inputs, str(out), cfg, beam_args, run_id=run_id)
+    s = result.summary
+    return ScanResult(s["run_id"], result.run_dir, s["verdict"], s["exit_code"], s["counts"], result.engine, s)
+
+
+@dataclass
+class Findings:
+    """Per-row findings of ``screen`` (a pandas DataFrame: id, label, quarantined, reasons, score_*)
+    and, per detector and class, the decision that was taken."""
+
+    rows: "object"
+    classes: "object"
+    summary: dict = field(repr=False)
+
+    @property
+    def quarantined(self):
+        return self.rows[self.rows["quarantined"]]
+
+
+def screen(data, y=None, config: Config | str | dict | None = None, *, ids=None,
+           overrides: list[str] | None = None) -> Findings:
+    """Screen an in-memory dataset: a pyarrow Table or pandas DataFrame with the configured
+    id/label/embedding columns, or an embedding matrix ``data`` with labels ``y``.
+
+    Runs the in-memory engine (the same screening core as a scan) and returns flat per-row
+    findings; nothing is published and no provenance is written.
+    """
+    import pyarrow.parquet as pq
+
+    from poisonguard.core.embedding import resolve_embedding
+    from poisonguard.core.screening import Screener
+    from poisonguard.core.suite import load_suite
+    from poisonguard.engines import memory
+    from poisonguard.io import ROWS_PER_WORK_ITEM, plan_inputs
+
+    cfg = _config(config, overrides)
+    table = _as_table(data, y, ids, cfg)
+    cols = cfg.columns
+    with tempfile.TemporaryDirectory(prefix="poisonguard-screen-") as work:
+        path = str(Path(work, "data.parquet"))
+        pq.write_table(table, path)
+        plan = plan_inputs([path], cfg)
+        suite = load_suite(cfg, plan.schema)
+        plan, _ = resolve_embedding(plan, cfg, work)
+        parts: list[pa.Table] = []
+
+        def sink(file_index, first_row, clean, held):
+            for part, flag in ((clean, False), (held, True)):
+                keep = [c for c in part.column_names if c in (cols.id, cols.label) or is_added_column(c)]
+                part = part.select(keep)
+                if not flag:
+                    part = part.append_column(QUARANTINE_REASONS, pa.array([[]] * part.num_rows, pa.list_(pa.string())))
+                parts.append(part.select([c for c in part.column_names if c != RUN_ID])
+                             .append_column("_row", pa.array(np.arange(first_row, first_row + part.num_rows))))
+
+        result, fitted = memory.run(Screener(cfg, plan, suite), "screen", sink, ROWS_PER_WORK_ITEM)
+    rows = pa.concat_tables(parts, promote_options="default").to_pandas()
+    rows["quarantined"] = rows[QUARANTINE_REASONS].map(len) > 0
+    rows = rows.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+    rows = rows.rename(columns={QUARANTINE_REASONS: "reasons"})
+    return Findings(rows, _class_table(result.fit), {"counts": result.counts, "detectors": result.fit})
+
+
+def _as_table(data, y, ids, cfg: Config) -> pa.Table:
+    import pandas as pd
+
+    cols = cfg.columns
+    if isinstance(data, pa.Table):
+        return data
+    if isinstance(data, pd.DataFrame):
+        return pa.Table.from_pandas(data, preserve_index=False)
+    x = np.asarray(data, dtype=np.float32)
+    if x.ndim != 2 or y is None or len(y) != len(x):
+        raise ValueError("screen(X, y): X must be a 2-D embedding matrix and y one label per row")
+    row_ids = np.arange(len(x)) if ids is None else np.asarray(ids)
+    return pa.table({cols.id: pa.array(row_ids), cols.label: pa.array(np.asarray(y)),
+                     cols.embedding: pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])})
+
+
+def _class_table(fit: dict):
+    import pandas as pd
+
+    rows = [{"detector": name, "class": label, **decision}
+            for name, report in fit.items() for label, decision in report["classes"].items()]
+    return pd.DataFrame(rows)

@@ -1,0 +1,79 @@
+"""Where a block's embeddings come from: a column, the user's model, or a proxy trained here.
+
+``resolve_embedding`` runs once on the driver (trains the proxy, checks the model, fixes the
+dimension); ``make_embedder`` builds the per-worker callable (its model loads lazily, once).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+
+import numpy as np
+
+from poisonguard.config import Config
+from poisonguard.errors import InputError, one_line
+from poisonguard.io import InputPlan, sha256_file
+from poisonguard.names import PROXY_MODEL
+
+log = logging.getLogger("poisonguard")
+
+
+def resolve_embedding(plan: InputPlan, config: Config, work_dir: str) -> tuple[InputPlan, dict]:
+    """Train the proxy or check the user's model; fix the embedding dimension from a dry run."""
+    emb = config.embedding
+    if emb.source == "column":
+        return plan, {"source": "column", "column": config.columns.embedding, "dim": plan.dim}
+    info: dict = {"source": emb.source, "features": emb.features, "features_shape": emb.features_shape}
+    if emb.source == "proxy":
+        from poisonguard.proxy import train_proxy
+
+        os.makedirs(work_dir, exist_ok=True)
+        path = os.path.join(work_dir, PROXY_MODEL)
+        log.info("proxy: training on up to %d rows for %d epochs", emb.proxy_max_rows, emb.proxy_epochs)
+        info.update(train_proxy(plan, config, path))
+        log.info("proxy: training accuracy %.4f", info["train_accuracy"])
+    else:
+        path = os.path.abspath(emb.model)
+        if not os.path.isfile(path):
+            raise InputError("model file not found", path=emb.model)
+    info["model_file_sha256"] = sha256_file(path)
+    dim = _probe_dim(path, plan, config)
+    if emb.dim is not None and dim != emb.dim:
+        raise InputError(f"model output dimension {dim} disagrees with embedding.dim={emb.dim}",
+                         path=emb.model or path)
+    info["dim"] = dim
+    return replace(plan, dim=dim, model_path=path), info
+
+
+def _probe_dim(path: str, plan: InputPlan, config: Config) -> int:
+    import torch
+
+    from poisonguard.embed import embedding_fn, load_model
+
+    emb = config.embedding
+    model = load_model(path, architecture=emb.architecture, hidden=emb.hidden, in_features=plan.n_features,
+                       n_classes=None)
+    shape = tuple(emb.features_shape or (plan.n_features,))
+    if int(np.prod(shape)) != plan.n_features:
+        raise InputError(f"embedding.features_shape {list(shape)} does not hold {plan.n_features} values",
+                         column=emb.features)
+    try:
+        with torch.inference_mode():
+            out = embedding_fn(model, emb.layer)(torch.zeros((2, *shape)))
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model can fail in many ways on the wrong input
+        raise InputError(f"model cannot embed features of shape {list(shape)}: {one_line(exc)[:200]}",
+                         path=emb.model or path) from None
+    return int(out.reshape(2, -1).shape[1])
+
+
+def make_embedder(plan: InputPlan, config: Config):
+    """None for an embedding column; else an Embedder (its model loads lazily, once per worker)."""
+    if config.embedding.source == "column":
+        return None
+    from poisonguard.embed import Embedder
+
+    return Embedder(plan.model_path, config.embedding, plan.n_features, config.embedding.device)

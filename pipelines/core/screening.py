@@ -1,0 +1,250 @@
+"""The screening core: one block of rows in, clean and quarantined rows and block statistics out.
+
+Beam-free and engine-agnostic.  Both engines (``poisonguard.engines.memory`` and
+``poisonguard.engines.beam``) only move Arrow tables to a ``Screener`` and its results back:
+
+* pass 1, per block: built-in checks and embedding (``make_block``), then the mergeable per-class
+  state and the id hashes (``fit_part``), merged with ``merge_class_states`` and fitted by
+  ``fit_detectors``;
+* pass 2, per block: built-in checks, the suite and review decisions (``validate``), every
+  detector's scores and flags (``score``), the split into output tables and statistics (``split``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from poisonguard.config import Config
+from poisonguard.core.block import RowBlock, builtin_block
+from poisonguard.detectors import ClassState, PoisonDetector, make_detector
+from poisonguard.detectors.base import rows_by_label
+from poisonguard.io import InputPlan
+from poisonguard.names import ID_DUPLICATE, ID_MISSING, LABEL_MISSING, QUARANTINE_REASONS, REVIEW_CONFIRMED, \
+    RUN_ID, detector_reason, reason_rank, score_column
+
+
+@dataclass
+class FitPart:
+    """What pass 1 takes from one block: per-class states and the hashes of its non-null ids."""
+
+    states: list[tuple[object, ClassState]]
+    id_hashes: np.ndarray
+
+
+@dataclass
+class Fitted:
+    """Pass 1's result, the side input of pass 2: fitted detectors and duplicated id hashes."""
+
+    detectors: dict[str, PoisonDetector]
+    duplicate_ids: np.ndarray
+
+
+class Screener:
+    """The per-block screening steps, set up once per worker (the model and GX load lazily)."""
+
+    def __init__(self, config: Config, plan: InputPlan, suite: dict | None = None, decisions: dict | None = None):
+        self.config, self.plan, self.suite, self.decisions = config, plan, suite, decisions or {}
+        self._embedder = self._runner = None
+        self._ready = False
+
+    def setup(self) -> None:
+        if self._ready:
+            return
+        from poisonguard.core.embedding import make_embedder
+
+        self._embedder = make_embedder(self.plan, self.config)
+        if self.suite:
+            from poisonguard.core.suite import SuiteRunner
+
+            self._runner = SuiteRunner(self.suite, self.config.suite or "suite")
+        self._ready = True
+
+    @property
+    def detector_names(self) -> list[str]:
+        return [d.name for d in self.config.detectors]
+
+    def make_block(self, table: pa.Table, file_index: int, first_row: int) -> RowBlock:
+        """Built-in checks and embeddings of one batch."""
+        self.setup()
+        config, cols = self.config, self.config.columns
+        embeddings, bad = (None, None) if self._embedder is None else \
+            self._embedder(table.column(config.embedding.features))
+        return builtin_block(table, file_index=file_index, first_row=first_row, id_col=cols.id,
+                             label_col=cols.label, emb_col=cols.embedding, dim=self.plan.dim,
+                             max_abs=config.embedding.max_abs_value, seed=config.seed,
+                             embeddings=embeddings, bad_features=bad)
+
+    # ---- pass 1 ------------------------------------------------------------------------------
+    def fit_part(self, block: RowBlock) -> FitPart:
+        return FitPart(class_states(block, self.config.max_fit_rows_per_class),
+                       block.id_hash[~block.mask(ID_MISSING)])
+
+    # ---- pass 2 ------------------------------------------------------------------------------
+    def validate(self, table: pa.Table, block: RowBlock) -> list[str]:
+        """Adds the suite's row-level reasons and reviewers' decisions; returns batch-level warnings."""
+        self.setup()
+        warnings: list[str] = []
+        if self._runner is not None:
+            masks, warnings = self._runner.failures(table)
+            for reason, mask in masks.items():
+                block.add_reason(reason, mask)
+        if self.decisions:
+            from poisonguard.core.decisions import apply_decisions
+
+            apply_decisions(block, table, self.decisions, self.plan.schema.names)
+        return warnings
+
+    def score(self, block: RowBlock, fitted: Fitted) -> dict[str, np.ndarray]:
+        return score_block(block, fitted.detectors, fitted.duplicate_ids)
+
+    def split(self, table: pa.Table, block: RowBlock, scores: dict[str, np.ndarray], run_id: str,
+              warnings: list[str]) -> tuple[pa.Table, pa.Table, dict]:
+        clean, held = split_tables(table, block, scores, self.detector_names, run_id)
+        return clean, held, block_stats(block, warnings)
+
+
+def class_states(block: RowBlock, capacity: int) -> list[tuple[object, ClassState]]:
+    """Per-class mergeable state of one batch's scorable rows."""
+    ok = np.flatnonzero(block.scorable)
+    labels = block.labels[ok]
+    return [
+        (label, ClassState.from_block(block.x[ok[rows]], block.sample_keys[ok[rows]], capacity))
+        for label, rows in rows_by_label(labels)
+    ]
+
+
+def merge_class_states(into: dict[object, ClassState], states) -> dict[object, ClassState]:
+    """Merge (label, state) pairs into ``into`` (the order of merging does not change the result)."""
+    for label, state in states:
+        into[label] = state if label not in into else into[label].merge(state)
+    return into
+
+
+def fit_detectors(states: dict[object, ClassState], config: Config) -> dict[str, PoisonDetector]:
+    ordered = dict(sorted(states.items(), key=lambda kv: (str(type(kv[0])), kv[0])))
+    return {
+        det.name: make_detector(det.name, **config.detector_params(det)).fit_states(ordered)
+        for det in config.detectors
+    }
+
+
+def duplicate_hashes(hashes: np.ndarray) -> np.ndarray:
+    values, counts = np.unique(hashes, return_counts=True)
+    return values[counts > 1]
+
+
+def score_block(block: RowBlock, fitted: dict[str, PoisonDetector], dup_hashes: np.ndarray) -> dict[str, np.ndarray]:
+    """Score every scorable row with each detector; add duplicate-id and detector reasons."""
+    scores: dict[str, np.ndarray] = {}
+    ok = np.flatnonzero(block.scorable)
+    if len(dup_hashes):
+        block.add_reason(ID_DUPLICATE, np.isin(block.id_hash, dup_hashes) & ~block.mask(ID_MISSING))
+    x, y, keys = block.x[ok], block.labels[ok], block.sample_keys[ok]
+    for name, detector in fitted.items():
+        column = np.full(len(block), np.nan)
+        flags = np.zeros(len(block), dtype=bool)
+        if len(ok):
+            column[ok] = detector.score_samples(x, y, keys)
+            flags[ok] = detector.flag(x, y, keys, scores=column[ok])
+        scores[name] = column
+        if block.released is not None:
+            flags &= ~block.released
+        block.add_reason(detector_reason(name), flags)
+    return scores
+
+
+def row_reasons(block: RowBlock, rows: np.ndarray) -> list[list[str]]:
+    """The ordered reason list of each selected row (a boolean mask over the block)."""
+    names = sorted(block.reasons, key=reason_rank)
+    if not names:
+        return [[] for _ in range(int(rows.sum()))]
+    matrix = np.column_stack([block.reasons[r] for r in names])[rows]
+    return [[names[j] for j in np.flatnonzero(row)] for row in matrix]
+
+
+def split_tables(table: pa.Table, block: RowBlock, scores: dict[str, np.ndarray], detector_names: list[str],
+                 run_id: str) -> tuple[pa.Table, pa.Table]:
+    """Every input column unchanged, plus score_<detector>; quarantine adds reasons and run_id."""
+    for name in detector_names:
+        table = table.append_column(pa.field(score_column(name), pa.float64()), pa.array(scores[name], pa.float64()))
+    quarantined = block.quarantined
+    clean = table.filter(pa.array(~quarantined))
+    held = table.filter(pa.array(quarantined))
+    reasons = row_reasons(block, quarantined)
+    held = held.append_column(pa.field(QUARANTINE_REASONS, pa.list_(pa.string())),
+                              pa.array(reasons, pa.list_(pa.string())))
+    held = held.append_column(pa.field(RUN_ID, pa.string()), pa.array([run_id] * held.num_rows, pa.string()))
+    return clean, held
+
+
+def output_schemas(schema: pa.Schema, detector_names: list[str]) -> tuple[pa.Schema, pa.Schema]:
+    clean = schema
+    for name in detector_names:
+        clean = clean.append(pa.field(score_column(name), pa.float64()))
+    held = clean.append(pa.field(QUARANTINE_REASONS, pa.list_(pa.string()))).append(pa.field(RUN_ID, pa.string()))
+    return clean, held
+
+
+def block_stats(block: RowBlock, warnings: list[str] | None = None) -> dict:
+    quarantined = block.quarantined
+    labels = np.where(block.mask(LABEL_MISSING), "<null>", block.labels.astype(str))
+    classes: dict[str, dict[str, int]] = {}
+    for label, n_in, n_q in _count_by(labels, quarantined):
+        classes[label] = {"rows": n_in, "clean": n_in - n_q, "quarantined": n_q}
+    return {
+        "rows": len(block),
+        "clean": int((~quarantined).sum()),
+        "quarantined": int(quarantined.sum()),
+        "reasons": {reason: int(mask.sum()) for reason, mask in block.reasons.items() if mask.any()},
+        "classes": classes,
+        "batch_warnings": dict(Counter(warnings or [])),
+        "review": {
+            "released": int(0 if block.released is None else (block.released & ~quarantined).sum()),
+            "confirmed": int(block.mask(REVIEW_CONFIRMED).sum()),
+        },
+    }
+
+
+def _count_by(labels: np.ndarray, quarantined: np.ndarray):
+    uniques, inverse = np.unique(labels, return_inverse=True)
+    rows = np.bincount(inverse, minlength=len(uniques))
+    held = np.bincount(inverse, weights=quarantined, minlength=len(uniques)).astype(int)
+    for label, n_in, n_q in zip(uniques.tolist(), rows.tolist(), held.tolist()):
+        yield label, n_in, n_q
+
+
+def merge_stats(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict):
+            out[key] = merge_stats(out.get(key, {}), value)
+        else:
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+def fit_report(fitted: dict[str, PoisonDetector]) -> dict:
+    """Per detector: parameters and, per class, the statistic, decision, threshold and extras."""
+    report = {}
+    for name, detector in fitted.items():
+        classes = detector.class_report()
+        for label, model in getattr(detector, "class_models_", {}).items():
+            if isinstance(model, dict):
+                extras = {k: float(v) for k, v in model.items() if np.isscalar(v) and not isinstance(v, str)}
+                classes[str(label)].update(extras)
+        report[name] = {"params": _jsonable(detector.get_params()), "classes": classes}
+    return report
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

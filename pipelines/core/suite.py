@@ -1,0 +1,136 @@
+"""The user's Great Expectations 1.x suite: loaded and checked on the driver, run per batch.
+
+GX is imported lazily (only when a suite is configured), with analytics off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from poisonguard.errors import ConfigError, InputError, one_line
+from poisonguard.names import suite_reason
+
+
+def load_suite_json(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read expectation suite: {exc.strerror}", path=path) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"expectation suite is not valid JSON: {exc.msg} at line {exc.lineno}", path=path) from None
+    if not isinstance(data, dict) or not isinstance(data.get("expectations"), list):
+        raise ConfigError("expectation suite must be a JSON object with an 'expectations' list", path=path)
+    return data
+
+
+def suite_columns(suite: dict) -> list[str]:
+    cols: list[str] = []
+    for exp in suite["expectations"]:
+        kwargs = exp.get("kwargs", {}) if isinstance(exp, dict) else {}
+        for key in ("column", "column_A", "column_B"):
+            if isinstance(kwargs.get(key), str):
+                cols.append(kwargs[key])
+        if isinstance(kwargs.get("column_list"), list):
+            cols.extend(c for c in kwargs["column_list"] if isinstance(c, str))
+    return list(dict.fromkeys(cols))
+
+
+def load_suite(config, schema: pa.Schema) -> dict | None:
+    """The configured suite, checked against the data's schema (None when none is configured)."""
+    return check_suite(config.suite, schema) if config.suite else None
+
+
+def check_suite(path: str, schema: pa.Schema) -> dict:
+    """Load and check a suite on the driver: JSON, known expectation types, columns that exist."""
+    suite = load_suite_json(path)
+    for col in suite_columns(suite):
+        if col not in schema.names:
+            raise InputError(f"expectation suite {path} names a column the data lacks", column=col)
+    build_gx_suite(suite, path)
+    return suite
+
+
+def build_gx_suite(suite: dict, path: str = "suite"):
+    quiet_gx()
+    import great_expectations as gx
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    # GX logs and drops an expectation it cannot build; a screening tool must refuse instead.
+    for number, exp in enumerate(suite["expectations"], start=1):
+        try:
+            if not isinstance(exp, dict) or not isinstance(exp.get("type"), str):
+                raise ValueError("each expectation needs a 'type'")
+            ExpectationConfiguration(type=exp["type"], kwargs=exp.get("kwargs", {})).to_domain_obj()
+        except Exception as exc:  # noqa: BLE001 - GX raises many types for a bad expectation
+            name = exp.get("type") if isinstance(exp, dict) else exp
+            raise ConfigError(f"invalid expectation suite: expectation {number} ({name}): {one_line(exc)}",
+                              path=path) from None
+    try:
+        return gx.ExpectationSuite(**suite)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"invalid expectation suite: {one_line(exc)}", path=path) from None
+
+
+def quiet_gx() -> None:
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ["GX_ANALYTICS_ENABLED"] = "false"
+    import logging
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+
+
+class SuiteRunner:
+    """Runs a GX suite on pandas batches; built once per worker (DoFn.setup), GX imported lazily."""
+
+    def __init__(self, suite: dict, path: str = "suite"):
+        self.suite_dict = suite
+        self.path = path
+        self.columns = suite_columns(suite)
+        self._batch_definition = None
+        self._suite = None
+
+    def _setup(self):
+        quiet_gx()
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+        asset = context.data_sources.add_pandas("poisonguard").add_dataframe_asset("batch")
+        self._batch_definition = asset.add_batch_definition_whole_dataframe("whole")
+        self._suite = build_gx_suite(self.suite_dict, self.path)
+
+    def failures(self, table: pa.Table) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Per row-level expectation a mask of failing rows; batch-level failures as messages."""
+        if not self.suite_dict["expectations"]:
+            return {}, []
+        if self._batch_definition is None:
+            self._setup()
+        frame = table.select(self.columns).to_pandas() if self.columns else table.slice(0, 0).to_pandas()
+        frame.index = np.arange(len(frame))
+        batch = self._batch_definition.get_batch(batch_parameters={"dataframe": frame})
+        result = batch.validate(self._suite, result_format={"result_format": "COMPLETE"})
+        masks: dict[str, np.ndarray] = {}
+        messages: list[str] = []
+        for res in result.results:
+            conf = res.expectation_config
+            column = conf.kwargs.get("column") or "table"
+            if res.exception_info and res.exception_info.get("raised_exception"):
+                raise InputError(f"expectation {conf.type} failed to run: "
+                                 f"{one_line(res.exception_info.get('exception_message'))}", column=column)
+            if res.success:
+                continue
+            index = res.result.get("unexpected_index_list")
+            if index is None:
+                messages.append(f"{conf.type}:{column}")
+                continue
+            mask = np.zeros(len(frame), dtype=bool)
+            mask[np.asarray(index, dtype=np.int64)] = True
+            reason = suite_reason(conf.type, column)
+            masks[reason] = masks.get(reason, np.zeros(len(frame), bool)) | mask
+        return masks, messages

@@ -1,0 +1,277 @@
+"""The Beam engine: the screening core inside a two-pass Beam graph, joined by small side inputs.
+
+Pass 1 reads only id, label and embedding; it builds mergeable per-class state (moments and a
+bounded sample) and finds duplicate ids by hash bucket.  Pass 2 streams every column again,
+validates, scores against the fitted detectors and writes each batch's clean and quarantined rows.
+Only ParDo, CombinePerKey, GroupByKey and side inputs are used, so any runner can run it.  Every
+DoFn only moves Arrow tables to a ``poisonguard.core.screening.Screener`` and its results on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.pvalue import AsSingleton
+
+from poisonguard import io as pio
+from poisonguard.core.screening import Fitted, Screener, duplicate_hashes, fit_detectors, fit_report, \
+    merge_class_states, merge_stats
+from poisonguard.detectors import merge_states
+from poisonguard.engines.outputs import load_error, reporting_errors, save_result, write_block
+from poisonguard.engines.progress import Progress
+from poisonguard.io import WorkItem
+from poisonguard.state import class_moments
+
+HASH_BUCKETS = 16
+log = logging.getLogger("poisonguard")
+
+
+def use_system_allocator() -> None:
+    """Arrow's default jemalloc pool keeps freed batches; the system allocator plus malloc_trim
+    returns them, which keeps a 1M x 128 scan under 1 GB (measured: 1013 MiB -> 957 MiB)."""
+    try:
+        pa.set_memory_pool(pa.system_memory_pool())
+    except (pa.ArrowException, AttributeError):
+        pass
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them per arena otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class ReadDataset(beam.PTransform):
+    """Work items (runs of row groups) -> (item, first_row, Arrow table) batches."""
+
+    def __init__(self, items: list[WorkItem], columns: list[str] | None, batch_size: int, staging: str):
+        super().__init__()
+        self.items, self.columns, self.batch_size, self.staging = items, columns, batch_size, staging
+
+    def expand(self, pbegin):
+        columns, batch_size, staging = self.columns, self.batch_size, self.staging
+
+        def read(item: WorkItem):
+            with reporting_errors(staging):
+                for first_row, table in pio.read_batches(item, columns, batch_size):
+                    yield item, first_row, table
+
+        return pbegin | "Items" >> beam.Create(self.items) | "Spread" >> beam.Reshuffle() | "Read" >> beam.FlatMap(read)
+
+
+class _FitPass(beam.DoFn):
+    """Per-class states and id hashes, merged across the bundle and emitted once per class and bucket.
+
+    Emitting one state per batch would let the runner materialise every batch's sample (a copy of
+    the embeddings) before the combine; merging in the bundle bounds what leaves a worker by
+    classes x max_fit_rows_per_class, whatever the dataset size.
+    """
+
+    def __init__(self, screener: Screener, staging: str):
+        self.screener, self.staging = screener, staging
+
+    def setup(self):
+        use_system_allocator()
+        self.progress = Progress("fit pass", self.screener.plan.total_rows)
+
+    def start_bundle(self):
+        self.states: dict = {}
+        self.ids: dict[int, list[np.ndarray]] = {}
+
+    def process(self, element):
+        item, first_row, table = element
+        with reporting_errors(self.staging):
+            part = self.screener.fit_part(self.screener.make_block(table, item.file_index, first_row))
+        self.progress.add(table.num_rows)
+        merge_class_states(self.states, part.states)
+        buckets = part.id_hashes % HASH_BUCKETS
+        for bucket in np.unique(buckets):
+            self.ids.setdefault(int(bucket), []).append(part.id_hashes[buckets == bucket])
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindows
+
+        for label, state in self.states.items():
+            yield beam.pvalue.TaggedOutput("states", GlobalWindows.windowed_value((label, state)))
+        for bucket, parts in self.ids.items():
+            yield beam.pvalue.TaggedOutput("ids", GlobalWindows.windowed_value((bucket, np.concatenate(parts))))
+        self.states, self.ids = {}, {}
+
+
+class _MergeStates(beam.CombineFn):
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, state):
+        return state if acc is None else acc.merge(state)
+
+    def merge_accumulators(self, accumulators):
+        return merge_states(a for a in accumulators if a is not None)
+
+    def extract_output(self, acc):
+        return acc
+
+
+class FitDetectors(beam.PTransform):
+    """Batches -> (Fitted: detectors and duplicated id hashes, per-class moments), one element each."""
+
+    def __init__(self, screener: Screener, staging: str):
+        super().__init__()
+        self.screener, self.staging = screener, staging
+
+    def expand(self, batches):
+        config = self.screener.config
+        out = batches | "Moments" >> beam.ParDo(_FitPass(self.screener, self.staging)).with_outputs("states", "ids")
+        states = (
+            out.states
+            | "MergePerClass" >> beam.CombinePerKey(_MergeStates())
+            | "AllClasses" >> beam.combiners.ToList()
+        )
+        detectors = states | "Fit" >> beam.Map(lambda pairs: fit_detectors(dict(pairs), config))
+        moments = states | "ClassMoments" >> beam.Map(lambda pairs: class_moments(dict(pairs)))
+        dups = (
+            out.ids
+            | "ByBucket" >> beam.GroupByKey()
+            | "DupsInBucket" >> beam.Map(lambda kv: duplicate_hashes(np.concatenate(list(kv[1]))))
+            | "AllDups" >> beam.combiners.ToList()
+            | "Concat" >> beam.Map(lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.uint64))
+        )
+        fitted = detectors | "WithDups" >> beam.Map(lambda d, dups: Fitted(d, dups), AsSingleton(dups))
+        return fitted, moments
+
+
+class _Validate(beam.DoFn):
+    def __init__(self, screener: Screener, staging: str):
+        self.screener, self.staging = screener, staging
+
+    def process(self, element):
+        item, first_row, table = element
+        with reporting_errors(self.staging):
+            block = self.screener.make_block(table, item.file_index, first_row)
+            warnings = self.screener.validate(table, block)
+        yield item, table, block, warnings
+
+
+class ValidateRows(beam.PTransform):
+    """Batches -> (item, table, RowBlock with built-in, suite and review reasons, batch warnings).
+
+    The Embed step (column, user model or proxy model) runs inside it, on the same batch.
+    """
+
+    def __init__(self, screener: Screener, staging: str):
+        super().__init__()
+        self.screener, self.staging = screener, staging
+
+    def expand(self, batches):
+        return batches | "Validate" >> beam.ParDo(_Validate(self.screener, self.staging))
+
+
+class ScoreRows(beam.PTransform):
+    """Adds every detector's scores and flags (and duplicate-id reasons) to each validated batch."""
+
+    def __init__(self, screener: Screener, fitted):
+        super().__init__()
+        self.screener, self.fitted = screener, fitted
+
+    def expand(self, validated):
+        screener = self.screener
+
+        def score(element, fitted):
+            item, table, block, warnings = element
+            return item, table, block, warnings, screener.score(block, fitted)
+
+        return validated | "Score" >> beam.Map(score, AsSingleton(self.fitted))
+
+
+class _WriteParts(beam.DoFn):
+    def __init__(self, screener: Screener, staging: str, run_id: str):
+        self.screener, self.staging, self.run_id = screener, staging, run_id
+
+    def setup(self):
+        use_system_allocator()
+        self.progress = Progress("score pass", self.screener.plan.total_rows)
+
+    def process(self, element):
+        item, table, block, warnings, scores = element
+        with reporting_errors(self.staging):
+            clean, held, stats = self.screener.split(table, block, scores, self.run_id, warnings)
+            write_block(self.staging, item.file_index, block.first_row, clean, held)
+        self.progress.add(len(block))
+        _release_freed_memory()
+        yield stats
+
+
+class _MergeStats(beam.CombineFn):
+    def create_accumulator(self):
+        return {}
+
+    def add_input(self, acc, stats):
+        return merge_stats(acc, stats)
+
+    def merge_accumulators(self, accumulators):
+        out: dict = {}
+        for acc in accumulators:
+            out = merge_stats(out, acc)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+class WriteOutputs(beam.PTransform):
+    """Writes clean/ and quarantine/ part files into the staging folder; returns merged counts."""
+
+    def __init__(self, screener: Screener, staging: str, run_id: str):
+        super().__init__()
+        self.screener, self.staging, self.run_id = screener, staging, run_id
+
+    def expand(self, scored):
+        return (
+            scored
+            | "WriteParts" >> beam.ParDo(_WriteParts(self.screener, self.staging, self.run_id))
+            | "Counts" >> beam.CombineGlobally(_MergeStats())
+        )
+
+
+def build_scan(pipeline: beam.Pipeline, screener: Screener, staging: str, run_id: str, rows_per_item: int) -> None:
+    """ReadDataset -> ValidateRows (Embed inside) -> FitDetectors -> ScoreRows -> WriteOutputs."""
+    config, cols = screener.config, screener.config.columns
+    items = pio.work_items(screener.plan, rows_per_item)
+
+    fit_columns = [cols.id, cols.label, config.vector_column]
+    fit_input = pipeline | "ReadForFit" >> ReadDataset(items, fit_columns, config.batch_size, staging)
+    fitted, moments = fit_input | "FitDetectors" >> FitDetectors(screener, staging)
+    counts = (
+        pipeline
+        | "ReadDataset" >> ReadDataset(items, None, config.batch_size, staging)
+        | "ValidateRows" >> ValidateRows(screener, staging)
+        | "ScoreRows" >> ScoreRows(screener, fitted)
+        | "WriteOutputs" >> WriteOutputs(screener, staging, run_id)
+    )
+    counts | "SaveCounts" >> beam.Map(lambda c: save_result(staging, "counts", c))
+    fitted | "SaveFit" >> beam.Map(lambda f: save_result(staging, "fit", fit_report(f.detectors)))
+    moments | "SaveMoments" >> beam.Map(lambda m: save_result(staging, "moments", m))
+
+
+def run(screener: Screener, staging: str, run_id: str, beam_args: list[str], rows_per_item: int) -> None:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    use_system_allocator()
+    options = PipelineOptions(beam_args)
+    log.info("pipeline: runner %s, detectors %s", options.get_all_options().get("runner") or "DirectRunner",
+             ", ".join(screener.detector_names))
+    try:
+        with beam.Pipeline(options=options) as pipeline:
+            build_scan(pipeline, screener, staging, run_id, rows_per_item)
+    except Exception:
+        error = load_error(staging)
+        if error is None:
+            raise
+        raise error from None

@@ -1,0 +1,90 @@
+"""Every name that crosses a module or process boundary: output columns, reasons, run-folder files.
+
+Writers and readers (engines, report, review, CLI, tests) import these; no other module spells them.
+"""
+
+from __future__ import annotations
+
+import re
+
+# ---- output columns ----------------------------------------------------------------------
+SCORE_PREFIX = "score_"
+QUARANTINE_REASONS = "quarantine_reasons"
+RUN_ID = "run_id"
+ADDED_COLUMNS = (QUARANTINE_REASONS, RUN_ID)
+RESERVED_PREFIXES = (SCORE_PREFIX,)
+
+
+def score_column(detector: str) -> str:
+    return SCORE_PREFIX + detector
+
+
+def is_added_column(name: str) -> bool:
+    """True for a column poisonguard adds to the input's (scores, reasons, run id)."""
+    return name in ADDED_COLUMNS or name.startswith(RESERVED_PREFIXES)
+
+
+# ---- reasons -----------------------------------------------------------------------------
+VALIDATION = "validation:"
+BUILTIN = VALIDATION + "builtin:"
+DETECTOR = "detector:"
+REVIEW_CONFIRMED = "review:confirmed"
+
+ID_MISSING = BUILTIN + "id_missing"
+ID_DUPLICATE = BUILTIN + "id_duplicate"
+LABEL_MISSING = BUILTIN + "label_missing"
+ROW_LOCAL_CHECKS = ("id_missing", "label_missing", "features_invalid", "embedding_missing", "embedding_dim",
+                    "embedding_finite", "embedding_magnitude")
+
+
+def builtin_reason(check: str) -> str:
+    return BUILTIN + check
+
+
+def suite_reason(expectation: str, column: str) -> str:
+    return f"{VALIDATION}{expectation}:{column}"
+
+
+def detector_reason(detector: str) -> str:
+    return DETECTOR + detector
+
+
+def reason_rank(reason: str) -> tuple[int, str]:
+    """Order in which a row's reasons are listed: built-in checks, suite, detectors, review."""
+    if reason.startswith(BUILTIN):
+        return (0, reason)
+    if reason.startswith(VALIDATION):
+        return (1, reason)
+    if reason.startswith(DETECTOR):
+        return (2, reason)
+    return (3, reason)
+
+
+# ---- run folder --------------------------------------------------------------------------
+CLEAN = "clean"
+QUARANTINE = "quarantine"
+OUTPUT_FOLDERS = (CLEAN, QUARANTINE)
+SUMMARY = "summary.json"
+REPORT = "report.html"
+REVIEW_CSV = "review.csv"
+RUN_PROVENANCE = "provenance.jsonl"
+PROXY_MODEL = "proxy_model.pt"
+SUCCESS = "_SUCCESS"
+WORK = "_work"
+DEFAULT_LOG = "poisonguard-provenance.jsonl"
+
+_PART = re.compile(r"part-(\d+)-(\d+)\.parquet$")
+
+
+def part_name(file_index: int, first_row: int) -> str:
+    """The part file holding the rows of input file ``file_index`` from row ``first_row`` on."""
+    return f"part-{file_index:05d}-{first_row:012d}.parquet"
+
+
+EMPTY_PART = "part-empty.parquet"
+
+
+def part_source(name: str) -> int | None:
+    """The input file index a part file's rows came from (None for the empty placeholder)."""
+    match = _PART.search(name)
+    return int(match.group(1)) if match else None

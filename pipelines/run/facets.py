@@ -1,0 +1,86 @@
+"""What the provenance events say about a run: code, versions, config, suite, detectors, findings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from poisonguard import __version__
+from poisonguard.config import Config
+from poisonguard.io import sha256_file
+
+DEPENDENCIES = ("apache-beam", "pyarrow", "numpy", "pandas", "scikit-learn", "scipy", "great-expectations", "torch")
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0], "poisonguard": __version__}
+    for dist in DEPENDENCIES:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def code_commit() -> str | None:
+    """poisonguard's own commit, only when it runs from a checkout of poisonguard itself.
+
+    An installed copy (site-packages) has no commit; an editable install inside a checkout
+    records the checkout's HEAD only if that checkout's top level holds poisonguard's pyproject.
+    """
+    package = Path(__file__).resolve().parents[1]
+    top = package.parent
+    pyproject = top / "pyproject.toml"
+    if not (top / ".git").exists() or not pyproject.is_file() or 'name = "poisonguard"' not in pyproject.read_text():
+        return None
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=top, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_facets(config: Config, suite: dict | None) -> dict:
+    facets = {
+        "poisonguard_code": {"version": __version__, "git_commit": code_commit()},
+        "poisonguard_versions": versions(),
+        "poisonguard_config": json.loads(config.model_dump_json()),
+        "poisonguard_detectors": {d.name: config.detector_params(d) for d in config.detectors},
+    }
+    if config.suite:
+        facets["poisonguard_suite"] = {"path": config.suite, "sha256": sha256_file(config.suite),
+                                       "name": (suite or {}).get("name"),
+                                       "expectations": len((suite or {}).get("expectations", []))}
+    return facets
+
+
+def findings(summary: dict) -> dict:
+    return {
+        "counts": summary["counts"],
+        "per_reason": summary["per_reason"],
+        "detectors": {name: rep["classes"] for name, rep in summary["detectors"].items()},
+        "drift": summary.get("drift"),
+        "review": summary.get("review"),
+    }
+
+
+def input_datasets(files) -> list[dict]:
+    return [{"namespace": "file", "name": f.path,
+             "facets": {"poisonguard_content": {"sha256": f.sha256, "rows": f.rows}}} for f in files]
+
+
+def events_of_run(log_path: str, run_id: str) -> list[dict]:
+    with open(log_path, encoding="utf-8") as handle:
+        return [e for e in map(json.loads, handle) if e.get("run", {}).get("runId") == run_id]
+
+
+def write_events(path: str, events: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for event in events:
+            handle.write(json.dumps(event, sort_keys=True) + "\n")
+
+

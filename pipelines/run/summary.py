@@ -1,0 +1,133 @@
+"""What a scan reports: summary.json, the console summary, and review.csv."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+
+import pyarrow.parquet as pq
+
+from poisonguard.config import Config
+from poisonguard.core.screening import output_schemas
+from poisonguard.engines.outputs import EngineResult
+from poisonguard.errors import IntegrityError
+from poisonguard.io import InputPlan, sha256_file
+from poisonguard.names import CLEAN, EMPTY_PART, OUTPUT_FOLDERS, QUARANTINE, QUARANTINE_REASONS, REVIEW_CSV, \
+    part_source, score_column
+from poisonguard.run.facets import versions
+
+# OWASP CSV injection: a cell a spreadsheet would read as a formula gets a leading quote.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_cell(value) -> str:
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def csv_value(cell: str) -> str:
+    """The value ``csv_cell`` wrote."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
+def check_outputs(staging: str, plan: InputPlan, config: Config, result: EngineResult) -> tuple[dict, list[dict]]:
+    """Rows in = clean + quarantined, by the engine's counts and by the Parquet footers; schemas as promised."""
+    names = [d.name for d in config.detectors]
+    schemas = dict(zip(OUTPUT_FOLDERS, output_schemas(plan.schema, names)))
+    outputs, written = [], {}
+    for folder in OUTPUT_FOLDERS:
+        for leftover in glob.glob(os.path.join(staging, folder, "*.tmp-*")):
+            os.remove(leftover)
+        parts = sorted(glob.glob(os.path.join(staging, folder, "*.parquet")))
+        if not parts:
+            empty = os.path.join(staging, folder, EMPTY_PART)
+            pq.write_table(schemas[folder].empty_table(), empty)
+            parts = [empty]
+        rows = 0
+        for part in parts:
+            meta = pq.read_metadata(part)
+            if not meta.schema.to_arrow_schema().equals(schemas[folder]):
+                raise IntegrityError(f"{folder}/{os.path.basename(part)} does not have the output schema")
+            rows += meta.num_rows
+            outputs.append({"namespace": "file", "name": f"{folder}/{os.path.basename(part)}",
+                            "facets": {"poisonguard_content": {"sha256": sha256_file(part), "rows": meta.num_rows}}})
+        written[folder] = rows
+    counts, total = result.counts, plan.total_rows
+    n_clean, n_held = written[CLEAN], written[QUARANTINE]
+    if not (counts.get("rows") == total == n_clean + n_held
+            and counts.get("clean") == n_clean and counts.get("quarantined") == n_held):
+        raise IntegrityError(f"row count mismatch: {total} rows in, pipeline counted {counts.get('rows')}, "
+                             f"wrote {n_clean} clean + {n_held} quarantined; nothing published")
+    return written, outputs
+
+
+def build_summary(run_id: str, plan: InputPlan, config: Config, result: EngineResult, written: dict,
+                  timings: dict) -> dict:
+    counts, total = result.counts, plan.total_rows
+    share = written[QUARANTINE] / total
+    over = share > config.fail_on
+    return {
+        "run_id": run_id,
+        "verdict": "over_fail_on" if over else "within_policy",
+        "exit_code": 1 if over else 0,
+        "counts": {"in": total, "clean": written[CLEAN], "quarantined": written[QUARANTINE],
+                   "quarantined_share": share},
+        "per_reason": dict(sorted(counts.get("reasons", {}).items())),
+        "per_class": dict(sorted(counts.get("classes", {}).items())),
+        "batch_warnings": counts.get("batch_warnings", {}),
+        "review": counts.get("review", {"released": 0, "confirmed": 0}),
+        "detectors": result.fit,
+        "inputs": [{"path": f.path, "sha256": f.sha256, "rows": f.rows} for f in plan.files],
+        "parameters": json.loads(config.model_dump_json()),
+        "embedding_dim": plan.dim,
+        "timings": timings,
+        "versions": versions(),
+    }
+
+
+def write_json(path: str, value) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2, sort_keys=False, allow_nan=False, default=str)
+        handle.write("\n")
+
+
+def write_review_template(staging: str, plan: InputPlan, config: Config) -> None:
+    """review.csv: each quarantined row with its reasons and scores, and empty decision/note columns."""
+    names = [d.name for d in config.detectors]
+    cols = config.columns
+    scores = [score_column(n) for n in names]
+    with open(os.path.join(staging, REVIEW_CSV), "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "label", "reasons", *scores, "source_file", "decision", "note"])
+        for part in sorted(glob.glob(os.path.join(staging, QUARANTINE, "*.parquet"))):
+            index = part_source(os.path.basename(part))
+            source = plan.files[index].path if index is not None else ""
+            table = pq.read_table(part, columns=[cols.id, cols.label, QUARANTINE_REASONS, *scores])
+            for row in table.to_pylist():
+                writer.writerow([csv_cell(row[cols.id]), csv_cell(row[cols.label]),
+                                 csv_cell(";".join(row[QUARANTINE_REASONS])),
+                                 *(row[s] for s in scores), csv_cell(source), "", ""])
+
+
+def console_summary(summary: dict, run_dir: str) -> str:
+    counts = summary["counts"]
+    lines = [
+        f"poisonguard scan {summary['run_id']}: "
+        f"{'within policy' if summary['verdict'] == 'within_policy' else 'over fail_on: training should wait'}",
+        f"  rows in {counts['in']}, clean {counts['clean']}, quarantined {counts['quarantined']} "
+        f"({100 * counts['quarantined_share']:.2f}%, fail_on {100 * summary['parameters']['fail_on']:.2f}%)",
+    ]
+    if summary["per_reason"]:
+        lines.append("  quarantined per reason:")
+        lines += [f"    {reason}: {n}" for reason, n in sorted(summary["per_reason"].items(), key=lambda kv: -kv[1])]
+    flagged = {c: v for c, v in summary["per_class"].items() if v["quarantined"]}
+    lines.append("  per class (rows / quarantined):")
+    lines += [f"    {c}: {v['rows']} / {v['quarantined']}" for c, v in sorted(summary["per_class"].items())]
+    if not flagged:
+        lines.append("    (no class has quarantined rows)")
+    for warning in summary.get("batch_warnings", {}):
+        lines.append(f"  dataset-level expectation failed: {warning}")
+    lines.append(f"  outputs: {run_dir}/{{clean,quarantine}}/*.parquet, summary.json, provenance.jsonl")
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""The screening core without Beam: blocks, built-in checks, scoring, decisions, splitting, statistics,
+the in-memory engine, config loading, drift and review.csv cells."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DIGITS_CONFIG, ROOT, embedding_array, gaussian_table, write
+from poisonguard.config import Config, load_config
+from poisonguard.core.block import builtin_block
+from poisonguard.core.decisions import apply_decisions, content_hashes
+from poisonguard.core.screening import Screener, block_stats, merge_stats, output_schemas, score_block, \
+    split_tables
+from poisonguard.engines import memory
+from poisonguard.errors import ConfigError, InputError
+from poisonguard.io import plan_inputs, read_batches, work_items
+from poisonguard.names import QUARANTINE_REASONS, score_column
+from poisonguard.run.summary import csv_cell, csv_value
+from poisonguard.state import drift
+
+
+def _block(table, dim=8):
+    return builtin_block(table, file_index=0, first_row=0, id_col="id", label_col="label", emb_col="embedding",
+                         dim=dim, max_abs=1e6, seed=0)
+
+
+def test_builtin_checks_mark_each_bad_row_with_its_reason():
+    x = np.zeros((6, 2), np.float32)
+    x[3, 0], x[4, 1] = np.nan, 1e9
+    emb = pa.array([list(r) for r in x[:5]] + [[1.0, 2.0, 3.0]], pa.list_(pa.float32()))
+    table = pa.table({"id": pa.array(["a", None, "c", "d", "e", "f"]), "label": pa.array([1, 1, None, 1, 1, 1]),
+                      "embedding": emb})
+    block = _block(table, dim=2)
+    reasons = {r: np.flatnonzero(m).tolist() for r, m in block.reasons.items()}
+    assert reasons == {"validation:builtin:id_missing": [1], "validation:builtin:label_missing": [2],
+                       "validation:builtin:embedding_finite": [3], "validation:builtin:embedding_magnitude": [4],
+                       "validation:builtin:embedding_dim": [5]}
+    assert block.scorable.tolist() == [True, False, False, False, False, False]
+
+
+def _planted_config_and_table(n=400, classes=5, dim=8, share=0.04):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n * classes, dim)).astype(np.float32) + np.repeat(np.arange(classes), n)[:, None] * 8
+    y = np.repeat(np.arange(classes), n)
+    poison = np.zeros(len(y), bool)
+    poison[np.flatnonzero(y == 2)[: int(share * n)]] = True
+    x[poison] += 12 / np.sqrt(dim)
+    table = pa.table({"id": pa.array([f"r{i}" for i in range(len(y))]), "label": pa.array(y),
+                      "embedding": embedding_array(x)})
+    return table, poison
+
+
+def test_memory_engine_quarantines_a_planted_cluster_and_nothing_else(tmp):
+    table, poison = _planted_config_and_table()
+    path = write(table, tmp / "d.parquet")
+    config = Config(detectors=[{"name": "spectral"}, {"name": "spectre"}], batch_size=300)
+    plan = plan_inputs([str(path)], config)
+    held_ids, clean_rows = [], 0
+
+    def sink(file_index, first_row, clean, held):
+        nonlocal clean_rows
+        clean_rows += clean.num_rows
+        held_ids.extend(held.column("id").to_pylist())
+
+    result, fitted = memory.run(Screener(config, plan), "r", sink, 262144)
+    flagged = np.isin([f"r{i}" for i in range(len(poison))], held_ids)
+    assert flagged[poison].mean() >= 0.95 and flagged[~poison].mean() <= 0.002
+    assert result.counts["rows"] == len(poison) == clean_rows + len(held_ids)
+    assert result.fit["spectre"]["classes"]["2"]["suspicious"]
+    assert set(result.moments) == {"0", "1", "2", "3", "4"}
+
+
+def test_score_block_adds_duplicate_and_detector_reasons_and_spares_released_rows(tmp):
+    table, poison = _planted_config_and_table()
+    table = table.set_column(0, "id", pa.array(["dup" if i in (0, 1) else f"r{i}" for i in range(table.num_rows)]))
+    config = Config(detectors=[{"name": "spectral"}])
+    plan = plan_inputs([str(write(table, tmp / "d.parquet"))], config)
+    screener = Screener(config, plan)
+    block = screener.make_block(table, 0, 0)
+    from poisonguard.core.screening import Fitted, duplicate_hashes, fit_detectors
+
+    part = screener.fit_part(block)
+    fitted = Fitted(fit_detectors(dict(part.states), config), duplicate_hashes(part.id_hashes))
+    released = np.zeros(table.num_rows, bool)
+    released[np.flatnonzero(poison)[:3]] = True
+    block.released = released
+    scores = score_block(block, fitted.detectors, fitted.duplicate_ids)
+    assert block.mask("validation:builtin:id_duplicate").tolist()[:3] == [True, True, False]
+    flagged = block.mask("detector:spectral")
+    assert not flagged[released].any() and flagged[poison & ~released].all()
+    clean, held = split_tables(table, block, scores, ["spectral"], "run-1")
+    schemas = output_schemas(table.schema, ["spectral"])
+    assert clean.schema.equals(schemas[0]) and held.schema.equals(schemas[1])
+    assert clean.num_rows + held.num_rows == table.num_rows
+    assert held.column(QUARANTINE_REASONS)[0].as_py() == ["validation:builtin:id_duplicate"]
+    assert np.isfinite(clean.column(score_column("spectral")).to_numpy()).all()
+
+
+def test_review_decisions_match_id_and_content():
+    table = pa.table({"id": ["a", "b", "c"], "label": [0, 0, 0],
+                      "embedding": embedding_array(np.ones((3, 2)))})
+    block = _block(table, dim=2)
+    digests = content_hashes(table, table.column_names)
+    decisions = {"a": {digests[0]: "confirm"}, "b": {digests[1]: "release"}, "c": {"0" * 64: "release"}}
+    apply_decisions(block, table, decisions, table.column_names)
+    assert block.mask("review:confirmed").tolist() == [True, False, False]
+    assert block.released.tolist() == [False, True, False]
+
+
+def test_block_statistics_merge_in_any_order():
+    table, _ = _planted_config_and_table(n=50)
+    stats = [block_stats(_block(table.slice(i, 50))) for i in range(0, table.num_rows, 50)]
+    forward, backward = {}, {}
+    for s in stats:
+        forward = merge_stats(forward, s)
+    for s in reversed(stats):
+        backward = merge_stats(backward, s)
+    assert forward == backward and forward["rows"] == table.num_rows
+
+
+def test_a_file_replaced_between_the_passes_is_refused(tmp):
+    path = write(gaussian_table(50, 2, 4), tmp / "d.parquet")
+    config = Config()
+    plan = plan_inputs([str(path)], config)
+    items = work_items(plan, 1000)
+    assert sum(t.num_rows for _, t in read_batches(items[0], None, 64)) == 100
+    time.sleep(0.01)
+    replacement = write(gaussian_table(50, 2, 4, seed=9), tmp / "other.parquet")
+    os.replace(replacement, path)
+    with pytest.raises(InputError, match="changed after it was hashed"):
+        list(read_batches(items[0], None, 64))
+
+
+def test_config_paths_resolve_against_the_config_file_and_overrides_apply(tmp):
+    config = load_config(str(DIGITS_CONFIG), ["fail_on=0.05", "report.top_suspects=3", "suite=x.json"])
+    assert config.fail_on == 0.05 and config.report.top_suspects == 3 and config.suite == "x.json"
+    assert load_config(str(DIGITS_CONFIG)).suite == str(ROOT / "expectations" / "digits_suite.json")
+    (tmp / "c.yaml").write_text("state: st\nprovenance_log: /abs/log.jsonl\nsuite: s3://b/suite.json\n")
+    config = load_config(str(tmp / "c.yaml"))
+    assert (config.state, config.provenance_log, config.suite) == (str(tmp / "st"), "/abs/log.jsonl",
+                                                                    "s3://b/suite.json")
+    with pytest.raises(ConfigError, match="detectors\\[0\\].params.alpha"):
+        load_config(None, ["detectors=[{name: spectre, params: {alpha: 0}}]"])
+
+
+def test_drift_reports_share_and_mean_shifts():
+    before = {"0": {"n": 100, "share": 0.5, "mean": [0.0, 0.0], "trace": 1.0},
+              "1": {"n": 100, "share": 0.5, "mean": [5.0, 5.0], "trace": 1.0}}
+    after = {"0": {"n": 100, "share": 0.2, "mean": [0.0, 0.0], "trace": 1.0},
+             "1": {"n": 400, "share": 0.8, "mean": [6.0, 5.0], "trace": 1.0}}
+    kinds = {(w["class"], w["kind"]) for w in drift(before, after, max_share_ratio=2.0, max_mean_shift=0.5)}
+    assert kinds == {("0", "share"), ("1", "mean")}
+
+
+@pytest.mark.parametrize("value", ["=HYPERLINK(\"x\")", "+1", "-2", "@SUM(A1)", "\tx", "\rx", "'quoted", "plain", ""])
+def test_csv_cells_are_neutralised_and_read_back_exactly(value):
+    cell = csv_cell(value)
+    assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")) and csv_value(cell) == value
