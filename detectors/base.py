@@ -17,8 +17,8 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from poisonguard.detectors.calibration import NOT_TESTED, ClassDecision, gate_by_other_classes, \
-    separated_minority, top_fraction
+from poisonguard.detectors.calibration import MIN_CLASS_ROWS, NOT_TESTED, ClassDecision, gate_by_other_classes, \
+    separated_minority, too_small, top_fraction
 from poisonguard.detectors.params import validate_params
 from poisonguard.detectors.stats import ClassState, default_keys, states_by_class
 
@@ -63,6 +63,9 @@ class PoisonDetector(BaseEstimator):
         self.class_models_ = {}
         self.decisions_ = {}
         for label, state in states.items():
+            if state.n < MIN_CLASS_ROWS and self.expected_poison_rate is None:
+                self.class_models_[label], self.decisions_[label] = None, too_small(state.n)
+                continue
             model = self._fit_class(state) if state.n > 0 else None
             self.class_models_[label] = model
             self.decisions_[label] = self._decide(model, state)

@@ -62,23 +62,29 @@ class KnnLabel(PoisonDetector):
         if self.k_ > 0:
             self.index_ = NearestNeighbors(n_neighbors=self.k_ + 1, algorithm="brute").fit(self.reference_x_)
         self.class_models_ = {label: self.k_ > 0 for label in states}
-        self.decisions_ = {}
-        for label, state in states.items():
-            if self.k_ == 0 or len(state.sample_x) == 0:
-                self.decisions_[label] = NOT_TESTED
-                continue
-            m = min(len(state.sample_x), self.max_decision_rows)  # the sample is in hash order: uniform
-            scores = self._scores(state.sample_x[:m], np.full(m, label, dtype=object), state.sample_keys[:m])
-            self.decisions_[label] = self._decide_knn(scores)
+        self.decisions_ = {label: NOT_TESTED for label in states}
+        if self.k_ == 0:
+            return self
+        # every class's decision rows (the first of its hash-ordered sample: uniform) scored at once
+        labels = list(states)
+        counts = np.array([min(len(states[c].sample_x), self.max_decision_rows) for c in labels])
+        x = np.concatenate([states[c].sample_x[:m] for c, m in zip(labels, counts)])
+        keys = np.concatenate([states[c].sample_keys[:m] for c, m in zip(labels, counts)])
+        y = np.asarray(labels, dtype=object)[np.repeat(np.arange(len(labels)), counts)]
+        scores = self._scores(x, y, keys)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        threshold = float(np.nextafter(self.min_disagreement, -np.inf))
+        hits = np.add.reduceat(scores > threshold, starts[:-1]) if len(scores) else np.zeros(len(labels), int)
+        for i, label in enumerate(labels):
+            if counts[i]:
+                self.decisions_[label] = self._decide_knn(scores[starts[i]:starts[i + 1]], int(hits[i]), threshold)
         return self
 
-    def _decide_knn(self, scores: np.ndarray) -> ClassDecision:
-        threshold = float(np.nextafter(self.min_disagreement, -np.inf))
+    def _decide_knn(self, scores: np.ndarray, hits: int, threshold: float) -> ClassDecision:
         if self.expected_poison_rate is not None:
             from poisonguard.detectors.calibration import top_fraction
 
             return top_fraction(scores, self.expected_poison_rate)
-        hits = int(np.sum(scores > threshold))
         share = hits / max(len(scores), 1)
         if hits >= self.min_rows and share <= self.max_share:
             return ClassDecision(True, threshold, float("nan"), share, len(scores), "label-inconsistent rows")

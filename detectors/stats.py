@@ -12,6 +12,10 @@ It also holds a bounded uniform sample of the class: the ``capacity`` rows with 
 smallest 64-bit keys, where a key is a seeded hash of the row id.  Keeping the k smallest
 keys is associative and commutative, so the sample does not depend on how the data was
 sharded or in which order shards were merged (bottom-k / priority sampling).
+
+While the sample still holds every row of the class (n <= capacity) the state keeps no scatter
+matrix: mean and covariance come exactly from the rows.  So a dataset of 10^5 small classes
+costs its rows, not 10^5 d x d matrices; M2 appears when a class outgrows its sample.
 """
 
 from __future__ import annotations
@@ -34,8 +38,6 @@ class ClassState:
     def __post_init__(self) -> None:
         if self.mean is None:
             self.mean = np.zeros(self.dim, dtype=np.float64)
-        if self.m2 is None:
-            self.m2 = np.zeros((self.dim, self.dim), dtype=np.float64)
         if self.sample_keys is None:
             self.sample_keys = np.zeros(0, dtype=np.uint64)
         if self.sample_x is None:
@@ -48,15 +50,27 @@ class ClassState:
         if len(x) == 0:
             return state
         x64 = x.astype(np.float64, copy=False)
-        mean = x64.mean(axis=0)
-        centred = x64 - mean
         state.n = len(x)
-        state.mean = mean
-        state.m2 = centred.T @ centred
+        state.mean = x64.mean(axis=0)
+        if len(x) > capacity:
+            centred = x64 - state.mean
+            state.m2 = centred.T @ centred
         state.sample_keys, state.sample_x = _bottom_k(
             np.asarray(keys, dtype=np.uint64), x.astype(np.float32, copy=False), capacity
         )
         return state
+
+    @property
+    def exact(self) -> bool:
+        """True while the sample holds every row (then no scatter matrix is kept)."""
+        return self.m2 is None
+
+    def scatter(self) -> np.ndarray:
+        """M2 = sum (x - mean)(x - mean)^T, from the rows while the state is exact."""
+        if self.m2 is not None:
+            return self.m2
+        centred = self.sample_x.astype(np.float64) - self.mean
+        return centred.T @ centred
 
     def merge(self, other: "ClassState") -> "ClassState":
         """Return the state of the union of both row sets (neither input is changed)."""
@@ -67,18 +81,23 @@ class ClassState:
         n = self.n + other.n
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.n / n)
-        m2 = self.m2 + other.m2 + np.outer(delta, delta) * (self.n * other.n / n)
         keys, xs = _bottom_k(
             np.concatenate([self.sample_keys, other.sample_keys]),
             np.concatenate([self.sample_x, other.sample_x]),
             self.capacity,
         )
+        if self.exact and other.exact and n <= self.capacity:
+            mean = xs.astype(np.float64).mean(axis=0)  # exact, whatever the merge order
+            return ClassState(self.dim, self.capacity, n, mean, None, keys, xs)
+        m2 = self.scatter() + other.scatter() + np.outer(delta, delta) * (self.n * other.n / n)
         return ClassState(self.dim, self.capacity, n, mean, m2, keys, xs)
 
     @property
     def covariance(self) -> np.ndarray:
         """Population covariance M2 / n (zeros for an empty class)."""
-        return self.m2 / max(self.n, 1)
+        if self.n == 0:
+            return np.zeros((self.dim, self.dim))
+        return self.scatter() / self.n
 
 
 def _bottom_k(keys: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ Flags not listed here go to Beam's PipelineOptions, e.g. --runner DirectRunner
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="poisonguard",
+        prog="poisonguard", allow_abbrev=False,
         description="Screen a training dataset (Parquet) for poisoning: validate rows, run poisoning detectors "
                     "on per-row embeddings, write clean and quarantined rows and a provenance log.",
     )
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"poisonguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    scan = sub.add_parser("scan", help="scan Parquet inputs into RUN_DIR", epilog=EPILOG_SCAN,
+    scan = sub.add_parser("scan", help="scan Parquet inputs into RUN_DIR", epilog=EPILOG_SCAN, allow_abbrev=False,
                           formatter_class=argparse.RawDescriptionHelpFormatter,
                           description="Scan INPUT (files, folders or globs of Parquet) and publish RUN_DIR atomically.")
     scan.add_argument("inputs", nargs="+", metavar="INPUT", help="Parquet file, folder or glob")
@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify-log", help="check a provenance log's hash chain",
                             description="Exit 0 if the log is intact, 1 naming the first bad record.")
     verify.add_argument("log", metavar="FILE")
+    verify.add_argument("--head", metavar="SHA256",
+                        help="a head hash a scan printed, kept outside the log: catches a rewritten log or a cut tail")
     return parser
 
 
@@ -84,12 +86,46 @@ def _configure_logging() -> None:
     logging.getLogger("poisonguard").setLevel(logging.INFO)
 
 
+class Terminated(BaseException):
+    """SIGTERM (what schedulers send to stop a task), raised where the scan is, like Ctrl-C."""
+
+
+_received: list[int] = []  # the signal that stopped the run: Beam may wrap the exception it raised
+
+
+def _on_signal(signum, frame):
+    import signal
+
+    _received.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _stopped_by_signal() -> int | None:
+    """The exit code of a run a signal stopped (130 Ctrl-C, 143 SIGTERM), else None."""
+    import signal
+
+    if not _received:
+        return None
+    if _received[0] == signal.SIGTERM:
+        print("poisonguard: terminated (SIGTERM); nothing published", file=sys.stderr)
+        return 143
+    print("poisonguard: interrupted; nothing published", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     os.environ["GX_ANALYTICS_ENABLED"] = "false"
     os.umask(0o027)  # run folders and logs are not world-readable
     _configure_logging()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    previous = {}
+    _received.clear()
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         if args.command == "scan":
             return _scan(args, extra)
@@ -101,17 +137,25 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         return _verify(args)
     except PoisonguardError as exc:
+        if _received:
+            return _stopped_by_signal()
         print(f"poisonguard: error: {one_line(exc)}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("poisonguard: interrupted; nothing published", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        if not _received:  # raised without our handler (another thread's default handler, say)
+            _received.append(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+        return _stopped_by_signal()
     except Exception as exc:  # noqa: BLE001 - the user gets one line, the traceback on demand
+        if _received:  # a runner wrapped the interrupt it was given
+            return _stopped_by_signal()
         if os.environ.get("POISONGUARD_DEBUG"):
             raise
         print(f"poisonguard: internal error: {type(exc).__name__}: {one_line(exc)[:500]} "
               "(nothing published; set POISONGUARD_DEBUG=1 for the traceback)", file=sys.stderr)
         return 3
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _scan(args, beam_args: list[str]) -> int:
@@ -132,11 +176,27 @@ def _scan(args, beam_args: list[str]) -> int:
 
 
 def _check_beam_args(beam_args: list[str]) -> None:
+    """Flags poisonguard does not define must be Beam's; a typo is an error, never silently ignored."""
+    import difflib
+
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     from poisonguard.errors import InputError
 
     stray = [a for a in beam_args if not a.startswith("-")]
     if stray and not any(a.startswith("--") for a in beam_args):
         raise InputError(f"unexpected argument(s) {' '.join(stray)}")
+    known = set(PipelineOptions([]).get_all_options())
+    ours = [a for action in _parser()._subparsers._group_actions[0].choices["scan"]._actions
+            for a in action.option_strings if a.startswith("--")]
+    for arg in beam_args:
+        if not arg.startswith("-"):
+            continue
+        name = arg.lstrip("-").split("=", 1)[0]
+        if name.replace("-", "_") not in known:
+            close = difflib.get_close_matches(arg.split("=", 1)[0], ours + [f"--{k}" for k in known], n=1, cutoff=0.7)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise InputError(f"unknown flag {arg.split('=', 1)[0]} (neither poisonguard's nor Beam's){hint}")
 
 
 def _run_summary(run_dir: str) -> dict:
@@ -163,8 +223,9 @@ def _review(args) -> int:
         raise InputError("no state folder: pass --state DIR (or set state in the scan's config)")
     log_path = args.provenance_log or summary.get("provenance", {}).get("log")
     counts = apply_review(args.run_dir, args.decisions, args.reviewer, state, log_path)
-    print(f"recorded {counts['release']} release and {counts['confirm']} confirm decision(s) in {state}; "
-          f"logged to {log_path}")
+    print(f"recorded {counts['release']} release and {counts['confirm']} confirm decision(s) in {state}, "
+          f"logged to {log_path}; {counts['unchanged']} already recorded; {counts['undecided']} quarantined "
+          "row(s) still undecided")
     return 0
 
 
@@ -182,7 +243,7 @@ def _verify(args) -> int:
 
     if not os.path.isfile(args.log):
         raise InputError("no such provenance log", path=args.log)
-    ok, message = verify(args.log)
+    ok, message = verify(args.log, head=args.head)
     print(f"{args.log}: {'OK' if ok else 'TAMPERED'}: {message}")
     return 0 if ok else 1
 

@@ -36,7 +36,7 @@ class Columns(_Strict):
 
 class EmbeddingConfig(_Strict):
     source: Literal["column", "model", "proxy"] = "column"
-    dim: int | None = Field(default=None, ge=1, description="declared dimension; None = from the data")
+    dim: int | None = Field(default=None, ge=1, le=16384, description="declared dimension; None = from the data")
     max_abs_value: float = Field(default=1e6, gt=0, description="larger |values| are quarantined")
     features: str | None = None
     features_shape: list[int] | None = None
@@ -95,10 +95,11 @@ class Config(_Strict):
         default_factory=lambda: [DetectorConfig(name=name) for name in _registry()], min_length=1
     )
     expected_poison_rate: float | None = Field(default=None, gt=0, lt=0.5)
-    max_fit_rows_per_class: int = Field(default=5000, ge=10)
+    max_fit_rows_per_class: int = Field(default=5000, ge=10, le=1_000_000)
+    max_classes: int = Field(default=1_000_000, ge=1, le=10_000_000, description="more distinct labels is exit 2")
     fail_on: float = Field(default=0.10, ge=0, le=1, description="largest acceptable quarantined share")
     seed: int = Field(default=0, ge=0, lt=2**32)
-    batch_size: int = Field(default=8192, ge=1)
+    batch_size: int = Field(default=8192, ge=1, le=1_000_000)
     engine: Literal["auto", "memory", "beam"] = "auto"
     memory_engine_max_rows: int = Field(default=200_000, ge=0,
                                         description="auto engine: in memory up to this many rows, Beam above")

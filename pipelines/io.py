@@ -77,7 +77,7 @@ def discover(inputs: list[str]) -> list[str]:
             found.append(item)
         else:
             raise InputError("no such file or folder", path=item)
-    unique = sorted(dict.fromkeys(os.path.abspath(p) for p in found))
+    unique = sorted(dict.fromkeys(os.path.realpath(p) for p in found))  # one file however it is reached
     if not unique:
         raise InputError("no input files given")
     return unique
@@ -152,10 +152,27 @@ def _read_open(raw, item: WorkItem, columns: list[str] | None, batch_size: int):
         start = item.first_row
         groups = list(range(item.first_group, item.last_group))
         for batch in handle.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns):
+            _check_text(batch, item.path)
             yield start, pa.Table.from_batches([batch])
             start += batch.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"cannot read Parquet data: {one_line(exc)}", path=item.path) from None
+
+
+def _check_text(batch: pa.RecordBatch, path: str) -> None:
+    """Every string value must be valid UTF-8 (Parquet readers do not check; pandas and GX would fail)."""
+    for field, column in zip(batch.schema, batch.columns):
+        value_type = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
+        if pa.types.is_string(value_type) or pa.types.is_large_string(value_type):
+            try:
+                (column.dictionary if pa.types.is_dictionary(field.type) else column).validate(full=True)
+            except pa.ArrowInvalid:
+                raise InputError("a value is not valid UTF-8 text", path=path, column=field.name) from None
+
+
+def decoded(t: pa.DataType) -> pa.DataType:
+    """The value type of a dictionary-encoded (categorical) column, else the type itself."""
+    return t.value_type if pa.types.is_dictionary(t) else t
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
@@ -185,10 +202,10 @@ def _check_columns(schema: pa.Schema, config: Config, path: str) -> None:
     for role, name in roles:
         if name not in schema.names:
             raise InputError(f"missing {role} column (have: {', '.join(schema.names)})", path=path, column=name)
-    id_type = schema.field(cols.id).type
+    id_type = decoded(schema.field(cols.id).type)
     if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
         raise InputError(f"id column must be integer or string, not {id_type}", path=path, column=cols.id)
-    label_type = schema.field(cols.label).type
+    label_type = decoded(schema.field(cols.label).type)
     if not (pa.types.is_integer(label_type) or pa.types.is_string(label_type)
             or pa.types.is_large_string(label_type) or pa.types.is_boolean(label_type)):
         raise InputError(f"label column must be integer, string or boolean, not {label_type}",
@@ -205,8 +222,19 @@ def _check_columns(schema: pa.Schema, config: Config, path: str) -> None:
             raise InputError("column name is reserved for poisonguard's outputs", path=path, column=name)
 
 
+MAX_WIDTH = 16384  # embedding dimensions / feature values per row; wider is exit 2, not a huge allocation
+
+
 def _list_width(schema: pa.Schema, files: list[InputFile], column: str, declared: int | None) -> int:
-    """A list column's width: the fixed size, the declared one, or the most common length."""
+    """A list column's width (the fixed size, the declared one, or the most common length), capped."""
+    width = _width(schema, files, column, declared)
+    if width > MAX_WIDTH:
+        raise InputError(f"vectors of {width} values exceed the limit of {MAX_WIDTH}", path=files[0].path,
+                         column=column)
+    return width
+
+
+def _width(schema: pa.Schema, files: list[InputFile], column: str, declared: int | None) -> int:
     col_type = schema.field(column).type
     fixed = col_type.list_size if pa.types.is_fixed_size_list(col_type) else None
     if declared is not None:

@@ -88,3 +88,14 @@ def part_source(name: str) -> int | None:
     """The input file index a part file's rows came from (None for the empty placeholder)."""
     match = _PART.search(name)
     return int(match.group(1)) if match else None
+
+
+def safe_name(run_id: str) -> str:
+    """A run id as it may appear in a file name: itself when already file-safe, else its safe
+    characters and a hash of the whole id (so distinct ids never share a name)."""
+    import hashlib
+
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", run_id):
+        return run_id
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", run_id).strip("._")[:80] or "run"
+    return f"{stem}-{hashlib.sha256(run_id.encode()).hexdigest()[:12]}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from poisonguard.run.summary import build_summary, check_outputs, write_json, wr
 from poisonguard.state import StateFolder, drift_section
 
 log = logging.getLogger("poisonguard")
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
@@ -38,55 +36,69 @@ class ScanResult:
 
 def run_scan(inputs: list[str], run_dir: str, config: Config, beam_args: list[str] | None = None,
              run_id: str | None = None) -> ScanResult:
-    started, run_id, beam_args = time.monotonic(), run_id or prov.new_run_id(), beam_args or []
-    if not RUN_ID.fullmatch(run_id):
-        raise InputError(f"--run-id must match {RUN_ID.pattern} (it names files), got {run_id!r}")
+    started, beam_args = time.monotonic(), beam_args or []
+    run_id = prov.new_run_id() if run_id is None else run_id
+    check_run_id(run_id)
     run_dir = str(Path(run_dir).resolve())
     rundir.check_run_dir(run_dir)
     log_path = config.provenance_log or rundir.default_log_path(run_dir)
+    rundir.check_outside(run_dir, provenance_log=log_path, state=config.state)
     with rundir.run_dir_lock(run_dir):
-        rundir.remove_stale_staging(run_dir)
+        rundir.recover(run_dir)
         plan = plan_inputs(discover(inputs), config)
         suite, engine = load_suite(config, plan.schema), choose_engine(config, plan.total_rows, beam_args)
+        rundir.remove_stale_staging(run_dir)
         log.info("plan: %d file(s), %d rows, dim %s, %s engine", len(plan.files), plan.total_rows, plan.dim, engine)
-        inputs_meta, run_facets = facets.input_datasets(plan.files), facets.run_facets(config, suite)
-        prov.append(log_path, prov.run_event("START", run_id, inputs=inputs_meta, facets=run_facets))
         state = StateFolder(config.state) if config.state else None
+        decisions, ignored = state.backed_decisions(log_path) if state else ({}, 0)
+        inputs_meta, run_facets = facets.input_datasets(plan.files), facets.run_facets(config, suite)
+        start = prov.append(log_path, prov.run_event("START", run_id, inputs=inputs_meta, facets=run_facets))
         try:
             with rundir.staging_folder(run_dir, run_id) as staging:
                 plan, embedding = resolve_embedding(plan, config, os.path.join(staging, WORK))
                 if config.embedding.source == "proxy":
                     shutil.copyfile(plan.model_path, os.path.join(staging, PROXY_MODEL))
                 t0 = time.monotonic()
-                screener = Screener(config, plan, suite, state.decisions() if state else {})
-                result = run_engine(engine, screener, staging, run_id, beam_args)
+                result = run_engine(engine, Screener(config, plan, suite, decisions), staging, run_id, beam_args)
                 check_unchanged(plan)
                 timings = {"plan_s": round(t0 - started, 3), "pipeline_s": round(time.monotonic() - t0, 3)}
                 written, outputs_meta = check_outputs(staging, plan, config, result)
                 summary = build_summary(run_id, plan, config, result, written, timings)
                 summary.update(engine=engine, embedding=embedding, drift=drift_section(state, result.moments, config))
+                summary["review"]["decisions_ignored"] = ignored
                 write_review_template(staging, plan, config)
-                complete = prov.append(log_path, prov.run_event(
-                    "COMPLETE", run_id, inputs=inputs_meta, outputs=outputs_meta,
-                    facets={**run_facets, "poisonguard_embedding": embedding,
-                            "poisonguard_findings": facets.findings(summary)}))
-                facets.write_events(os.path.join(staging, RUN_PROVENANCE), facets.events_of_run(log_path, run_id))
-                summary["provenance"] = {"log": log_path, "complete_record_sha256": complete["poisonguard_record_sha256"]}
-                timings.update(total_s=round(time.monotonic() - started, 3),
-                               rows_per_s=round(plan.total_rows / max(timings["pipeline_s"], 1e-9), 1))
-                write_json(os.path.join(staging, SUMMARY), summary)
-                render_report_or_stub(staging)
-                rundir.publish(staging, run_dir, run_id)
+                event = prov.run_event("COMPLETE", run_id, inputs=inputs_meta, outputs=outputs_meta,
+                                       facets={**run_facets, "poisonguard_embedding": embedding,
+                                               "poisonguard_findings": facets.findings(summary)})
+                with prov.chained(log_path, event) as (complete, commit):
+                    facets.write_events(os.path.join(staging, RUN_PROVENANCE),
+                                        [*prov.events_of_run(log_path, run_id, start["poisonguard_seq"]), complete])
+                    head = complete["poisonguard_record_sha256"]
+                    summary["provenance"] = {"log": log_path, "complete_record_sha256": head, "head": head}
+                    timings.update(total_s=round(time.monotonic() - started, 3),
+                                   rows_per_s=round(plan.total_rows / max(timings["pipeline_s"], 1e-9), 1))
+                    write_json(os.path.join(staging, SUMMARY), summary)
+                    render_report_or_stub(staging)
+                    rundir.publish(staging, run_dir, run_id, commit)
         except BaseException as exc:
             error = as_reported(exc)
-            prov.append(log_path, prov.fail_event(run_id, inputs_meta, error))
+            try:
+                prov.append(log_path, prov.fail_event(run_id, inputs_meta, error))
+            except (OSError, InputError) as log_error:
+                log.warning("could not log FAIL for run %s: %s", run_id, log_error)
             if error is exc:
                 raise
             raise error from None
     if state:
         state.save_baseline_or_warn(run_id, result.moments)
-    log.info("done in %.1f s", time.monotonic() - started)
+    log.info("done in %.1f s; provenance head %s", time.monotonic() - started, head)
     return ScanResult(run_id, run_dir, summary, summary["exit_code"], engine)
+
+
+def check_run_id(run_id: str) -> None:
+    """Any id a scheduler makes (kept verbatim; ``names.safe_name`` makes it file-safe)."""
+    if not run_id.strip() or len(run_id) > 256 or not run_id.isprintable():
+        raise InputError(f"--run-id must be 1 to 256 printable characters, got {run_id[:300]!r}")
 
 
 def choose_engine(config: Config, rows: int, beam_args: list[str]) -> str:

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from poisonguard import provenance as prov
 from poisonguard.core.decisions import content_hashes
 from poisonguard.errors import InputError
+from poisonguard.io import sha256_file
 from poisonguard.names import CLEAN, QUARANTINE, SUCCESS, SUMMARY, is_added_column
 from poisonguard.run.summary import csv_value
 from poisonguard.state import DECISIONS, StateFolder
@@ -35,12 +36,33 @@ def read_decisions(path: str) -> list[dict]:
     return [r for r in rows if str(r.get("decision") or "").strip()]
 
 
+def check_published(run: Path, run_id: str, log_path: str) -> None:
+    """The run's quarantine files must be the ones its COMPLETE record hashed when it was published."""
+    complete = [r for r in prov.records(log_path)
+                if r.get("eventType") == "COMPLETE" and r.get("job", {}).get("name") == "scan"
+                and r.get("run", {}).get("runId") == run_id]
+    if not complete:
+        raise InputError(f"the provenance log holds no COMPLETE record for run {run_id}", path=log_path)
+    recorded = {o["name"]: o["facets"]["poisonguard_content"]["sha256"] for o in complete[-1].get("outputs", [])
+                if o["name"].startswith(QUARANTINE + "/")}
+    present = {f"{QUARANTINE}/{p.name}": p for p in sorted((run / QUARANTINE).glob("*.parquet"))}
+    if set(present) != set(recorded):
+        raise InputError("the run's quarantine files are not the ones it published", path=str(run / QUARANTINE))
+    for name, path in present.items():
+        if sha256_file(str(path)) != recorded[name]:
+            raise InputError("changed since the run was published (its hash differs from the COMPLETE record); "
+                             "nothing applied", path=str(path))
+
+
 def apply_review(run_dir: str, decisions_path: str, reviewer: str, state_dir: str, log_path: str) -> dict:
     """Validate every decision first; apply none unless all are valid."""
     run = Path(run_dir)
     if not (run / SUCCESS).exists():
         raise InputError("not a completed poisonguard run folder", path=run_dir)
+    if not reviewer.strip():
+        raise InputError("--reviewer must name the reviewer")
     summary = json.loads((run / SUMMARY).read_text())
+    check_published(run, summary["run_id"], log_path)
     rows = read_decisions(decisions_path)
     if not rows:
         raise InputError("no decision filled in (the decision column is empty)", path=decisions_path)
@@ -67,17 +89,28 @@ def apply_review(run_dir: str, decisions_path: str, reviewer: str, state_dir: st
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise InputError(f"decisions rejected, nothing applied: {'; '.join(problems[:3])}{more}", path=decisions_path)
     input_columns = [c for c in held.column_names if not is_added_column(c)]
+    state = StateFolder(state_dir)
+    current, _ = state.backed_decisions(log_path)
     records, when = [], prov.now_iso()
     for row in rows:
         rows_held = positions[str(row["id"])]
-        for digest in content_hashes(held.take(rows_held), input_columns):
-            records.append({"id": str(row["id"]), "content_sha256": digest,
-                            "decision": str(row["decision"]).strip().lower(), "reviewer": reviewer,
-                            "note": str(row.get("note") or ""), "run_id": summary["run_id"], "time": when})
-    StateFolder(state_dir).append_decisions(records)
+        taken = held.take(rows_held)
+        for digest, published in zip(content_hashes(taken, input_columns), content_hashes(taken, held.column_names)):
+            decision = str(row["decision"]).strip().lower()
+            if current.get(str(row["id"]), {}).get(digest) == decision:
+                continue  # already decided so: re-applying a file adds nothing
+            records.append({"id": str(row["id"]), "content_sha256": digest, "row_sha256": published,
+                            "decision": decision, "reviewer": reviewer, "note": str(row.get("note") or ""),
+                            "run_id": summary["run_id"], "time": when})
     counts = {d: sum(r["decision"] == d for r in records) for d in DECISIONS}
-    prov.append(log_path, prov.run_event("COMPLETE", prov.new_run_id(), job="review", facets={
-        "poisonguard_review": {"scan_run_id": summary["run_id"], "reviewer": reviewer, "counts": counts,
-                               "decisions": [{k: r[k] for k in ("id", "content_sha256", "decision", "note")}
-                                             for r in records]}}))
+    if records:
+        prov.append(log_path, prov.run_event("COMPLETE", prov.new_run_id(), job="review", facets={
+            "poisonguard_review": {"scan_run_id": summary["run_id"], "reviewer": reviewer, "time": when,
+                                   "counts": counts, "decisions": [
+                                       {k: r[k] for k in ("id", "content_sha256", "row_sha256", "decision", "note")}
+                                       for r in records]}}))
+        state.append_decisions(records)
+    decided = {r["id"] for r in records} | {i for i in held_ids if i in current}
+    counts["unchanged"] = sum(len(positions[str(r["id"])]) for r in rows) - len(records)
+    counts["undecided"] = sum(1 for i in set(held_ids) if i not in decided)
     return counts

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from poisonguard import provenance as prov
+from poisonguard.errors import InputError
 from poisonguard.locking import locked_file
+from poisonguard.names import safe_name
 
 DECISIONS = ("release", "confirm")
 log = logging.getLogger("poisonguard")
@@ -34,22 +37,54 @@ class StateFolder:
             os.fsync(fd)
 
     def decisions(self) -> dict[str, dict[str, str]]:
-        """id -> {content_sha256 -> latest decision}."""
+        """id -> {content_sha256 -> latest decision}, as the state folder says (not yet authenticated)."""
         path = self.path / "decisions.jsonl"
         out: dict[str, dict[str, str]] = {}
         if not path.exists():
             return out
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                record = json.loads(line)
-                out.setdefault(record["id"], {})[record["content_sha256"]] = record["decision"]
+        try:
+            with open(path, encoding="utf-8") as handle:
+                for number, line in enumerate(handle, start=1):
+                    record = json.loads(line)
+                    if not (isinstance(record, dict) and isinstance(record.get("id"), str)
+                            and isinstance(record.get("content_sha256"), str) and record.get("decision") in DECISIONS):
+                        raise ValueError(f"line {number} is not a decision record")
+                    out.setdefault(record["id"], {})[record["content_sha256"]] = record["decision"]
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InputError(f"state folder's decisions are malformed: {str(exc).splitlines()[0][:200]}",
+                             path=str(path)) from None
         return out
+
+    def backed_decisions(self, log_path: str) -> tuple[dict[str, dict[str, str]], int]:
+        """The decisions that count: those whose id, content hash and decision are the latest that a
+        ``review`` record in the (verified) provenance log holds; and how many were ignored."""
+        claimed = self.decisions()
+        if not claimed:
+            return {}, 0
+        logged: dict[tuple[str, str], str] = {}
+        for record in prov.records(log_path):
+            review = record.get("run", {}).get("facets", {}).get("poisonguard_review")
+            if record.get("job", {}).get("name") == "review" and isinstance(review, dict):
+                for d in review.get("decisions", []):
+                    logged[(d["id"], d["content_sha256"])] = d["decision"]
+        backed: dict[str, dict[str, str]] = {}
+        ignored = 0
+        for row_id, by_content in claimed.items():
+            for digest, decision in by_content.items():
+                if logged.get((row_id, digest)) == decision:
+                    backed.setdefault(row_id, {})[digest] = decision
+                else:
+                    ignored += 1
+        if ignored:
+            log.warning("%d decision(s) in %s have no review record behind them in %s; ignored",
+                        ignored, self.path, log_path)
+        return backed, ignored
 
     # ---- drift ------------------------------------------------------------------------------
     def save_baseline(self, run_id: str, moments: dict) -> None:
         runs = self.path / "runs"
         runs.mkdir(parents=True, exist_ok=True)
-        (runs / f"{run_id}.json").write_text(json.dumps(moments))
+        (runs / f"{safe_name(run_id)}.json").write_text(json.dumps(moments))
         (self.path / "latest").write_text(run_id + "\n")
 
     def save_baseline_or_warn(self, run_id: str, moments: dict) -> None:
@@ -64,7 +99,7 @@ class StateFolder:
         if not latest.exists():
             return None
         run_id = latest.read_text().strip()
-        path = self.path / "runs" / f"{run_id}.json"
+        path = self.path / "runs" / f"{safe_name(run_id)}.json"
         return (run_id, json.loads(path.read_text())) if path.exists() else None
 
 

@@ -105,10 +105,24 @@ def test_full_disk_exits_2_without_partial_output(tmp, published, monkeypatch):
     assert not [p for p in out.parent.iterdir() if ".staging-" in p.name]
 
 
-def test_run_id_cannot_escape_the_output_folder(tmp):
-    code, _, stderr = run_cli("scan", CLEAN, "--out", tmp / "run", "--config", DIGITS_CONFIG, "--run-id", "../../evil")
-    assert code == 2 and "--run-id must match" in error_lines(stderr)[0]
-    assert not list(tmp.parent.glob("*evil*"))
+@pytest.mark.parametrize("run_id", ["../../evil", "scheduled__2026-11-29T00:00:00+00:00", "a/b\\c d:é"])
+def test_any_scheduler_run_id_round_trips_and_names_no_path(tmp, run_id):
+    out = tmp / "runs" / "run"
+    code, _, stderr = run_cli("scan", CLEAN, "--out", out, "--config", DIGITS_CONFIG, "--quiet", "--state",
+                              tmp / "state", "--run-id", run_id)
+    assert code == 0, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run_id"] == run_id
+    events = [json.loads(line) for line in (out / "provenance.jsonl").read_text().splitlines()]
+    assert [e["run"]["runId"] for e in events] == [run_id, run_id]
+    assert sorted(p.name for p in tmp.iterdir()) == ["runs", "state"]  # nothing written outside
+    assert sorted(p.name for p in (tmp / "runs").iterdir()) == [".run.lock", "poisonguard-provenance.jsonl", "run"]
+
+
+@pytest.mark.parametrize("run_id", ["", " ", "x" * 257, "tab\there", "new\nline"])
+def test_empty_overlong_or_control_character_run_ids_are_exit_2(tmp, run_id):
+    code, _, stderr = run_cli("scan", CLEAN, "--out", tmp / "run", "--config", DIGITS_CONFIG, "--run-id", run_id)
+    assert code == 2 and "--run-id must be" in error_lines(stderr)[0]
 
 
 def test_outputs_have_no_world_permissions(tmp):

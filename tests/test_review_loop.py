@@ -101,8 +101,10 @@ def test_review_then_rescan_honours_decisions(first_scan, tmp):
     data = write(edited, tmp / "digits_next_cycle.parquet")
 
     # detectors that miss everything: confirmed rows must still be held back
+    log = first_scan / "poisonguard-provenance.jsonl"  # one long-lived log backs the decisions
     code, _, stderr = run_cli("scan", data, "--out", tmp / "run2", "--config", DIGITS_CONFIG, "--state", state,
-                              "--quiet", "--set", "detectors=[{name: spectral, params: {min_separation: 1000}}]")
+                              "--provenance-log", log, "--quiet",
+                              "--set", "detectors=[{name: spectral, params: {min_separation: 1000}}]")
     assert code == 0, stderr
     clean, held = read_outputs(tmp / "run2")
     held_reasons = dict(zip(held.column("id").to_pylist(), held.column("quarantine_reasons").to_pylist()))
@@ -112,7 +114,8 @@ def test_review_then_rescan_honours_decisions(first_scan, tmp):
     assert summary["review"]["confirmed"] == 3
 
     # default detectors: the unedited released row goes to clean, the edited one is judged afresh
-    code, _, stderr = run_cli("scan", data, "--out", tmp / "run3", "--config", DIGITS_CONFIG, "--state", state, "--quiet")
+    code, _, stderr = run_cli("scan", data, "--out", tmp / "run3", "--config", DIGITS_CONFIG, "--state", state,
+                              "--provenance-log", log, "--quiet")
     assert code == 0, stderr
     clean, held = read_outputs(tmp / "run3")
     clean_ids = set(clean.column("id").to_pylist())

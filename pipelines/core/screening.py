@@ -22,6 +22,7 @@ from poisonguard.config import Config
 from poisonguard.core.block import RowBlock, builtin_block
 from poisonguard.detectors import ClassState, PoisonDetector, make_detector
 from poisonguard.detectors.base import rows_by_label
+from poisonguard.detectors.calibration import MIN_CLASS_ROWS
 from poisonguard.io import InputPlan
 from poisonguard.names import ID_DUPLICATE, ID_MISSING, LABEL_MISSING, QUARANTINE_REASONS, REVIEW_CONFIRMED, \
     RUN_ID, detector_reason, reason_rank, score_column
@@ -125,6 +126,11 @@ def merge_class_states(into: dict[object, ClassState], states) -> dict[object, C
 
 
 def fit_detectors(states: dict[object, ClassState], config: Config) -> dict[str, PoisonDetector]:
+    if len(states) > config.max_classes:
+        from poisonguard.errors import InputError
+
+        raise InputError(f"the data has {len(states)} classes, more than max_classes={config.max_classes}",
+                         column=config.columns.label)
     ordered = dict(sorted(states.items(), key=lambda kv: (str(type(kv[0])), kv[0])))
     return {
         det.name: make_detector(det.name, **config.detector_params(det)).fit_states(ordered)
@@ -191,9 +197,9 @@ def output_schemas(schema: pa.Schema, detector_names: list[str]) -> tuple[pa.Sch
 
 def block_stats(block: RowBlock, warnings: list[str] | None = None) -> dict:
     quarantined = block.quarantined
-    labels = np.where(block.mask(LABEL_MISSING), "<null>", block.labels.astype(str))
+    labelled = ~block.mask(LABEL_MISSING)  # rows without a label are counted under their reason only
     classes: dict[str, dict[str, int]] = {}
-    for label, n_in, n_q in _count_by(labels, quarantined):
+    for label, n_in, n_q in _count_by(block.labels[labelled].astype(str), quarantined[labelled]):
         classes[label] = {"rows": n_in, "clean": n_in - n_q, "quarantined": n_q}
     return {
         "rows": len(block),
@@ -228,15 +234,23 @@ def merge_stats(a: dict, b: dict) -> dict:
 
 
 def fit_report(fitted: dict[str, PoisonDetector]) -> dict:
-    """Per detector: parameters and, per class, the statistic, decision, threshold and extras."""
+    """Per detector: parameters and, per class that is suspicious or had enough rows to test, the
+    statistic, decision, threshold and extras; smaller classes are counted by reason, not listed."""
     report = {}
     for name, detector in fitted.items():
-        classes = detector.class_report()
-        for label, model in getattr(detector, "class_models_", {}).items():
+        classes, untested = {}, Counter()
+        models = getattr(detector, "class_models_", {})
+        for label, decision in detector.decisions_.items():
+            if not decision.suspicious and decision.rows_tested < MIN_CLASS_ROWS:
+                untested[decision.why] += 1
+                continue
+            entry = decision.to_dict()
+            model = models.get(label)
             if isinstance(model, dict):
-                extras = {k: float(v) for k, v in model.items() if np.isscalar(v) and not isinstance(v, str)}
-                classes[str(label)].update(extras)
-        report[name] = {"params": _jsonable(detector.get_params()), "classes": classes}
+                entry.update({k: float(v) for k, v in model.items() if np.isscalar(v) and not isinstance(v, str)})
+            classes[str(label)] = entry
+        report[name] = {"params": _jsonable(detector.get_params()), "classes": classes,
+                        "untested_classes": dict(untested)}
     return report
 
 

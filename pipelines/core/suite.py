@@ -16,16 +16,49 @@ from poisonguard.errors import ConfigError, InputError, one_line
 from poisonguard.names import suite_reason
 
 
+MAX_SUITE_BYTES = 4 << 20
+MAX_EXPECTATIONS = 1000
+# Arguments Great Expectations evaluates as code or queries: row_condition goes to DataFrame.query
+# (which can reach Python objects), whatever condition_parser says; unexpected_rows_query is SQL;
+# $PARAMETER references are resolved at run time.  A screening suite may use none of them.
+EVALUATED = ("row_condition", "condition_parser", "unexpected_rows_query", "$PARAMETER")
+
+
 def load_suite_json(path: str) -> dict:
     try:
+        if os.path.getsize(path) > MAX_SUITE_BYTES:
+            raise ConfigError(f"expectation suite is larger than {MAX_SUITE_BYTES} bytes", path=path)
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read expectation suite: {exc.strerror}", path=path) from None
+    except UnicodeDecodeError:
+        raise ConfigError("expectation suite is not UTF-8 text", path=path) from None
+    except RecursionError:
+        raise ConfigError("expectation suite is nested too deeply", path=path) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"expectation suite is not valid JSON: {exc.msg} at line {exc.lineno}", path=path) from None
     if not isinstance(data, dict) or not isinstance(data.get("expectations"), list):
         raise ConfigError("expectation suite must be a JSON object with an 'expectations' list", path=path)
+    if len(data["expectations"]) > MAX_EXPECTATIONS:
+        raise ConfigError(f"expectation suite has {len(data['expectations'])} expectations; "
+                          f"at most {MAX_EXPECTATIONS} are allowed", path=path)
+    for number, exp in enumerate(data["expectations"], start=1):
+        found = _evaluated_keys({k: v for k, v in exp.items() if k not in ("meta", "notes", "description")}
+                                if isinstance(exp, dict) else {})
+        if found:
+            name = exp.get("type", "?")
+            raise ConfigError(f"expectation {number} ({name}) uses {found[0]}, which Great Expectations evaluates "
+                              "as code or a query; not allowed in a screening suite", path=path)
     return data
+
+
+def _evaluated_keys(value) -> list[str]:
+    if isinstance(value, dict):
+        hits = [k for k in value if k in EVALUATED]
+        return hits + [h for v in value.values() for h in _evaluated_keys(v)]
+    if isinstance(value, list):
+        return [h for v in value for h in _evaluated_keys(v)]
+    return []
 
 
 def suite_columns(suite: dict) -> list[str]:

@@ -22,6 +22,7 @@ from poisonguard.core.screening import Fitted, Screener, duplicate_hashes, fit_d
 from poisonguard.detectors import merge_states
 from poisonguard.engines.outputs import load_error, reporting_errors, save_result, write_block
 from poisonguard.engines.progress import Progress
+from poisonguard.errors import InputError, one_line
 from poisonguard.io import WorkItem
 from poisonguard.state import class_moments
 
@@ -134,7 +135,13 @@ class FitDetectors(beam.PTransform):
             | "MergePerClass" >> beam.CombinePerKey(_MergeStates())
             | "AllClasses" >> beam.combiners.ToList()
         )
-        detectors = states | "Fit" >> beam.Map(lambda pairs: fit_detectors(dict(pairs), config))
+        staging = self.staging
+
+        def fit(pairs):
+            with reporting_errors(staging):
+                return fit_detectors(dict(pairs), config)
+
+        detectors = states | "Fit" >> beam.Map(fit)
         moments = states | "ClassMoments" >> beam.Map(lambda pairs: class_moments(dict(pairs)))
         dups = (
             out.ids
@@ -265,10 +272,14 @@ def run(screener: Screener, staging: str, run_id: str, beam_args: list[str], row
 
     use_system_allocator()
     options = PipelineOptions(beam_args)
+    try:
+        pipeline = beam.Pipeline(options=options)
+    except ValueError as exc:  # an unknown --runner, say
+        raise InputError(f"Beam options: {one_line(exc)[:300]}") from None
     log.info("pipeline: runner %s, detectors %s", options.get_all_options().get("runner") or "DirectRunner",
              ", ".join(screener.detector_names))
     try:
-        with beam.Pipeline(options=options) as pipeline:
+        with pipeline:
             build_scan(pipeline, screener, staging, run_id, rows_per_item)
     except Exception:
         error = load_error(staging)

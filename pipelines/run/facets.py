@@ -73,11 +73,6 @@ def input_datasets(files) -> list[dict]:
              "facets": {"poisonguard_content": {"sha256": f.sha256, "rows": f.rows}}} for f in files]
 
 
-def events_of_run(log_path: str, run_id: str) -> list[dict]:
-    with open(log_path, encoding="utf-8") as handle:
-        return [e for e in map(json.loads, handle) if e.get("run", {}).get("runId") == run_id]
-
-
 def write_events(path: str, events: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for event in events:

@@ -130,4 +130,7 @@ def console_summary(summary: dict, run_dir: str) -> str:
     for warning in summary.get("batch_warnings", {}):
         lines.append(f"  dataset-level expectation failed: {warning}")
     lines.append(f"  outputs: {run_dir}/{{clean,quarantine}}/*.parquet, summary.json, provenance.jsonl")
+    if summary.get("provenance"):
+        lines.append(f"  provenance head {summary['provenance']['head']} (keep it to check the log: "
+                     "poisonguard verify-log LOG --head HASH)")
     return "\n".join(lines)
