@@ -15,7 +15,6 @@ benchmarks/results/scale.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

@@ -3,12 +3,10 @@ with reviewers' decisions from a state folder applied, row by row."""
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 
-from conftest import CLEAN, DIGITS_CONFIG, POISONED, read_outputs, run_cli
+from conftest import CLEAN, DIGITS_CONFIG, POISONED, read_outputs, read_review, run_cli, write_rows
 
 SCORES = ["score_spectral", "score_activation_clustering", "score_spectre", "score_knn_label"]
 
@@ -25,15 +23,10 @@ def _decisions(run_dir):
 
 def _review(tmp, run_dir, state):
     """Release the first three quarantined rows and confirm the next two."""
-    with open(run_dir / "review.csv", newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_review(run_dir / "review.csv")
     for row, decision in zip(rows, ["release"] * 3 + ["confirm"] * 2):
         row["decision"] = decision
-    path = tmp / "decisions.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    path = write_rows(tmp / "decisions.csv", rows)
     code, _, stderr = run_cli("review", run_dir, "--decisions", path, "--reviewer", "ana", "--state", state)
     assert code == 0, stderr
 

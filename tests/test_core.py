@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from conftest import DIGITS_CONFIG, ROOT, embedding_array, gaussian_table, write

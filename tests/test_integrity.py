@@ -8,7 +8,6 @@ the publish's renames.  Then the weaknesses, in the order the issue lists them.
 
 from __future__ import annotations
 
-import csv
 import errno
 import json
 import os
@@ -23,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CLEAN, DIGITS_CONFIG, POISONED, error_lines, gaussian_table, read_outputs, run_cli, snapshot, \
-    write
+from conftest import CLEAN, DIGITS_CONFIG, POISONED, error_lines, gaussian_table, read_outputs, read_review, run_cli, \
+    snapshot, write, write_rows
 from poisonguard import provenance as prov
 
 EXE = str(Path(sys.executable).with_name("poisonguard"))
@@ -321,14 +320,11 @@ def test_formula_ids_are_neutralised_in_review_csv_and_read_back_exactly(tmp):
     out = tmp / "runs" / "run"
     code, _, stderr = run_cli("scan", write(table, tmp / "f.parquet"), "--out", out, "--quiet", "--state", tmp / "st")
     assert code == 0, stderr
-    rows = list(csv.DictReader(open(out / "review.csv", newline="", encoding="utf-8")))
+    rows = read_review(out / "review.csv")
     assert rows and all(not r["id"].startswith(("=", "@", "+", "-")) for r in rows)
     for r in rows:
         r["decision"] = "confirm"
-    with open(tmp / "d.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(tmp / "d.csv", rows)
     code, stdout, stderr = run_cli("review", out, "--decisions", tmp / "d.csv", "--reviewer", "ana")
     assert code == 0, stderr
     recorded = {json.loads(line)["id"] for line in (tmp / "st" / "decisions.jsonl").read_text().splitlines()}

@@ -4,7 +4,6 @@ detectors flagged unless a logged review released it, and the provenance log ver
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -18,7 +17,7 @@ import pyarrow.compute as pc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import DIGITS_CONFIG, POISONED, read_outputs, run_cli
+from conftest import DIGITS_CONFIG, POISONED, read_outputs, read_review, run_cli, write_rows
 from poisonguard import provenance as prov
 
 EXE = str(Path(sys.executable).with_name("poisonguard"))
@@ -64,17 +63,13 @@ def _check(out: Path, log: Path) -> None:
 def _review(out: Path, state: Path, seed: int, tmp: Path) -> None:
     if not out.exists():
         return
-    rows = list(csv.DictReader(open(out / "review.csv", newline="", encoding="utf-8")))
+    rows = read_review(out / "review.csv")
     if not rows:
         return
     rng = random.Random(seed)
     for row in rng.sample(rows, min(len(rows), 4)):
         row["decision"] = rng.choice(["release", "confirm"])
-    path = tmp / f"decisions-{seed}.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    path = write_rows(tmp / f"decisions-{seed}.csv", rows)
     code, _, stderr = run_cli("review", out, "--decisions", path, "--reviewer", "prop", "--state", state)
     assert code == 0, stderr
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DIGITS_CONFIG, POISONED, TRUTH, error_lines, read_outputs, run_cli, write
+from conftest import DIGITS_CONFIG, POISONED, TRUTH, error_lines, read_outputs, read_review, run_cli, write, write_rows
 
 REPORT_SETTINGS = ["--set", "report.image_column=pixels", "--set", "report.image_shape=[8, 8]"]
 
@@ -63,21 +62,18 @@ def test_report_command_rerenders(first_scan):
 
 
 def _fill(review_csv, decisions):
-    rows = list(csv.DictReader(open(review_csv, newline="", encoding="utf-8")))
+    rows = read_review(review_csv)
     for row in rows:
         if row["id"] in decisions:
             row["decision"], row["note"] = decisions[row["id"]], "checked by hand"
-    with open(review_csv, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(review_csv, rows)
     return rows
 
 
 def test_review_then_rescan_honours_decisions(first_scan, tmp):
     run1, state = first_scan / "run1", first_scan / "state"
     truth = pq.read_table(TRUTH).to_pandas().set_index("id")
-    review_rows = list(csv.DictReader(open(run1 / "review.csv", newline="", encoding="utf-8")))
+    review_rows = read_review(run1 / "review.csv")
     held_ids = [r["id"] for r in review_rows]
     poisoned = [i for i in held_ids if truth.loc[i, "poisoned"]]
     false_alarms = [i for i in held_ids if not truth.loc[i, "poisoned"]]
@@ -138,14 +134,11 @@ def test_bad_decisions_are_rejected_and_nothing_is_applied(first_scan, tmp, bad,
     state = tmp / "fresh-state"
     decided = tmp / "review.csv"
     shutil.copy(run1 / "review.csv", decided)
-    first = next(csv.DictReader(open(decided, newline="", encoding="utf-8")))["id"]
+    first = read_review(decided)[0]["id"]
     rows = _fill(decided, {first: "maybe"} if bad is None else {first: "confirm"})
     if bad:
         rows.append({**rows[0], "id": next(iter(bad)), "decision": bad[next(iter(bad))]})
-        with open(decided, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows(decided, rows)
     code, _, stderr = run_cli("review", run1, "--decisions", decided, "--reviewer", "bob", "--state", state)
     assert code == 2
     line = error_lines(stderr)[0]

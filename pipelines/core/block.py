@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from poisonguard.names import BUILTIN, ID_MISSING, LABEL_MISSING, ROW_LOCAL_CHECKS, builtin_reason
+from poisonguard.names import ID_MISSING, LABEL_MISSING, ROW_LOCAL_CHECKS, builtin_reason
 
 
 @dataclass
