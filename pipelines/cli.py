@@ -231,9 +231,12 @@ def _review(args) -> int:
 
 def _report(args) -> int:
     from poisonguard.report import render_report
+    from poisonguard.workbench import build_table, write_review_csv
 
-    _run_summary(args.run_dir)
-    print(render_report(args.run_dir))
+    summary = _run_summary(args.run_dir)
+    table = build_table(args.run_dir, summary, from_log=True)  # with the decisions reviewed since the scan
+    write_review_csv(args.run_dir, table)
+    print(render_report(args.run_dir, table))
     return 0
 
 

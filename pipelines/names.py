@@ -11,7 +11,8 @@ import re
 SCORE_PREFIX = "score_"
 QUARANTINE_REASONS = "quarantine_reasons"
 RUN_ID = "run_id"
-ADDED_COLUMNS = (QUARANTINE_REASONS, RUN_ID)
+REVIEW_STATUS = "review_status"  # "released" / "confirmed" where a logged review decided the row, else null
+ADDED_COLUMNS = (REVIEW_STATUS, QUARANTINE_REASONS, RUN_ID)
 RESERVED_PREFIXES = (SCORE_PREFIX,)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from poisonguard import provenance as prov
+from poisonguard import workbench
 from poisonguard.config import Config
 from poisonguard.core.embedding import resolve_embedding
 from poisonguard.core.screening import Screener
@@ -18,8 +19,8 @@ from poisonguard.errors import InputError, as_reported
 from poisonguard.io import ROWS_PER_WORK_ITEM, check_unchanged, discover, plan_inputs
 from poisonguard.names import PROXY_MODEL, RUN_PROVENANCE, SUMMARY, WORK
 from poisonguard.report import render_report_or_stub
-from poisonguard.run import facets, rundir
-from poisonguard.run.summary import build_summary, check_outputs, write_json, write_review_template
+from poisonguard.run import facets, history, rundir
+from poisonguard.run.summary import build_summary, check_outputs, write_json
 from poisonguard.state import StateFolder, drift_section
 
 log = logging.getLogger("poisonguard")
@@ -64,21 +65,24 @@ def run_scan(inputs: list[str], run_dir: str, config: Config, beam_args: list[st
                 timings = {"plan_s": round(t0 - started, 3), "pipeline_s": round(time.monotonic() - t0, 3)}
                 written, outputs_meta = check_outputs(staging, plan, config, result)
                 summary = build_summary(run_id, plan, config, result, written, timings)
-                summary.update(engine=engine, embedding=embedding, drift=drift_section(state, result.moments, config))
+                quarantined = history.quarantined_ids(staging, config.columns.id)
+                summary.update(engine=engine, embedding=embedding, drift=drift_section(state, result.moments, config),
+                               run_to_run=history.run_to_run(state, quarantined, decisions))
                 summary["review"]["decisions_ignored"] = ignored
-                write_review_template(staging, plan, config)
                 event = prov.run_event("COMPLETE", run_id, inputs=inputs_meta, outputs=outputs_meta,
                                        facets={**run_facets, "poisonguard_embedding": embedding,
                                                "poisonguard_findings": facets.findings(summary)})
                 with prov.chained(log_path, event) as (complete, commit):
                     facets.write_events(os.path.join(staging, RUN_PROVENANCE),
-                                        [*prov.events_of_run(log_path, run_id, start["poisonguard_seq"]), complete])
+                                        [*prov.events_of_run(log_path, start), complete])
                     head = complete["poisonguard_record_sha256"]
                     summary["provenance"] = {"log": log_path, "complete_record_sha256": head, "head": head}
                     timings.update(total_s=round(time.monotonic() - started, 3),
                                    rows_per_s=round(plan.total_rows / max(timings["pipeline_s"], 1e-9), 1))
                     write_json(os.path.join(staging, SUMMARY), summary)
-                    render_report_or_stub(staging)
+                    table = workbench.build_table(staging, summary)
+                    workbench.write_review_csv(staging, table)
+                    render_report_or_stub(staging, table)
                     rundir.publish(staging, run_dir, run_id, commit)
         except BaseException as exc:
             error = as_reported(exc)
@@ -90,7 +94,7 @@ def run_scan(inputs: list[str], run_dir: str, config: Config, beam_args: list[st
                 raise
             raise error from None
     if state:
-        state.save_baseline_or_warn(run_id, result.moments)
+        state.save_run_or_warn(run_id, result.moments, quarantined)
     log.info("done in %.1f s; provenance head %s", time.monotonic() - started, head)
     return ScanResult(run_id, run_dir, summary, summary["exit_code"], engine)
 

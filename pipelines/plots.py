@@ -88,7 +88,8 @@ def histogram(clean: np.ndarray, flagged: np.ndarray, threshold: float | None, t
     if threshold is not None and np.isfinite(threshold):
         x = left + (threshold - lo) * scale_x
         body.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{bottom}" stroke="black" stroke-dasharray="4 3"/>')
-        body.append(_text(x + 3, top + 8, f"threshold {threshold:.3g}"))
+        right = x > width * 0.6
+        body.append(_text(x - 3 if right else x + 3, top + 8, f"threshold {threshold:.3g}", "end" if right else "start"))
     body += [f'<line x1="{left}" y1="{bottom}" x2="{width - 8}" y2="{bottom}" stroke="{INK}"/>',
              _text(left, bottom + 12, f"{lo:.3g}"), _text(width - 8, bottom + 12, f"{hi:.3g}", "end"),
              _text(left - 3, top + 4, "log", "end")]

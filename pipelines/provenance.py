@@ -179,9 +179,28 @@ def records(path: str):
     return found
 
 
-def events_of_run(path: str, run_id: str, since_seq: int) -> list[dict]:
-    """This scan's events: those of ``run_id`` from its START record (seq ``since_seq``) on."""
-    return [r for r in records(path) if r["poisonguard_seq"] >= since_seq and r.get("run", {}).get("runId") == run_id]
+def events_of_run(path: str, start: dict) -> list[dict]:
+    """A scan's events so far: its START record and the later records of the same run id.
+
+    Read backwards from the end of the log (the scan's records are its last ones), so the cost does
+    not grow with the log; the whole chain is checked by ``verify``.
+    """
+    run_id, start_hash = start["run"]["runId"], start["poisonguard_record_sha256"].encode()
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        chunk = 1 << 16
+        while True:
+            begin = max(0, size - chunk)
+            handle.seek(begin)
+            lines = handle.read(size - begin).split(b"\n")
+            hits = [k for k, line in enumerate(lines) if start_hash in line and (k > 0 or begin == 0)]
+            if hits or begin == 0:
+                break
+            chunk *= 4
+    if not hits:
+        raise InputError("the provenance log no longer holds this scan's START record", path=path)
+    found = [parse(line) for line in lines[hits[-1]:] if line.strip()]
+    return [r for r in found if r.get("run", {}).get("runId") == run_id]
 
 
 def verify(path: str, head: str | None = None) -> tuple[bool, str]:

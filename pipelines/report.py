@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from poisonguard import plots
-from poisonguard.names import CLEAN, DETECTOR, PROXY_MODEL, QUARANTINE, QUARANTINE_REASONS, REPORT, REVIEW_CONFIRMED, SUMMARY, \
-    detector_reason, part_source, score_column
+from poisonguard.names import CLEAN, DETECTOR, PROXY_MODEL, QUARANTINE, QUARANTINE_REASONS, REPORT, REVIEW_CONFIRMED, \
+    SUMMARY, detector_reason, part_source, score_column
 
 MAX_FLAGGED_POINTS = 1500
 MAX_THUMBNAILS = 12
@@ -83,8 +83,8 @@ def _embeddings(table: pa.Table, summary: dict, run_dir: str) -> np.ndarray | No
                      for v in column.to_pylist()])
 
 
-def render_report(run_dir: str) -> str:
-    """Write RUN_DIR/report.html and return its path."""
+def render_report(run_dir: str, table: dict | None = None) -> str:
+    """Write RUN_DIR/report.html and return its path; ``table``: the workbench's quarantine table."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     summary = json.loads(Path(run_dir, SUMMARY).read_text())
@@ -104,11 +104,16 @@ def render_report(run_dir: str) -> str:
     classes = _classes_with_findings(summary, detectors)
     sections = [_class_section(label, summary, held, clean, detectors, cols, report_cfg, run_dir)
                 for label in classes[: report_cfg.get("max_classes", 20)]]
+    if table is None:
+        from poisonguard.workbench import build_table
+
+        table = build_table(run_dir, summary)
     env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=select_autoescape(["html", "j2"]))
     page = env.get_template("report.html.j2").render(
         summary=summary, counts=summary["counts"], sections=sections, detectors=detectors,
         drift=summary.get("drift") or {}, overview=_overview_plot(summary),
-        hidden_classes=max(0, len(classes) - len(sections)))
+        hidden_classes=max(0, len(classes) - len(sections)), table=table,
+        run_to_run=summary.get("run_to_run") or {})
     path = os.path.join(run_dir, REPORT)
     Path(path).write_text(page, encoding="utf-8")
     return path
@@ -220,7 +225,7 @@ def _thumbnails(suspects: pa.Table, typical: pa.Table, image_col: str, id_col: s
     return {"sprite": uri, "width": width, "height": height, "cells": cells}
 
 
-def render_report_or_stub(run_dir: str) -> None:
+def render_report_or_stub(run_dir: str, table: dict | None = None) -> None:
     """The report is for people: a plotting failure leaves a short page saying so, not a failed scan."""
     import html
     import logging
@@ -228,7 +233,7 @@ def render_report_or_stub(run_dir: str) -> None:
     from poisonguard.errors import one_line
 
     try:
-        render_report(run_dir)
+        render_report(run_dir, table)
     except Exception as exc:  # noqa: BLE001
         logging.getLogger("poisonguard").warning("report.html could not be rendered fully: %s", one_line(exc))
         Path(run_dir, REPORT).write_text(

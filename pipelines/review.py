@@ -15,8 +15,8 @@ from poisonguard.core.decisions import content_hashes
 from poisonguard.errors import InputError
 from poisonguard.io import sha256_file
 from poisonguard.names import CLEAN, QUARANTINE, SUCCESS, SUMMARY, is_added_column
-from poisonguard.run.summary import csv_value
 from poisonguard.state import DECISIONS, StateFolder
+from poisonguard.workbench import csv_value
 
 
 def read_decisions(path: str) -> list[dict]:

@@ -81,18 +81,30 @@ class StateFolder:
         return backed, ignored
 
     # ---- drift ------------------------------------------------------------------------------
-    def save_baseline(self, run_id: str, moments: dict) -> None:
+    def save_run(self, run_id: str, moments: dict, quarantined: list[str]) -> None:
+        """The run's drift baseline and quarantined ids; then it becomes the latest run."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         runs = self.path / "runs"
         runs.mkdir(parents=True, exist_ok=True)
         (runs / f"{safe_name(run_id)}.json").write_text(json.dumps(moments))
+        pq.write_table(pa.table({"id": pa.array(quarantined, pa.string())}), self.quarantine_path(run_id))
         (self.path / "latest").write_text(run_id + "\n")
 
-    def save_baseline_or_warn(self, run_id: str, moments: dict) -> None:
+    def save_run_or_warn(self, run_id: str, moments: dict, quarantined: list[str]) -> None:
         """After a publish: a baseline that cannot be saved is a warning, never a failed run."""
         try:
-            self.save_baseline(run_id, moments)
+            self.save_run(run_id, moments, quarantined)
         except OSError as exc:
             log.warning("drift baseline not saved in %s: %s", self.path, exc.strerror or exc)
+
+    def quarantine_path(self, run_id: str) -> str:
+        return str(self.path / "runs" / f"{safe_name(run_id)}.quarantine.parquet")
+
+    def latest_run(self) -> str | None:
+        latest = self.path / "latest"
+        return latest.read_text().strip() if latest.exists() else None
 
     def latest_baseline(self) -> tuple[str, dict] | None:
         latest = self.path / "latest"

@@ -20,7 +20,7 @@ from poisonguard.engines import memory
 from poisonguard.errors import ConfigError, InputError
 from poisonguard.io import plan_inputs, read_batches, work_items
 from poisonguard.names import QUARANTINE_REASONS, score_column
-from poisonguard.run.summary import csv_cell, csv_value
+from poisonguard.workbench import csv_cell, csv_value
 from poisonguard.state import drift
 
 

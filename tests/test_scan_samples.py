@@ -52,8 +52,9 @@ def test_output_schema_matches_the_contract(poisoned_run):
     clean, held = read_outputs(out)
     scores = [pa.field(f"score_{name}", pa.float64())
               for name in ("spectral", "activation_clustering", "spectre", "knn_label")]
-    expected_clean = pa.schema(list(source.schema) + scores)
+    expected_clean = pa.schema(list(source.schema) + scores + [pa.field("review_status", pa.string())])
     assert clean.schema.equals(expected_clean)
+    assert clean.column("review_status").null_count == clean.num_rows  # no review yet
     expected_held = pa.schema(list(expected_clean) + [pa.field("quarantine_reasons", pa.list_(pa.string())),
                                                       pa.field("run_id", pa.string())])
     assert held.schema.equals(expected_held)

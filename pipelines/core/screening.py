@@ -25,7 +25,7 @@ from poisonguard.detectors.base import rows_by_label
 from poisonguard.detectors.calibration import MIN_CLASS_ROWS
 from poisonguard.io import InputPlan
 from poisonguard.names import ID_DUPLICATE, ID_MISSING, LABEL_MISSING, QUARANTINE_REASONS, REVIEW_CONFIRMED, \
-    RUN_ID, detector_reason, reason_rank, score_column
+    REVIEW_STATUS, RUN_ID, detector_reason, reason_rank, score_column
 
 
 @dataclass
@@ -177,6 +177,11 @@ def split_tables(table: pa.Table, block: RowBlock, scores: dict[str, np.ndarray]
     """Every input column unchanged, plus score_<detector>; quarantine adds reasons and run_id."""
     for name in detector_names:
         table = table.append_column(pa.field(score_column(name), pa.float64()), pa.array(scores[name], pa.float64()))
+    status = np.full(len(block), None, dtype=object)
+    if block.released is not None:
+        status[block.released] = "released"
+    status[block.mask(REVIEW_CONFIRMED)] = "confirmed"
+    table = table.append_column(pa.field(REVIEW_STATUS, pa.string()), pa.array(status, pa.string()))
     quarantined = block.quarantined
     clean = table.filter(pa.array(~quarantined))
     held = table.filter(pa.array(quarantined))
@@ -191,6 +196,7 @@ def output_schemas(schema: pa.Schema, detector_names: list[str]) -> tuple[pa.Sch
     clean = schema
     for name in detector_names:
         clean = clean.append(pa.field(score_column(name), pa.float64()))
+    clean = clean.append(pa.field(REVIEW_STATUS, pa.string()))
     held = clean.append(pa.field(QUARANTINE_REASONS, pa.list_(pa.string()))).append(pa.field(RUN_ID, pa.string()))
     return clean, held
 

@@ -1,8 +1,7 @@
-"""What a scan reports: summary.json, the console summary, and review.csv."""
+"""What a scan reports: the output checks, summary.json and the console summary."""
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import os
@@ -14,23 +13,8 @@ from poisonguard.core.screening import output_schemas
 from poisonguard.engines.outputs import EngineResult
 from poisonguard.errors import IntegrityError
 from poisonguard.io import InputPlan, sha256_file
-from poisonguard.names import CLEAN, EMPTY_PART, OUTPUT_FOLDERS, QUARANTINE, QUARANTINE_REASONS, REVIEW_CSV, \
-    part_source, score_column
+from poisonguard.names import CLEAN, EMPTY_PART, OUTPUT_FOLDERS, QUARANTINE
 from poisonguard.run.facets import versions
-
-# OWASP CSV injection: a cell a spreadsheet would read as a formula gets a leading quote.
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
-
-
-def csv_cell(value) -> str:
-    text = "" if value is None else str(value)
-    return "'" + text if text.startswith(FORMULA_START) else text
-
-
-def csv_value(cell: str) -> str:
-    """The value ``csv_cell`` wrote."""
-    return cell[1:] if cell.startswith("'") else cell
-
 
 def check_outputs(staging: str, plan: InputPlan, config: Config, result: EngineResult) -> tuple[dict, list[dict]]:
     """Rows in = clean + quarantined, by the engine's counts and by the Parquet footers; schemas as promised."""
@@ -91,24 +75,6 @@ def write_json(path: str, value) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(value, handle, indent=2, sort_keys=False, allow_nan=False, default=str)
         handle.write("\n")
-
-
-def write_review_template(staging: str, plan: InputPlan, config: Config) -> None:
-    """review.csv: each quarantined row with its reasons and scores, and empty decision/note columns."""
-    names = [d.name for d in config.detectors]
-    cols = config.columns
-    scores = [score_column(n) for n in names]
-    with open(os.path.join(staging, REVIEW_CSV), "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "label", "reasons", *scores, "source_file", "decision", "note"])
-        for part in sorted(glob.glob(os.path.join(staging, QUARANTINE, "*.parquet"))):
-            index = part_source(os.path.basename(part))
-            source = plan.files[index].path if index is not None else ""
-            table = pq.read_table(part, columns=[cols.id, cols.label, QUARANTINE_REASONS, *scores])
-            for row in table.to_pylist():
-                writer.writerow([csv_cell(row[cols.id]), csv_cell(row[cols.label]),
-                                 csv_cell(";".join(row[QUARANTINE_REASONS])),
-                                 *(row[s] for s in scores), csv_cell(source), "", ""])
 
 
 def console_summary(summary: dict, run_dir: str) -> str:
