@@ -36,9 +36,10 @@ def _read_folder(folder: str, columns: list[str], sources: list[str]) -> pa.Tabl
     return pa.concat_tables(parts) if parts else pa.table({})
 
 
-def _clean_sample(folder: str, columns: list[str], label_col: str, id_col: str, per_class: int) -> pa.Table:
-    """At most ``per_class`` clean rows per class: those with the smallest hash of their id."""
-    from poisonguard.core.block import hash_strings
+def _clean_sample(folder: str, columns: list[str], label_col: str, id_col: str, per_class: int, seed: int) -> pa.Table:
+    """A seeded random sample of at most ``per_class`` clean rows per class: those with the smallest
+    seeded hash of their id (the same rows whatever the order of the part files)."""
+    from poisonguard.core.block import hash_strings, seeded_hash_key
 
     kept: pa.Table | None = None
     for path in sorted(glob.glob(os.path.join(folder, "*.parquet"))):
@@ -46,7 +47,8 @@ def _clean_sample(folder: str, columns: list[str], label_col: str, id_col: str, 
         for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=[c for c in columns if c in names]):
             table = pa.Table.from_batches([batch])
             table = table.append_column("_key", pa.array(hash_strings(
-                np.asarray(table.column(id_col).cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object))))
+                np.asarray(table.column(id_col).cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object),
+                seeded_hash_key(seed))))
             kept = table if kept is None else pa.concat_tables([kept, table])
             kept = _bottom_per_class(kept, label_col, per_class)
     return kept if kept is not None else pa.table({})
@@ -100,7 +102,7 @@ def render_report(run_dir: str, table: dict | None = None) -> str:
         wanted.append(image_col)
     held = _read_folder(os.path.join(run_dir, QUARANTINE), wanted, sources)
     clean = _clean_sample(os.path.join(run_dir, CLEAN), wanted, cols["label"], cols["id"],
-                          report_cfg.get("max_points_per_class", 1500))
+                          report_cfg.get("max_points_per_class", 1500), params.get("seed", 0))
     classes = _classes_with_findings(summary, detectors)
     sections = [_class_section(label, summary, held, clean, detectors, cols, report_cfg, run_dir)
                 for label in classes[: report_cfg.get("max_classes", 20)]]
@@ -189,7 +191,7 @@ def _class_section(label, summary, held, clean, detectors, cols, report_cfg, run
     image_col, shape = report_cfg.get("image_column"), report_cfg.get("image_shape")
     if image_col and shape and image_col in top.column_names and top.num_rows:
         shown = top.slice(0, MAX_THUMBNAILS)
-        typical = clean_c.take(np.arange(min(MAX_THUMBNAILS, clean_c.num_rows)))  # smallest id hashes: random
+        typical = clean_c.take(np.arange(min(MAX_THUMBNAILS, clean_c.num_rows)))  # seeded random (see _clean_sample)
         thumbnails = _thumbnails(shown, typical, image_col, cols["id"], shape)
     return {
         "label": label, "rows": summary["per_class"].get(label, {}).get("rows", 0),
