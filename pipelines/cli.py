@@ -56,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="re-render RUN_DIR/report.html", description="Re-render report.html.")
     report.add_argument("run_dir", metavar="RUN_DIR")
 
+    suite = sub.add_parser("suite", help="work with expectation suites", description="Work with expectation suites.")
+    suite_sub = suite.add_subparsers(dest="suite_command", required=True, metavar="SUITE_COMMAND")
+    infer = suite_sub.add_parser("infer", help="infer a GX 1.x suite from trusted Parquet data",
+                                 description="Write a GX 1.x suite of row-level expectations inferred from trusted "
+                                             "data; every expectation says in its meta what it was inferred from.")
+    infer.add_argument("inputs", nargs="+", metavar="TRUSTED", help="trusted Parquet file, folder or glob")
+    infer.add_argument("--out", required=True, metavar="FILE", help="suite JSON to write, e.g. expectations/NAME.json")
+    infer.add_argument("--config", metavar="FILE", help="YAML config (column names)")
+    infer.add_argument("--strictness", choices=("loose", "normal", "strict"), default="normal",
+                       help="how tight the ranges are (default normal: the trusted data always passes)")
+    infer.add_argument("--name", help="suite name (default: the output file's stem)")
+
     verify = sub.add_parser("verify-log", help="check a provenance log's hash chain",
                             description="Exit 0 if the log is intact, 1 naming the first bad record.")
     verify.add_argument("log", metavar="FILE")
@@ -135,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             return _review(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "suite":
+            return _suite_infer(args)
         return _verify(args)
     except PoisonguardError as exc:
         if _received:
@@ -237,6 +251,22 @@ def _report(args) -> int:
     table = build_table(args.run_dir, summary, from_log=True)  # with the decisions reviewed since the scan
     write_review_csv(args.run_dir, table)
     print(render_report(args.run_dir, table))
+    return 0
+
+
+def _suite_infer(args) -> int:
+    from pathlib import Path
+
+    from poisonguard.config import load_config
+    from poisonguard.infer import infer_suite, write_suite
+
+    config = load_config(args.config)
+    suite = infer_suite(args.inputs, config, name=args.name or Path(args.out).stem, strictness=args.strictness,
+                        seed=config.seed)
+    write_suite(suite, args.out)
+    vectors = len(suite["meta"]["poisonguard"]["vectors"])
+    print(f"wrote {args.out}: {len(suite['expectations'])} expectations and {vectors} vector expectations "
+          f"({args.strictness}), inferred from {suite['meta']['poisonguard']['inferred_from']}")
     return 0
 
 

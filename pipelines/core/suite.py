@@ -78,12 +78,61 @@ def load_suite(config, schema: pa.Schema) -> dict | None:
     return check_suite(config.suite, schema) if config.suite else None
 
 
+VECTOR_EXPECTATIONS = ("expect_vector_length_to_equal", "expect_vector_values_to_be_between")
+
+
+def vector_expectations(suite: dict) -> list[dict]:
+    """poisonguard's own expectations on list columns, kept in the suite's meta (GX ignores them)."""
+    meta = suite.get("meta") if isinstance(suite.get("meta"), dict) else {}
+    own = meta.get("poisonguard") if isinstance(meta.get("poisonguard"), dict) else {}
+    return own.get("vectors") or []
+
+
+def _check_vectors(suite: dict, schema: pa.Schema, path: str) -> None:
+    for number, v in enumerate(vector_expectations(suite), start=1):
+        where = f"meta.poisonguard.vectors[{number}]"
+        if not isinstance(v, dict) or v.get("type") not in VECTOR_EXPECTATIONS:
+            raise ConfigError(f"{where}: type must be one of {', '.join(VECTOR_EXPECTATIONS)}", path=path)
+        column = v.get("column")
+        if column not in schema.names:
+            raise InputError(f"expectation suite {path} {where} names a column the data lacks", column=str(column))
+        if v["type"] == "expect_vector_length_to_equal" and not (isinstance(v.get("value"), int) and v["value"] > 0):
+            raise ConfigError(f"{where}: value must be a positive integer", path=path)
+        if v["type"] == "expect_vector_values_to_be_between":
+            lo, hi = v.get("min_value"), v.get("max_value")
+            if not (isinstance(lo, list) and isinstance(hi, list) and len(lo) == len(hi) and lo
+                    and all(isinstance(x, (int, float)) for x in lo + hi)):
+                raise ConfigError(f"{where}: min_value and max_value must be equal-length lists of numbers", path=path)
+
+
+def vector_failures(table: pa.Table, expectation: dict) -> np.ndarray:
+    """Rows of ``table`` failing one vector expectation (a null vector fails neither: not_null covers it)."""
+    import pyarrow.compute as pc
+
+    column = table.column(expectation["column"])
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.fill_null(pc.list_value_length(column), -1).to_numpy(zero_copy_only=False)
+    present = lengths >= 0
+    if expectation["type"] == "expect_vector_length_to_equal":
+        return present & (lengths != expectation["value"])
+    lo, hi = np.asarray(expectation["min_value"], float), np.asarray(expectation["max_value"], float)
+    fits = present & (lengths == len(lo))
+    out = np.zeros(len(lengths), dtype=bool)
+    if fits.any():
+        values = pc.cast(column.filter(pa.array(fits)).flatten(), pa.float64()).to_numpy(zero_copy_only=False)
+        values = values.reshape(-1, len(lo))
+        with np.errstate(invalid="ignore"):
+            out[np.flatnonzero(fits)] = ((values < lo) | (values > hi) | ~np.isfinite(values)).any(axis=1)
+    return out
+
+
 def check_suite(path: str, schema: pa.Schema) -> dict:
     """Load and check a suite on the driver: JSON, known expectation types, columns that exist."""
     suite = load_suite_json(path)
     for col in suite_columns(suite):
         if col not in schema.names:
             raise InputError(f"expectation suite {path} names a column the data lacks", column=col)
+    _check_vectors(suite, schema, path)
     build_gx_suite(suite, path)
     return suite
 
@@ -140,15 +189,20 @@ class SuiteRunner:
 
     def failures(self, table: pa.Table) -> tuple[dict[str, np.ndarray], list[str]]:
         """Per row-level expectation a mask of failing rows; batch-level failures as messages."""
+        masks: dict[str, np.ndarray] = {}
+        for v in vector_expectations(self.suite_dict):
+            failed = vector_failures(table, v)
+            if failed.any():
+                reason = suite_reason(v["type"], v["column"])
+                masks[reason] = masks.get(reason, np.zeros(len(failed), bool)) | failed
         if not self.suite_dict["expectations"]:
-            return {}, []
+            return masks, []
         if self._batch_definition is None:
             self._setup()
         frame = table.select(self.columns).to_pandas() if self.columns else table.slice(0, 0).to_pandas()
         frame.index = np.arange(len(frame))
         batch = self._batch_definition.get_batch(batch_parameters={"dataframe": frame})
         result = batch.validate(self._suite, result_format={"result_format": "COMPLETE"})
-        masks: dict[str, np.ndarray] = {}
         messages: list[str] = []
         for res in result.results:
             conf = res.expectation_config
