@@ -79,6 +79,25 @@ class DriftConfig(_Strict):
     max_mean_shift: float = Field(default=0.5, gt=0, description="warn when a class mean moves this many class SDs")
 
 
+class CanaryConfig(_Strict):
+    """The opt-in self-test that measures the detectors' recall on this data (never changes outputs)."""
+
+    enabled: bool = False
+    rate: float = Field(default=0.05, gt=0, le=0.5, description="proxy mode: canaries per target class, share of it")
+    sizes: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1], min_length=1, max_length=10,
+                               description="embedding mode: planted cluster sizes as shares of the class")
+    separation: float = Field(default=6.0, gt=0, le=100, description="planted cluster distance, in class SDs")
+    max_classes: int = Field(default=20, ge=1, le=1000, description="classes tested (the largest)")
+    min_recall: float | None = Field(default=None, ge=0, le=1, description="exit 1 when the measured recall is lower")
+
+    @field_validator("sizes")
+    @classmethod
+    def _shares(cls, sizes: list[float]) -> list[float]:
+        if not all(0 < s <= 0.5 for s in sizes):
+            raise ValueError("each size is a share of the class in (0, 0.5]")
+        return sorted(sizes)
+
+
 class ReportConfig(_Strict):
     image_column: str | None = None
     image_shape: list[int] | None = None
@@ -107,6 +126,7 @@ class Config(_Strict):
     state: str | None = None
     drift: DriftConfig = Field(default_factory=DriftConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    canaries: CanaryConfig = Field(default_factory=CanaryConfig)
 
     @property
     def vector_column(self) -> str:

@@ -32,6 +32,8 @@ DETECTOR = "detector:"
 REVIEW_CONFIRMED = "review:confirmed"
 
 ID_MISSING = BUILTIN + "id_missing"
+ID_RESERVED = BUILTIN + "id_reserved"
+CANARY_PREFIX = "__poisonguard_canary__"  # ids of the canary self-test's synthetic rows; no input row may use it
 ID_DUPLICATE = BUILTIN + "id_duplicate"
 LABEL_MISSING = BUILTIN + "label_missing"
 ROW_LOCAL_CHECKS = ("id_missing", "label_missing", "features_invalid", "embedding_missing", "embedding_dim",

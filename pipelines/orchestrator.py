@@ -11,6 +11,7 @@ from pathlib import Path
 
 from poisonguard import provenance as prov
 from poisonguard import workbench
+from poisonguard.canaries import self_test
 from poisonguard.config import Config
 from poisonguard.core.embedding import resolve_embedding
 from poisonguard.core.screening import Screener
@@ -64,7 +65,8 @@ def run_scan(inputs: list[str], run_dir: str, config: Config, beam_args: list[st
                 check_unchanged(plan)
                 timings = {"plan_s": round(t0 - started, 3), "pipeline_s": round(time.monotonic() - t0, 3)}
                 written, outputs_meta = check_outputs(staging, plan, config, result)
-                summary = build_summary(run_id, plan, config, result, written, timings)
+                tested = self_test(plan, config, ROWS_PER_WORK_ITEM) if config.canaries.enabled else None
+                summary = build_summary(run_id, plan, config, result, written, timings, tested)
                 quarantined = history.quarantined_ids(staging, config.columns.id)
                 summary.update(engine=engine, embedding=embedding, drift=drift_section(state, result.moments, config),
                                run_to_run=history.run_to_run(state, quarantined, decisions))

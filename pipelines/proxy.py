@@ -14,11 +14,11 @@ import logging
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from poisonguard.core.block import hash_strings, seeded_hash_key
 from poisonguard.embed import features_to_numpy, weights_sha256
+from poisonguard.io import read_batches, work_items
 
 log = logging.getLogger("poisonguard")
 
@@ -71,8 +71,9 @@ def read_training_sample(plan, config) -> tuple[np.ndarray, np.ndarray]:
     share = emb.proxy_max_rows / max(plan.total_rows, 1)
     cut = np.uint64(2**64 - 1) if share >= 1 else np.uint64(int(share * 2**64))
     xs, ys = [], []
-    for f in plan.files:
-        for batch in pq.ParquetFile(f.path).iter_batches(columns=[cols.id, cols.label, emb.features], batch_size=65536):
+    for item in work_items(plan, 1 << 62):  # through the reader that checks each file is the one hashed
+        for _, table in read_batches(item, [cols.id, cols.label, emb.features], 65536):
+            batch = table.combine_chunks()
             ids = np.asarray(batch.column(0).cast("string").to_numpy(zero_copy_only=False), dtype=object)
             keep = hash_strings(np.where(ids == None, "", ids).astype(object), seeded_hash_key(config.seed)) <= cut  # noqa: E711
             keep &= ~np.asarray(batch.column(1).is_null(), dtype=bool)
@@ -84,10 +85,18 @@ def read_training_sample(plan, config) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_proxy(plan, config, out_path: str) -> dict:
+    """Train the proxy on the data's bounded sample and save it as TorchScript; returns its record."""
+    x, labels = read_training_sample(plan, config)
+    model, info = fit_proxy(x, labels, plan, config)
+    torch.jit.script(model).save(out_path)
+    return info
+
+
+def fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config):
+    """A proxy network trained on (x, labels), seeded: (model in eval mode, record of how it was trained)."""
     emb = config.embedding
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    x, labels = read_training_sample(plan, config)
     classes, y = np.unique(labels, return_inverse=True)
     shape = list(emb.features_shape or [plan.n_features])
     xt = torch.from_numpy(x).reshape([-1, *shape])
@@ -118,7 +127,6 @@ def train_proxy(plan, config, out_path: str) -> dict:
     model.eval()
     with torch.no_grad():
         accuracy = float((model(xt).argmax(1) == yt).float().mean())
-    torch.jit.script(model).save(out_path)
-    return {"architecture": arch, "train_rows": int(len(xt)), "epochs": emb.proxy_epochs,
-            "train_accuracy": accuracy, "final_loss": float(loss.item()), "weights_sha256": weights_sha256(model),
-            "classes": [c.item() if isinstance(c, np.generic) else c for c in classes]}
+    return model, {"architecture": arch, "train_rows": int(len(xt)), "epochs": emb.proxy_epochs,
+                   "train_accuracy": accuracy, "final_loss": float(loss.item()), "weights_sha256": weights_sha256(model),
+                   "classes": [c.item() if isinstance(c, np.generic) else c for c in classes]}

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from poisonguard.names import ID_MISSING, LABEL_MISSING, ROW_LOCAL_CHECKS, builtin_reason
+from poisonguard.names import CANARY_PREFIX, ID_MISSING, ID_RESERVED, LABEL_MISSING, ROW_LOCAL_CHECKS, builtin_reason
 
 
 @dataclass
@@ -89,6 +89,8 @@ def builtin_block(table: pa.Table, *, file_index: int, first_row: int, id_col: s
         labels=labels, x=x,
     )
     block.add_reason(ID_MISSING, id_null)
+    block.add_reason(ID_RESERVED, np.asarray(pc.fill_null(pc.starts_with(pc.cast(id_arr, pa.string()), CANARY_PREFIX),
+                                                          False), dtype=bool))
     block.add_reason(LABEL_MISSING, label_null)
     for check, mask in emb_reasons.items():
         block.add_reason(builtin_reason(check), mask)

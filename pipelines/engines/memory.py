@@ -23,30 +23,34 @@ from poisonguard.state import class_moments
 Sink = Callable[[int, int, pa.Table, pa.Table], None]
 
 
-def run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tuple[EngineResult, Fitted]:
-    """Fit, then score every batch; ``sink(file_index, first_row, clean, held)`` takes each batch's rows."""
-    config, plan = screener.config, screener.plan
-    cols = config.columns
-    items = work_items(plan, rows_per_item)
+def _batches(screener: Screener, columns: list[str] | None, rows_per_item: int):
+    for item in work_items(screener.plan, rows_per_item):
+        for first_row, table in read_batches(item, columns, screener.config.batch_size):
+            yield item.file_index, first_row, table
 
-    def batches(columns):
-        for item in items:
-            for first_row, table in read_batches(item, columns, config.batch_size):
-                yield item.file_index, first_row, table
 
-    fit_progress = Progress("fit pass", plan.total_rows)
+def fit_pass(screener: Screener, rows_per_item: int):
+    """Pass 1: per-class mergeable states and the hashes of every non-null id."""
+    cols, config = screener.config.columns, screener.config
+    progress = Progress("fit pass", screener.plan.total_rows)
     states, hashes = {}, []
-    for file_index, first_row, table in batches([cols.id, cols.label, config.vector_column]):
+    for file_index, first_row, table in _batches(screener, [cols.id, cols.label, config.vector_column], rows_per_item):
         part = screener.fit_part(screener.make_block(table, file_index, first_row))
         merge_class_states(states, part.states)
         hashes.append(part.id_hashes)
-        fit_progress.add(table.num_rows)
-    all_ids = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-    fitted = Fitted(fit_detectors(states, config), duplicate_hashes(all_ids))
+        progress.add(table.num_rows)
+    return states, (np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
+
+
+def run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tuple[EngineResult, Fitted]:
+    """Fit, then score every batch; ``sink(file_index, first_row, clean, held)`` takes each batch's rows."""
+    config, plan = screener.config, screener.plan
+    states, hashes = fit_pass(screener, rows_per_item)
+    fitted = Fitted(fit_detectors(states, config), duplicate_hashes(hashes))
 
     counts: dict = {}
     score_progress = Progress("score pass", plan.total_rows)
-    for file_index, first_row, table in batches(None):
+    for file_index, first_row, table in _batches(screener, None, rows_per_item):
         block = screener.make_block(table, file_index, first_row)
         warnings = screener.validate(table, block)
         scores = screener.score(block, fitted)

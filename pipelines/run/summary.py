@@ -48,14 +48,16 @@ def check_outputs(staging: str, plan: InputPlan, config: Config, result: EngineR
 
 
 def build_summary(run_id: str, plan: InputPlan, config: Config, result: EngineResult, written: dict,
-                  timings: dict) -> dict:
+                  timings: dict, canaries: dict | None = None) -> dict:
     counts, total = result.counts, plan.total_rows
     share = written[QUARANTINE] / total
     over = share > config.fail_on
+    weak = canaries is not None and not canaries["passed"]
     return {
         "run_id": run_id,
-        "verdict": "over_fail_on" if over else "within_policy",
-        "exit_code": 1 if over else 0,
+        "verdict": "over_fail_on" if over else "canary_recall_below_min" if weak else "within_policy",
+        "exit_code": 1 if over or weak else 0,
+        "canaries": canaries,
         "counts": {"in": total, "clean": written[CLEAN], "quarantined": written[QUARANTINE],
                    "quarantined_share": share},
         "per_reason": dict(sorted(counts.get("reasons", {}).items())),
@@ -77,11 +79,15 @@ def write_json(path: str, value) -> None:
         handle.write("\n")
 
 
+VERDICTS = {"within_policy": "within policy", "over_fail_on": "over fail_on: training should wait",
+            "canary_recall_below_min": "canary recall below canaries.min_recall: training should wait"}
+
+
 def console_summary(summary: dict, run_dir: str) -> str:
     counts = summary["counts"]
     lines = [
         f"poisonguard scan {summary['run_id']}: "
-        f"{'within policy' if summary['verdict'] == 'within_policy' else 'over fail_on: training should wait'}",
+        f"{VERDICTS.get(summary['verdict'], summary['verdict'])}",
         f"  rows in {counts['in']}, clean {counts['clean']}, quarantined {counts['quarantined']} "
         f"({100 * counts['quarantined_share']:.2f}%, fail_on {100 * summary['parameters']['fail_on']:.2f}%)",
     ]
@@ -93,6 +99,10 @@ def console_summary(summary: dict, run_dir: str) -> str:
     lines += [f"    {c}: {v['rows']} / {v['quarantined']}" for c, v in sorted(summary["per_class"].items())]
     if not flagged:
         lines.append("    (no class has quarantined rows)")
+    if summary.get("canaries"):
+        c = summary["canaries"]
+        lines.append(f"  canaries ({c['mode']} mode): {c['caught']} of {c['planted']} caught (recall {c['recall']:.2f})")
+        lines += [f"    {v['finding']}" for v in c["per_class"].values()]
     for warning in summary.get("batch_warnings", {}):
         lines.append(f"  dataset-level expectation failed: {warning}")
     lines.append(f"  outputs: {run_dir}/{{clean,quarantine}}/*.parquet, summary.json, provenance.jsonl")

@@ -1,0 +1,73 @@
+"""The canary self-test: deterministic, never changes what is published, can fail the run on low recall."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from conftest import POISONED, ROOT, embedding_array, gaussian_table, read_outputs, run_cli, \
+    snapshot, write
+
+PROXY = ROOT / "configs" / "digits_proxy.yaml"
+FAST = ["--set", "embedding.proxy_epochs=150"]  # the same code path, a shorter training
+
+
+def _published(run_dir) -> dict[str, bytes]:
+    return {k: v for k, v in snapshot(run_dir).items() if k.startswith(("clean/", "quarantine/")) or k == "review.csv"}
+
+
+def test_proxy_canaries_are_deterministic_and_change_no_published_row(tmp):
+    runs = {}
+    for name, extra in (("plain", []), ("canaries", ["--canaries"]), ("again", ["--canaries"])):
+        code, stdout, stderr = run_cli("scan", POISONED, "--out", tmp / name, "--config", PROXY, "--quiet",
+                                       "--run-id", "same", *FAST, *extra)
+        assert code == 0, stderr
+        runs[name] = json.loads((tmp / name / "summary.json").read_text())
+    assert _published(tmp / "plain") == _published(tmp / "canaries") == _published(tmp / "again")
+    clean, held = read_outputs(tmp / "canaries")
+    ids = clean.column("id").to_pylist() + held.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 1797 and not any(i.startswith("__poisonguard_canary__") for i in ids)
+    first, second = runs["canaries"]["canaries"], runs["again"]["canaries"]
+    assert first == second and runs["plain"]["canaries"] is None
+    assert first["mode"] == "proxy" and first["planted"] >= 30 and 0 <= first["caught"] <= first["planted"]
+    assert all(c["finding"].endswith(f"canaries found in class {k}") for k, c in first["per_class"].items())
+    assert "Canary self-test" in (tmp / "canaries" / "report.html").read_text()
+
+
+def _separable(tmp):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1500, 8)).astype(np.float32) + np.repeat(np.arange(5), 300)[:, None] * 10
+    return write(pa.table({"id": [f"r{i}" for i in range(1500)], "label": np.repeat(np.arange(5), 300),
+                           "embedding": embedding_array(x)}), tmp / "sep.parquet")
+
+
+def test_embedding_power_analysis_reports_the_smallest_cluster_caught(tmp):
+    data = _separable(tmp)
+    settings = ["--set", "canaries.sizes=[0.005, 0.05]", "--set", "canaries.max_classes=2",
+                "--set", "detectors=[{name: spectral}, {name: spectre}]"]
+    code, stdout, stderr = run_cli("scan", data, "--out", tmp / "run", "--canaries", *settings)
+    assert code == 0, stderr
+    canaries = json.loads((tmp / "run" / "summary.json").read_text())["canaries"]
+    assert canaries["mode"] == "embedding" and len(canaries["per_class"]) == 2
+    for c in canaries["per_class"].values():
+        assert [t["rows"] for t in c["trials"]] == [3, 15]
+        assert c["smallest_caught_rows"] in (3, 15) and "would have been caught" in c["finding"]
+    assert "canaries (embedding mode)" in stdout
+    code, stdout, _ = run_cli("scan", data, "--out", tmp / "strict", "--canaries", *settings,
+                              "--set", "canaries.min_recall=1.0", "--set", "canaries.sizes=[0.005]",
+                              "--set", "canaries.separation=0.5")
+    summary = json.loads((tmp / "strict" / "summary.json").read_text())
+    assert code == 1 and summary["verdict"] == "canary_recall_below_min" and not summary["canaries"]["passed"]
+    assert "canary recall below canaries.min_recall" in stdout
+
+
+def test_input_rows_may_not_use_the_canary_id_prefix(tmp):
+    table = gaussian_table(30, 2, 3)
+    table = table.set_column(0, "id", pa.array(["__poisonguard_canary__:1"] + table.column("id").to_pylist()[1:]))
+    code, _, _ = run_cli("scan", write(table, tmp / "t.parquet"), "--out", tmp / "run", "--quiet")
+    assert code == 0
+    held = read_outputs(tmp / "run")[1]
+    reasons = dict(zip(held.column("id").to_pylist(), held.column("quarantine_reasons").to_pylist()))
+    assert "validation:builtin:id_reserved" in reasons["__poisonguard_canary__:1"]
