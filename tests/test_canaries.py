@@ -11,7 +11,7 @@ from conftest import POISONED, ROOT, embedding_array, gaussian_table, read_outpu
     snapshot, write
 
 PROXY = ROOT / "configs" / "digits_proxy.yaml"
-FAST = ["--set", "embedding.proxy_epochs=150"]  # the same code path, a shorter training
+FAST = ["--set", "embedding.proxy_epochs=60"]  # the same code path, a shorter training
 
 
 def _published(run_dir) -> dict[str, bytes]:

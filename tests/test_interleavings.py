@@ -84,7 +84,7 @@ def _killed_scan(out: Path, state: Path, sig: int, delay: float) -> None:
     proc.wait(timeout=120)
 
 
-@settings(max_examples=5, deadline=None, derandomize=True,
+@settings(max_examples=4, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(steps=actions)
 def test_random_interleavings_of_scan_review_and_kill_keep_every_invariant(tmp_path_factory, steps):
