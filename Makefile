@@ -29,7 +29,7 @@ demo: venv
 	exit $$code
 
 test: venv browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 bench-quality: venv
 	$(PY) -m pip install --quiet -e ".[bench]"

@@ -49,11 +49,12 @@ def _config(config: Config | str | os.PathLike | dict | None, overrides: list[st
 
 def scan(inputs, out: str | os.PathLike, config: Config | str | dict | None = None, *, state: str | None = None,
          provenance_log: str | None = None, run_id: str | None = None, overrides: list[str] | None = None,
-         beam_args: list[str] | None = None) -> ScanResult:
+         beam_args: list[str] | None = None, clock_start: float | None = None) -> ScanResult:
     """Screen Parquet ``inputs`` (paths, folders or globs) and publish the run folder ``out``.
 
     ``config`` is a Config, a dict of config keys or a YAML path; ``overrides`` are ``key=value``
-    strings as on the command line.  Raises ``poisonguard.errors.InputError`` for bad input
+    strings as on the command line.  ``clock_start`` (a ``time.monotonic()`` value) is when the
+    caller's clock for ``timings.total_s`` started; the command line passes its own start.  Raises ``poisonguard.errors.InputError`` for bad input
     (nothing published).
     """
     from poisonguard.orchestrator import run_scan
@@ -64,7 +65,7 @@ def scan(inputs, out: str | os.PathLike, config: Config | str | dict | None = No
     if provenance_log is not None:
         cfg.provenance_log = str(provenance_log)
     inputs = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs]
-    result = run_scan(inputs, str(out), cfg, beam_args, run_id=run_id)
+    result = run_scan(inputs, str(out), cfg, beam_args, run_id=run_id, started=clock_start)
     s = result.summary
     return ScanResult(s["run_id"], result.run_dir, s["verdict"], s["exit_code"], s["counts"], result.engine, s)
 

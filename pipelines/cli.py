@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     from poisonguard import __version__
 
     parser.add_argument("--version", action="version", version=f"poisonguard {__version__}")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="stderr log lines as text, or one JSON object per line (ts, level, run_id, phase, msg)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     scan = sub.add_parser("scan", help="scan Parquet inputs into RUN_DIR", epilog=EPILOG_SCAN, allow_abbrev=False,
                           formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -43,7 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="auto (default): in memory for small runs without Beam flags, else Beam (config: engine)")
     scan.add_argument("--canaries", action="store_true",
                       help="self-test: measure the detectors' recall on this data with synthetic poison (config: canaries)")
-    scan.add_argument("--quiet", action="store_true", help="print no summary")
+    scan.add_argument("--quiet", action="store_true", help="print no summary (exit 1 still says why in one line)")
+    scan.add_argument("--output", choices=("text", "json"), default="text",
+                      help="json: the last stdout line is one JSON object (verdict, exit code, counts, paths), "
+                           "e.g. for an Airflow XCom")
 
     review = sub.add_parser("review", help="record release/confirm decisions on a run's quarantine",
                             description="Record reviewers' decisions (CSV or Parquet: id, decision = release | "
@@ -89,11 +95,14 @@ class _QuietThirdParty(logging.Filter):
         return "apitools not found" not in record.getMessage()
 
 
-def _configure_logging() -> None:
+def _configure_logging(fmt: str = "text") -> None:
     """The command owns its process: poisonguard's progress at INFO, other libraries' warnings only."""
+    from poisonguard.observe import Context, JsonLines
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    handler.setFormatter(JsonLines() if fmt == "json" else logging.Formatter("[%(name)s] %(message)s"))
     handler.addFilter(_QuietThirdParty())
+    handler.addFilter(Context())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -104,7 +113,8 @@ class Terminated(BaseException):
     """SIGTERM (what schedulers send to stop a task), raised where the scan is, like Ctrl-C."""
 
 
-_received: list[int] = []  # the signal that stopped the run: Beam may wrap the exception it raised
+_received: list[int] = []
+_STARTED: float | None = None  # when this command started: its clock for timings.total_s  # the signal that stopped the run: Beam may wrap the exception it raised
 
 
 def _on_signal(signum, frame):
@@ -129,13 +139,17 @@ def _stopped_by_signal() -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     import signal
+    import time
+
+    global _STARTED
+    _STARTED = time.monotonic()
     import threading
 
     os.environ["GX_ANALYTICS_ENABLED"] = "false"
     os.umask(0o027)  # run folders and logs are not world-readable
-    _configure_logging()
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    _configure_logging(args.log_format)
     previous = {}
     _received.clear()
     if threading.current_thread() is threading.main_thread():
@@ -156,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         if _received:
             return _stopped_by_signal()
         print(f"poisonguard: error: {one_line(exc)}", file=sys.stderr)
+        if getattr(args, "output", "text") == "json":
+            print(json.dumps({"exit_code": exc.exit_code, "verdict": "error", "error": one_line(exc)}))
         return exc.exit_code
     except (KeyboardInterrupt, Terminated) as exc:
         if not _received:  # raised without our handler (another thread's default handler, say)
@@ -187,23 +203,41 @@ def _scan(args, beam_args: list[str]) -> int:
     config = load_config(args.config, overrides)
     _check_beam_args(beam_args)
     result = scan(args.inputs, args.out, config, state=args.state, provenance_log=args.provenance_log,
-                  run_id=args.run_id, beam_args=beam_args)
+                  run_id=args.run_id, beam_args=beam_args, clock_start=_STARTED)
+    summary = result.summary
     if not args.quiet:
-        print(console_summary(result.summary, result.run_dir))
+        print(console_summary(summary, result.run_dir))
+    elif result.exit_code == 1:
+        print(f"poisonguard: {why_exit_1(summary)}", file=sys.stderr)
+    if args.output == "json":
+        print(json.dumps({"run_id": result.run_id, "verdict": result.verdict, "exit_code": result.exit_code,
+                          "counts": result.counts, "paths": {"run_dir": result.run_dir, **result.paths},
+                          "provenance_head": summary["provenance"]["head"],
+                          "reason": why_exit_1(summary) if result.exit_code == 1 else None}, default=str))
     return result.exit_code
+
+
+def why_exit_1(summary: dict) -> str:
+    counts, parameters = summary["counts"], summary["parameters"]
+    if summary["verdict"] == "over_fail_on":
+        return f"over fail_on: {100 * counts['quarantined_share']:.2f}% > {100 * parameters['fail_on']:.2f}%"
+    canaries = summary.get("canaries") or {}
+    return f"canary recall {canaries.get('recall', float('nan')):.2f} < canaries.min_recall {canaries.get('min_recall')}"
 
 
 def _check_beam_args(beam_args: list[str]) -> None:
     """Flags poisonguard does not define must be Beam's; a typo is an error, never silently ignored."""
     import difflib
 
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     from poisonguard.errors import InputError
 
     stray = [a for a in beam_args if not a.startswith("-")]
     if stray and not any(a.startswith("--") for a in beam_args):
         raise InputError(f"unexpected argument(s) {' '.join(stray)}")
+    if not beam_args:
+        return
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     known = set(PipelineOptions([]).get_all_options())
     ours = [a for action in _parser()._subparsers._group_actions[0].choices["scan"]._actions
             for a in action.option_strings if a.startswith("--")]

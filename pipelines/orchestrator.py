@@ -19,6 +19,7 @@ from poisonguard.core.suite import load_suite
 from poisonguard.errors import InputError, as_reported
 from poisonguard.io import ROWS_PER_WORK_ITEM, check_unchanged, discover, plan_inputs
 from poisonguard.names import PROXY_MODEL, RUN_PROVENANCE, SUMMARY, WORK
+from poisonguard.observe import phase, run_context
 from poisonguard.report import render_report_or_stub
 from poisonguard.run import facets, history, rundir
 from poisonguard.run.summary import build_summary, check_outputs, write_json
@@ -37,18 +38,23 @@ class ScanResult:
 
 
 def run_scan(inputs: list[str], run_dir: str, config: Config, beam_args: list[str] | None = None,
-             run_id: str | None = None) -> ScanResult:
-    started, beam_args = time.monotonic(), beam_args or []
+             run_id: str | None = None, started: float | None = None) -> ScanResult:
     run_id = prov.new_run_id() if run_id is None else run_id
     check_run_id(run_id)
+    with run_context(run_id):
+        return _scan(inputs, run_dir, config, beam_args or [], run_id, started or time.monotonic())
+
+
+def _scan(inputs, run_dir, config, beam_args, run_id, started) -> ScanResult:
     run_dir = str(Path(run_dir).resolve())
     rundir.check_run_dir(run_dir)
     log_path = config.provenance_log or rundir.default_log_path(run_dir)
     rundir.check_outside(run_dir, provenance_log=log_path, state=config.state)
     with rundir.run_dir_lock(run_dir):
         rundir.recover(run_dir)
-        plan = plan_inputs(discover(inputs), config)
-        suite, engine = load_suite(config, plan.schema), choose_engine(config, plan.total_rows, beam_args)
+        with phase("plan"):
+            plan = plan_inputs(discover(inputs), config)
+            suite, engine = load_suite(config, plan.schema), choose_engine(config, plan.total_rows, beam_args)
         rundir.remove_stale_staging(run_dir)
         log.info("plan: %d file(s), %d rows, dim %s, %s engine", len(plan.files), plan.total_rows, plan.dim, engine)
         state = StateFolder(config.state) if config.state else None
@@ -79,13 +85,16 @@ def run_scan(inputs: list[str], run_dir: str, config: Config, beam_args: list[st
                                         [*prov.events_of_run(log_path, start), complete])
                     head = complete["poisonguard_record_sha256"]
                     summary["provenance"] = {"log": log_path, "complete_record_sha256": head, "head": head}
-                    timings.update(total_s=round(time.monotonic() - started, 3),
+                    write_json(os.path.join(staging, SUMMARY), summary)
+                    with phase("report"):
+                        table = workbench.build_table(staging, summary)
+                        workbench.write_review_csv(staging, table)
+                        render_report_or_stub(staging, table)
+                    timings.update(total_s=round(time.monotonic() - started, 3),  # the publish takes milliseconds
                                    rows_per_s=round(plan.total_rows / max(timings["pipeline_s"], 1e-9), 1))
                     write_json(os.path.join(staging, SUMMARY), summary)
-                    table = workbench.build_table(staging, summary)
-                    workbench.write_review_csv(staging, table)
-                    render_report_or_stub(staging, table)
-                    rundir.publish(staging, run_dir, run_id, commit)
+                    with phase("publish"):
+                        rundir.publish(staging, run_dir, run_id, commit)
         except BaseException as exc:
             error = as_reported(exc)
             try:

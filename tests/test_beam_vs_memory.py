@@ -68,3 +68,24 @@ def test_multi_processing_runner_gives_identical_decisions_and_counts(tmp):
     mp, memory = _decisions(tmp / "mp"), _decisions(tmp / "memory")
     assert mp.keys() == memory.keys()
     assert all(mp[k][0] == memory[k][0] for k in memory)
+
+
+@pytest.mark.parametrize("runner", [
+    # Beam's portable runner framework (the path Flink and Spark take): an embedded job service, the
+    # SDK harness reached over gRPC (LOOPBACK)
+    ["--runner", "PortableRunner", "--job_endpoint", "embed", "--environment_type", "LOOPBACK"],
+    # Beam's DaskRunner on a local dask.distributed cluster it starts (worker processes)
+    ["--runner", "DaskRunner"],
+], ids=["portable-loopback", "dask"])
+def test_distributed_runners_give_identical_decisions(tmp, runner):
+    code, _, stderr = run_cli("scan", POISONED, "--out", tmp / "memory", "--config", DIGITS_CONFIG, "--quiet",
+                              "--engine", "memory")
+    assert code == 0, stderr
+    code, _, stderr = run_cli("scan", POISONED, "--out", tmp / "portable", "--config", DIGITS_CONFIG, "--quiet",
+                              *runner)
+    assert code == 0, stderr
+    portable, memory = _decisions(tmp / "portable"), _decisions(tmp / "memory")
+    assert portable.keys() == memory.keys() and len(portable) == 1797
+    for row_id, (reasons, scores) in memory.items():
+        assert portable[row_id][0] == reasons, row_id
+        np.testing.assert_allclose(portable[row_id][1], scores, rtol=1e-6, atol=1e-9)

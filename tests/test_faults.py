@@ -116,7 +116,7 @@ def test_any_scheduler_run_id_round_trips_and_names_no_path(tmp, run_id):
     events = [json.loads(line) for line in (out / "provenance.jsonl").read_text().splitlines()]
     assert [e["run"]["runId"] for e in events] == [run_id, run_id]
     assert sorted(p.name for p in tmp.iterdir()) == ["runs", "state"]  # nothing written outside
-    assert sorted(p.name for p in (tmp / "runs").iterdir()) == [".run.lock", "poisonguard-provenance.jsonl", "run"]
+    assert sorted(p.name for p in (tmp / "runs").iterdir()) == ["poisonguard-provenance.jsonl", "run"]  # no lock file
 
 
 @pytest.mark.parametrize("run_id", ["", " ", "x" * 257, "tab\there", "new\nline"])

@@ -23,10 +23,12 @@ from poisonguard.detectors import merge_states
 from poisonguard.engines.outputs import load_error, reporting_errors, save_result, write_block
 from poisonguard.engines.progress import Progress
 from poisonguard.errors import InputError, one_line
+from poisonguard.observe import phase
 from poisonguard.io import WorkItem
 from poisonguard.state import class_moments
 
 HASH_BUCKETS = 16
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"  # Beam knows it by its full name only
 log = logging.getLogger("poisonguard")
 
 
@@ -68,15 +70,18 @@ class ReadDataset(beam.PTransform):
 
 
 class _FitPass(beam.DoFn):
-    """Per-class states and id hashes, merged across the bundle and emitted once per class and bucket.
+    """Per-class states and id hashes as ("state", label, state) and ("ids", bucket, hashes) elements,
+    merged across the bundle and emitted once per class and bucket.
 
     Emitting one state per batch would let the runner materialise every batch's sample (a copy of
     the embeddings) before the combine; merging in the bundle bounds what leaves a worker by
-    classes x max_fit_rows_per_class, whatever the dataset size.
+    classes x max_fit_rows_per_class, whatever the dataset size.  Beam's DaskRunner drops what
+    finish_bundle emits, so there (``per_batch``) each batch's part is emitted as it is made.
+    One output of tagged tuples, not tagged outputs, because that runner merges tagged outputs too.
     """
 
-    def __init__(self, screener: Screener, staging: str):
-        self.screener, self.staging = screener, staging
+    def __init__(self, screener: Screener, staging: str, per_batch: bool = False):
+        self.screener, self.staging, self.per_batch = screener, staging, per_batch
 
     def setup(self):
         use_system_allocator()
@@ -95,14 +100,20 @@ class _FitPass(beam.DoFn):
         buckets = part.id_hashes % HASH_BUCKETS
         for bucket in np.unique(buckets):
             self.ids.setdefault(int(bucket), []).append(part.id_hashes[buckets == bucket])
+        if self.per_batch:
+            yield from self._drain()
 
     def finish_bundle(self):
         from apache_beam.transforms.window import GlobalWindows
 
+        for element in self._drain():
+            yield GlobalWindows.windowed_value(element)
+
+    def _drain(self):
         for label, state in self.states.items():
-            yield beam.pvalue.TaggedOutput("states", GlobalWindows.windowed_value((label, state)))
+            yield "state", label, state
         for bucket, parts in self.ids.items():
-            yield beam.pvalue.TaggedOutput("ids", GlobalWindows.windowed_value((bucket, np.concatenate(parts))))
+            yield "ids", bucket, np.concatenate(parts)
         self.states, self.ids = {}, {}
 
 
@@ -123,15 +134,16 @@ class _MergeStates(beam.CombineFn):
 class FitDetectors(beam.PTransform):
     """Batches -> (Fitted: detectors and duplicated id hashes, per-class moments), one element each."""
 
-    def __init__(self, screener: Screener, staging: str):
+    def __init__(self, screener: Screener, staging: str, per_batch: bool = False):
         super().__init__()
-        self.screener, self.staging = screener, staging
+        self.screener, self.staging, self.per_batch = screener, staging, per_batch
 
     def expand(self, batches):
         config = self.screener.config
-        out = batches | "Moments" >> beam.ParDo(_FitPass(self.screener, self.staging)).with_outputs("states", "ids")
+        parts = batches | "Moments" >> beam.ParDo(_FitPass(self.screener, self.staging, self.per_batch))
         states = (
-            out.states
+            parts
+            | "States" >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == "state" else [])
             | "MergePerClass" >> beam.CombinePerKey(_MergeStates())
             | "AllClasses" >> beam.combiners.ToList()
         )
@@ -144,7 +156,8 @@ class FitDetectors(beam.PTransform):
         detectors = states | "Fit" >> beam.Map(fit)
         moments = states | "ClassMoments" >> beam.Map(lambda pairs: class_moments(dict(pairs)))
         dups = (
-            out.ids
+            parts
+            | "Ids" >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == "ids" else [])
             | "ByBucket" >> beam.GroupByKey()
             | "DupsInBucket" >> beam.Map(lambda kv: duplicate_hashes(np.concatenate(list(kv[1]))))
             | "AllDups" >> beam.combiners.ToList()
@@ -247,14 +260,15 @@ class WriteOutputs(beam.PTransform):
         )
 
 
-def build_scan(pipeline: beam.Pipeline, screener: Screener, staging: str, run_id: str, rows_per_item: int) -> None:
+def build_scan(pipeline: beam.Pipeline, screener: Screener, staging: str, run_id: str, rows_per_item: int,
+               per_batch: bool = False) -> None:
     """ReadDataset -> ValidateRows (Embed inside) -> FitDetectors -> ScoreRows -> WriteOutputs."""
     config, cols = screener.config, screener.config.columns
     items = pio.work_items(screener.plan, rows_per_item)
 
     fit_columns = [cols.id, cols.label, config.vector_column]
     fit_input = pipeline | "ReadForFit" >> ReadDataset(items, fit_columns, config.batch_size, staging)
-    fitted, moments = fit_input | "FitDetectors" >> FitDetectors(screener, staging)
+    fitted, moments = fit_input | "FitDetectors" >> FitDetectors(screener, staging, per_batch)
     counts = (
         pipeline
         | "ReadDataset" >> ReadDataset(items, None, config.batch_size, staging)
@@ -262,15 +276,23 @@ def build_scan(pipeline: beam.Pipeline, screener: Screener, staging: str, run_id
         | "ScoreRows" >> ScoreRows(screener, fitted)
         | "WriteOutputs" >> WriteOutputs(screener, staging, run_id)
     )
-    counts | "SaveCounts" >> beam.Map(lambda c: save_result(staging, "counts", c))
-    fitted | "SaveFit" >> beam.Map(lambda f: save_result(staging, "fit", fit_report(f.detectors)))
-    moments | "SaveMoments" >> beam.Map(lambda m: save_result(staging, "moments", m))
+    # one sink that depends on everything: runners that compute only the graph's last collection
+    # (Beam's DaskRunner) then still run every branch
+    (
+        (counts | "TagCounts" >> beam.Map(lambda c: ("counts", c)),
+         fitted | "TagFit" >> beam.Map(lambda f: ("fit", fit_report(f.detectors))),
+         moments | "TagMoments" >> beam.Map(lambda m: ("moments", m)))
+        | "AllResults" >> beam.Flatten()
+        | "SaveResults" >> beam.MapTuple(lambda key, value: save_result(staging, key, value))
+    )
 
 
 def run(screener: Screener, staging: str, run_id: str, beam_args: list[str], rows_per_item: int) -> None:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     use_system_allocator()
+    beam_args = [{"DaskRunner": DASK_RUNNER, "--runner=DaskRunner": f"--runner={DASK_RUNNER}"}.get(a, a)
+                 for a in beam_args]
     options = PipelineOptions(beam_args)
     try:
         pipeline = beam.Pipeline(options=options)
@@ -279,8 +301,9 @@ def run(screener: Screener, staging: str, run_id: str, beam_args: list[str], row
     log.info("pipeline: runner %s, detectors %s", options.get_all_options().get("runner") or "DirectRunner",
              ", ".join(screener.detector_names))
     try:
-        with pipeline:
-            build_scan(pipeline, screener, staging, run_id, rows_per_item)
+        with phase("fit and score (one Beam graph: both passes)"), pipeline:
+            build_scan(pipeline, screener, staging, run_id, rows_per_item, per_batch=DASK_RUNNER in beam_args
+                       or f"--runner={DASK_RUNNER}" in beam_args)
     except Exception:
         error = load_error(staging)
         if error is None:

@@ -18,6 +18,7 @@ from poisonguard.core.screening import Fitted, Screener, duplicate_hashes, fit_d
 from poisonguard.engines.outputs import EngineResult
 from poisonguard.engines.progress import Progress
 from poisonguard.io import read_batches, work_items
+from poisonguard.observe import phase
 from poisonguard.state import class_moments
 
 Sink = Callable[[int, int, pa.Table, pa.Table], None]
@@ -45,17 +46,19 @@ def fit_pass(screener: Screener, rows_per_item: int):
 def run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tuple[EngineResult, Fitted]:
     """Fit, then score every batch; ``sink(file_index, first_row, clean, held)`` takes each batch's rows."""
     config, plan = screener.config, screener.plan
-    states, hashes = fit_pass(screener, rows_per_item)
-    fitted = Fitted(fit_detectors(states, config), duplicate_hashes(hashes))
+    with phase("fit"):
+        states, hashes = fit_pass(screener, rows_per_item)
+        fitted = Fitted(fit_detectors(states, config), duplicate_hashes(hashes))
 
     counts: dict = {}
     score_progress = Progress("score pass", plan.total_rows)
-    for file_index, first_row, table in _batches(screener, None, rows_per_item):
-        block = screener.make_block(table, file_index, first_row)
-        warnings = screener.validate(table, block)
-        scores = screener.score(block, fitted)
-        clean, held, stats = screener.split(table, block, scores, run_id, warnings)
-        sink(file_index, first_row, clean, held)
-        counts = merge_stats(counts, stats)
-        score_progress.add(table.num_rows)
+    with phase("score"):
+        for file_index, first_row, table in _batches(screener, None, rows_per_item):
+            block = screener.make_block(table, file_index, first_row)
+            warnings = screener.validate(table, block)
+            scores = screener.score(block, fitted)
+            clean, held, stats = screener.split(table, block, scores, run_id, warnings)
+            sink(file_index, first_row, clean, held)
+            counts = merge_stats(counts, stats)
+            score_progress.add(table.num_rows)
     return EngineResult(counts, fit_report(fitted.detectors), class_moments(states)), fitted

@@ -56,7 +56,7 @@ def check_outside(run_dir: str, **paths: str | None) -> None:
 def run_dir_lock(run_dir: str):
     """One scan per RUN_DIR at a time; a second one waits for the first to finish."""
     path = Path(run_dir)
-    return locked_file(path.parent / f".{path.name}.lock", append=False)
+    return locked_file(path.parent / f".{path.name}.lock", append=False, remove=True)
 
 
 def recover(run_dir: str) -> None:
