@@ -18,7 +18,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from poisonguard.detectors.calibration import MIN_CLASS_ROWS, NOT_TESTED, ClassDecision, gate_by_other_classes, \
-    separated_minority, too_small, top_fraction
+    guard_mass_quarantine, separated_minority, too_small, top_fraction
 from poisonguard.detectors.params import validate_params
 from poisonguard.detectors.stats import ClassState, default_keys, states_by_class
 
@@ -71,6 +71,9 @@ class PoisonDetector(BaseEstimator):
             self.decisions_[label] = self._decide(model, state)
         if self.min_class_z is not None and self.expected_poison_rate is None:
             self.decisions_ = gate_by_other_classes(self.decisions_, min_class_z=self.min_class_z)
+        # the papers' rate mode flags the top of every class by design: no guard there
+        self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(
+            self.decisions_, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None)
         return self
 
     def _decide(self, model, state: ClassState) -> ClassDecision:

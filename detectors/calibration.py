@@ -156,3 +156,31 @@ def top_fraction(scores: np.ndarray, expected_poison_rate: float) -> ClassDecisi
 def _finite_or_none(value):
     value = float(value)
     return value if np.isfinite(value) else None
+
+
+MASS_CLASS_SHARE = 0.05  # a detector flagging at least this share of a class ...
+MASS_CLASSES = 0.5  # ... in more than this share of the tested classes reads its representation, not poison
+
+
+def guard_mass_quarantine(decisions: dict, *, accept: bool) -> tuple[dict, dict]:
+    """Hold back a detector that would flag a large share of most classes: (decisions, evidence).
+
+    A poisoning attack targets one or a few classes (a backdoor's target, a flipped class); a
+    detector flagging at least ``MASS_CLASS_SHARE`` of the rows in more than ``MASS_CLASSES`` of the
+    tested classes (and at least 3) is reading a weak representation (an under-fitted proxy, labels
+    its neighbourhoods cannot support), not poison.  Its flags are withdrawn and it is reported as
+    unreliable, with the evidence, unless ``accept``.  A real flip of even 20% of one class does not
+    trigger it.
+    """
+    tested = [d for d in decisions.values() if d.rows_tested >= MIN_CLASS_ROWS]
+    heavy = [d for d in tested if d.suspicious and d.minority_share >= MASS_CLASS_SHARE]
+    systemic = len(tested) >= 3 and len(heavy) > MASS_CLASSES * len(tested)
+    share = float(np.mean([d.minority_share for d in heavy])) if heavy else 0.0
+    evidence = {"classes_flagging_5pct": len(heavy), "classes_tested": len(tested), "mean_share_flagged": share,
+                "unreliable": systemic, "accepted": accept}
+    if not systemic or accept:
+        return decisions, evidence
+    why = (f"held back: this detector would flag {share:.0%} of the rows in {len(heavy)} of {len(tested)} classes, "
+           "more than any plausible attack (a weak representation, not poison); --accept-mass-quarantine applies it")
+    return {c: replace(d, suspicious=False, threshold=float("inf"), why=why) if d.suspicious else d
+            for c, d in decisions.items()}, evidence

@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params
-from poisonguard.detectors.calibration import NOT_TESTED, ClassDecision
+from poisonguard.detectors.calibration import NOT_TESTED, ClassDecision, guard_mass_quarantine
 from poisonguard.detectors.stats import ClassState
 
 
@@ -38,7 +38,8 @@ class KnnLabel(PoisonDetector):
     def __init__(self, *, n_neighbors: int = 10, min_disagreement: float = 0.7, reference_size: int = 10000,
                  max_decision_rows: int = 5000, max_share: float = 0.35, min_separation: float = 4.0,
                  min_rows: int = 1, min_class_z: float | None = 3.0, expected_poison_rate: float | None = None,
-                 max_fit_rows_per_class: int = 5000, random_state: int = 0):
+                 max_fit_rows_per_class: int = 5000, random_state: int = 0,
+                 accept_mass_quarantine: bool = False):
         store_params(self, locals())
 
     def fit_states(self, states: dict[object, ClassState]):
@@ -63,6 +64,7 @@ class KnnLabel(PoisonDetector):
             self.index_ = NearestNeighbors(n_neighbors=self.k_ + 1, algorithm="brute").fit(self.reference_x_)
         self.class_models_ = {label: self.k_ > 0 for label in states}
         self.decisions_ = {label: NOT_TESTED for label in states}
+        self.mass_quarantine_ = None
         if self.k_ == 0:
             return self
         # every class's decision rows (the first of its hash-ordered sample: uniform) scored at once
@@ -78,6 +80,9 @@ class KnnLabel(PoisonDetector):
         for i, label in enumerate(labels):
             if counts[i]:
                 self.decisions_[label] = self._decide_knn(scores[starts[i]:starts[i + 1]], int(hits[i]), threshold)
+        # the papers' rate mode flags the top of every class by design: no guard there
+        self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(
+            self.decisions_, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None)
         return self
 
     def _decide_knn(self, scores: np.ndarray, hits: int, threshold: float) -> ClassDecision:

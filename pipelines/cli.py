@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--state", metavar="DIR", help="state folder: reviewer decisions and drift baselines (config: state)")
     scan.add_argument("--engine", choices=("auto", "memory", "beam"),
                       help="auto (default): in memory for small runs without Beam flags, else Beam (config: engine)")
+    scan.add_argument("--accept-mass-quarantine", action="store_true",
+                      help="apply a detector even where it would flag >= 5%% of most classes (config: accept_mass_quarantine)")
     scan.add_argument("--canaries", action="store_true",
                       help="self-test: measure the detectors' recall on this data with synthetic poison (config: canaries)")
     scan.add_argument("--quiet", action="store_true", help="print no summary (exit 1 still says why in one line)")
@@ -200,6 +202,8 @@ def _scan(args, beam_args: list[str]) -> int:
         overrides.append(f"engine={args.engine}")
     if args.canaries:
         overrides.append("canaries.enabled=true")
+    if args.accept_mass_quarantine:
+        overrides.append("accept_mass_quarantine=true")
     config = load_config(args.config, overrides)
     _check_beam_args(beam_args)
     result = scan(args.inputs, args.out, config, state=args.state, provenance_log=args.provenance_log,

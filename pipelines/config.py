@@ -117,6 +117,7 @@ class Config(_Strict):
     max_fit_rows_per_class: int = Field(default=5000, ge=10, le=1_000_000)
     max_classes: int = Field(default=1_000_000, ge=1, le=10_000_000, description="more distinct labels is exit 2")
     fail_on: float = Field(default=0.10, ge=0, le=1, description="largest acceptable quarantined share")
+    accept_mass_quarantine: bool = Field(default=False, description="apply a detector that flags most classes")
     seed: int = Field(default=0, ge=0, lt=2**32)
     batch_size: int = Field(default=8192, ge=1, le=1_000_000)
     engine: Literal["auto", "memory", "beam"] = "auto"
@@ -134,7 +135,8 @@ class Config(_Strict):
         return self.columns.embedding if self.embedding.source == "column" else self.embedding.features
 
     def detector_params(self, det: DetectorConfig) -> dict[str, Any]:
-        params = {"random_state": self.seed, "max_fit_rows_per_class": self.max_fit_rows_per_class}
+        params = {"random_state": self.seed, "max_fit_rows_per_class": self.max_fit_rows_per_class,
+                  "accept_mass_quarantine": self.accept_mass_quarantine}
         if self.expected_poison_rate is not None:
             params["expected_poison_rate"] = self.expected_poison_rate
         params.update(det.params)

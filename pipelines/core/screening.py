@@ -132,10 +132,8 @@ def fit_detectors(states: dict[object, ClassState], config: Config) -> dict[str,
         raise InputError(f"the data has {len(states)} classes, more than max_classes={config.max_classes}",
                          column=config.columns.label)
     ordered = dict(sorted(states.items(), key=lambda kv: (str(type(kv[0])), kv[0])))
-    return {
-        det.name: make_detector(det.name, **config.detector_params(det)).fit_states(ordered)
-        for det in config.detectors
-    }
+    return {det.name: make_detector(det.name, **config.detector_params(det)).fit_states(ordered)
+            for det in config.detectors}
 
 
 def duplicate_hashes(hashes: np.ndarray) -> np.ndarray:
@@ -256,7 +254,8 @@ def fit_report(fitted: dict[str, PoisonDetector]) -> dict:
                 entry.update({k: float(v) for k, v in model.items() if np.isscalar(v) and not isinstance(v, str)})
             classes[str(label)] = entry
         report[name] = {"params": _jsonable(detector.get_params()), "classes": classes,
-                        "untested_classes": dict(untested)}
+                        "untested_classes": dict(untested),
+                        "mass_quarantine": getattr(detector, "mass_quarantine_", None)}
     return report
 
 

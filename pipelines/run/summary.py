@@ -99,6 +99,12 @@ def console_summary(summary: dict, run_dir: str) -> str:
     lines += [f"    {c}: {v['rows']} / {v['quarantined']}" for c, v in sorted(summary["per_class"].items())]
     if not flagged:
         lines.append("    (no class has quarantined rows)")
+    for name, report in summary["detectors"].items():
+        guard = report.get("mass_quarantine") or {}
+        if guard.get("unreliable"):
+            lines.append(f"  {name}: unreliable here: it would flag {guard['mean_share_flagged']:.0%} of the rows in "
+                         f"{guard['classes_flagging_5pct']} of {guard['classes_tested']} classes; "
+                         + ("applied (--accept-mass-quarantine)" if guard["accepted"] else "its flags are held back"))
     if summary.get("canaries"):
         c = summary["canaries"]
         lines.append(f"  canaries ({c['mode']} mode): {c['caught']} of {c['planted']} caught (recall {c['recall']:.2f})")

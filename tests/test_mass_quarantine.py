@@ -1,0 +1,56 @@
+"""The guard against mass quarantine: a detector reading a weak representation everywhere is held
+back and reported; a real attack on one class is still quarantined."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from conftest import embedding_array, read_outputs, run_cli, write
+
+
+def _table(separation: float, flip_into: int | None = None, flip_share: float = 0.2, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(6), 300)
+    centres = rng.normal(size=(6, 8))
+    centres *= separation / np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[y] + rng.normal(size=(len(y), 8)) * 0.8
+    flipped = np.zeros(len(y), dtype=bool)
+    if flip_into is not None:  # rows of class 0 relabelled into flip_into: flip_share of that class's size
+        rows = np.flatnonzero(y == 0)[: int(flip_share * 300)]
+        y[rows], flipped[rows] = flip_into, True
+    table = pa.table({"id": [f"r{i}" for i in range(len(y))], "label": y, "embedding": embedding_array(x)})
+    return table, flipped
+
+
+def test_a_detector_flagging_most_classes_is_held_back_and_reported(tmp):
+    table, _ = _table(separation=2.0)
+    data = write(table, tmp / "weak.parquet")
+    knn = ["--set", "detectors=[{name: knn_label}]"]
+    code, stdout, stderr = run_cli("scan", data, "--out", tmp / "run", *knn)
+    assert code == 0, stderr
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    guard = summary["detectors"]["knn_label"]["mass_quarantine"]
+    assert guard["unreliable"] and not guard["accepted"] and guard["classes_flagging_5pct"] > 3
+    assert summary["counts"]["quarantined"] == 0
+    assert "knn_label: unreliable here" in stdout and "held back" in stdout
+    assert "is unreliable on this data" in (tmp / "run" / "report.html").read_text()
+    code, _, _ = run_cli("scan", data, "--out", tmp / "accepted", *knn, "--accept-mass-quarantine", "--quiet",
+                         "--set", "fail_on=1")
+    accepted = json.loads((tmp / "accepted" / "summary.json").read_text())
+    assert code == 0 and accepted["counts"]["quarantined"] > 0.05 * 1800
+    assert accepted["detectors"]["knn_label"]["mass_quarantine"]["accepted"]
+
+
+def test_a_real_20_percent_label_flip_in_one_class_is_still_quarantined(tmp):
+    table, flipped = _table(separation=12.0, flip_into=3)
+    code, _, stderr = run_cli("scan", write(table, tmp / "flip.parquet"), "--out", tmp / "run", "--quiet")
+    assert code == 0, stderr
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    assert not summary["detectors"]["knn_label"]["mass_quarantine"]["unreliable"]
+    held = set(read_outputs(tmp / "run")[1].column("id").to_pylist())
+    ids = np.array(table.column("id").to_pylist())
+    assert set(ids[flipped]) <= held
+    assert len(held - set(ids[flipped])) <= 0.005 * len(ids)
