@@ -50,6 +50,8 @@ class EmbeddingConfig(_Strict):
     proxy_epochs: int = Field(default=600, ge=1, le=100000)
     proxy_max_rows: int = Field(default=50000, ge=10)
     proxy_lr: float = Field(default=3e-3, gt=0)
+    spill: bool = Field(default=True, description="model/proxy mode: keep pass 1's embeddings for pass 2 (disk) "
+                                                  "instead of running the model again")
 
     @model_validator(mode="after")
     def _sources(self):

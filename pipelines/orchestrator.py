@@ -67,7 +67,8 @@ def _scan(inputs, run_dir, config, beam_args, run_id, started) -> ScanResult:
                 if config.embedding.source == "proxy":
                     shutil.copyfile(plan.model_path, os.path.join(staging, PROXY_MODEL))
                 t0 = time.monotonic()
-                result = run_engine(engine, Screener(config, plan, suite, decisions), staging, run_id, beam_args)
+                spill = os.path.join(staging, WORK, "embeddings") if plan.model_path and config.embedding.spill else None
+                result = run_engine(engine, Screener(config, plan, suite, decisions, spill), staging, run_id, beam_args)
                 check_unchanged(plan)
                 timings = {"plan_s": round(t0 - started, 3), "pipeline_s": round(time.monotonic() - t0, 3)}
                 written, outputs_meta = check_outputs(staging, plan, config, result)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import POISONED, ROOT, TRUTH, error_lines, read_outputs, run_cli, write
+from conftest import POISONED, ROOT, TRUTH, error_lines, read_outputs, run_cli, snapshot, write
 
 MODEL = ROOT / "data" / "samples" / "digits_poisoned_model.pt"
 SUITE = ROOT / "expectations" / "digits_suite.json"
@@ -121,3 +121,19 @@ def test_proxy_is_deterministic_under_a_seed_on_cpu(tmp, no_embedding):
         _, held = read_outputs(tmp / name)
         runs.append((summary["embedding"]["weights_sha256"], sorted(held.column("id").to_pylist())))
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("engine", ["memory", "beam"])
+def test_model_mode_runs_inference_once_per_row(tmp, engine):
+    config = ROOT / "configs" / "digits_model.yaml"
+    runs = {}
+    for name, extra in (("spill", []), ("again", ["--set", "embedding.spill=false"])):
+        code, _, stderr = run_cli("scan", POISONED, "--out", tmp / name, "--config", config, "--quiet",
+                                  "--run-id", "same", "--engine", engine, *extra)
+        assert code == 0, stderr
+        runs[name] = json.loads((tmp / name / "summary.json").read_text())
+    assert runs["spill"]["model_rows_in_score_pass"] == 0  # the score pass read pass 1's embeddings
+    assert runs["again"]["model_rows_in_score_pass"] == 1797
+    parts = [{k: v for k, v in snapshot(tmp / name).items() if k.startswith(("clean/", "quarantine/"))}
+             for name in ("spill", "again")]
+    assert parts[0] == parts[1] and parts[0]

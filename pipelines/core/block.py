@@ -28,6 +28,7 @@ class RowBlock:
     x: np.ndarray  # float32 (n, dim); zeros where the embedding is unusable
     reasons: dict[str, np.ndarray] = field(default_factory=dict)
     released: np.ndarray | None = None  # rows a reviewer released: detector flags do not apply
+    model_rows: int = 0  # rows this block ran through an embedding model (model and proxy modes)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -47,8 +47,10 @@ class Fitted:
 class Screener:
     """The per-block screening steps, set up once per worker (the model and GX load lazily)."""
 
-    def __init__(self, config: Config, plan: InputPlan, suite: dict | None = None, decisions: dict | None = None):
+    def __init__(self, config: Config, plan: InputPlan, suite: dict | None = None, decisions: dict | None = None,
+                 spill_dir: str | None = None):
         self.config, self.plan, self.suite, self.decisions = config, plan, suite, decisions or {}
+        self.spill_dir = spill_dir  # model/proxy mode: pass 1 keeps its embeddings here, pass 2 reads them
         self._embedder = self._runner = None
         self._ready = False
 
@@ -68,16 +70,56 @@ class Screener:
     def detector_names(self) -> list[str]:
         return [d.name for d in self.config.detectors]
 
-    def make_block(self, table: pa.Table, file_index: int, first_row: int) -> RowBlock:
-        """Built-in checks and embeddings of one batch."""
+    def make_block(self, table: pa.Table, file_index: int, first_row: int, stage: str = "fit") -> RowBlock:
+        """Built-in checks and embeddings of one batch (``stage``: "fit" for pass 1, "score" for pass 2)."""
         self.setup()
         config, cols = self.config, self.config.columns
-        embeddings, bad = (None, None) if self._embedder is None else \
-            self._embedder(table.column(config.embedding.features))
-        return builtin_block(table, file_index=file_index, first_row=first_row, id_col=cols.id,
-                             label_col=cols.label, emb_col=cols.embedding, dim=self.plan.dim,
-                             max_abs=config.embedding.max_abs_value, seed=config.seed,
-                             embeddings=embeddings, bad_features=bad)
+        embeddings = bad = None
+        model_rows = 0
+        if self._embedder is not None:
+            embeddings, bad = self._spilled(file_index, first_row, table.num_rows) if stage == "score" else (None, None)
+            if embeddings is None:
+                embeddings, bad = self._embedder(table.column(config.embedding.features))
+                model_rows = table.num_rows
+                if stage == "fit" and self.spill_dir:
+                    self._spill(file_index, first_row, embeddings, bad)
+        block = builtin_block(table, file_index=file_index, first_row=first_row, id_col=cols.id,
+                              label_col=cols.label, emb_col=cols.embedding, dim=self.plan.dim,
+                              max_abs=config.embedding.max_abs_value, seed=config.seed,
+                              embeddings=embeddings, bad_features=bad)
+        block.model_rows = model_rows
+        return block
+
+    def _spill_path(self, file_index: int, first_row: int) -> str:
+        import os
+
+        from poisonguard.names import part_name
+
+        return os.path.join(self.spill_dir, part_name(file_index, first_row).replace(".parquet", ".arrow"))
+
+    def _spill(self, file_index: int, first_row: int, embeddings, bad) -> None:
+        import os
+
+        import pyarrow.feather as feather
+
+        os.makedirs(self.spill_dir, exist_ok=True)
+        path = self._spill_path(file_index, first_row)
+        feather.write_feather(pa.table({"embedding": embeddings, "bad": pa.array(bad)}), path + ".tmp",
+                              compression="uncompressed")
+        os.replace(path + ".tmp", path)
+
+    def _spilled(self, file_index: int, first_row: int, rows: int):
+        """The embeddings pass 1 computed for this batch, or (None, None) where there are none."""
+        import os
+
+        import pyarrow.feather as feather
+
+        if not self.spill_dir or not os.path.exists(self._spill_path(file_index, first_row)):
+            return None, None
+        kept = feather.read_table(self._spill_path(file_index, first_row), memory_map=False)
+        if kept.num_rows != rows:
+            return None, None
+        return kept.column("embedding").combine_chunks(), kept.column("bad").to_numpy(zero_copy_only=False)
 
     # ---- pass 1 ------------------------------------------------------------------------------
     def fit_part(self, block: RowBlock) -> FitPart:
@@ -212,6 +254,7 @@ def block_stats(block: RowBlock, warnings: list[str] | None = None) -> dict:
         "reasons": {reason: int(mask.sum()) for reason, mask in block.reasons.items() if mask.any()},
         "classes": classes,
         "batch_warnings": dict(Counter(warnings or [])),
+        "model_rows_in_score_pass": block.model_rows,
         "review": {
             "released": int(0 if block.released is None else (block.released & ~quarantined).sum()),
             "confirmed": int(block.mask(REVIEW_CONFIRMED).sum()),

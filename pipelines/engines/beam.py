@@ -171,10 +171,10 @@ class _Validate(beam.DoFn):
     def __init__(self, screener: Screener, staging: str):
         self.screener, self.staging = screener, staging
 
-    def process(self, element):
+    def process(self, element, fitted_barrier=None):
         item, first_row, table = element
         with reporting_errors(self.staging):
-            block = self.screener.make_block(table, item.file_index, first_row)
+            block = self.screener.make_block(table, item.file_index, first_row, stage="score")
             warnings = self.screener.validate(table, block)
         yield item, table, block, warnings
 
@@ -182,15 +182,17 @@ class _Validate(beam.DoFn):
 class ValidateRows(beam.PTransform):
     """Batches -> (item, table, RowBlock with built-in, suite and review reasons, batch warnings).
 
-    The Embed step (column, user model or proxy model) runs inside it, on the same batch.
+    The Embed step runs inside it, on the same batch: in model and proxy mode it reads the embeddings
+    the fit pass kept, so it waits for the fitted detectors (a side input) before it starts.
     """
 
-    def __init__(self, screener: Screener, staging: str):
+    def __init__(self, screener: Screener, staging: str, fitted=None):
         super().__init__()
-        self.screener, self.staging = screener, staging
+        self.screener, self.staging, self.fitted = screener, staging, fitted
 
     def expand(self, batches):
-        return batches | "Validate" >> beam.ParDo(_Validate(self.screener, self.staging))
+        barrier = [AsSingleton(self.fitted)] if self.fitted is not None and self.screener.spill_dir else []
+        return batches | "Validate" >> beam.ParDo(_Validate(self.screener, self.staging), *barrier)
 
 
 class ScoreRows(beam.PTransform):
@@ -272,7 +274,7 @@ def build_scan(pipeline: beam.Pipeline, screener: Screener, staging: str, run_id
     counts = (
         pipeline
         | "ReadDataset" >> ReadDataset(items, None, config.batch_size, staging)
-        | "ValidateRows" >> ValidateRows(screener, staging)
+        | "ValidateRows" >> ValidateRows(screener, staging, fitted)
         | "ScoreRows" >> ScoreRows(screener, fitted)
         | "WriteOutputs" >> WriteOutputs(screener, staging, run_id)
     )

@@ -54,7 +54,7 @@ def run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tupl
     score_progress = Progress("score pass", plan.total_rows)
     with phase("score"):
         for file_index, first_row, table in _batches(screener, None, rows_per_item):
-            block = screener.make_block(table, file_index, first_row)
+            block = screener.make_block(table, file_index, first_row, stage="score")
             warnings = screener.validate(table, block)
             scores = screener.score(block, fitted)
             clean, held, stats = screener.split(table, block, scores, run_id, warnings)

@@ -68,6 +68,7 @@ def build_summary(run_id: str, plan: InputPlan, config: Config, result: EngineRe
         "inputs": [{"path": f.path, "sha256": f.sha256, "rows": f.rows} for f in plan.files],
         "parameters": json.loads(config.model_dump_json()),
         "embedding_dim": plan.dim,
+        "model_rows_in_score_pass": counts.get("model_rows_in_score_pass", 0),
         "timings": timings,
         "versions": versions(),
     }
