@@ -134,11 +134,6 @@ class PoisonDetector(BaseEstimator):
                 thresholds[rows] = decision.threshold
         return thresholds
 
-    def class_report(self) -> dict[str, dict]:
-        """Per class: the statistic, the decision and the threshold (for summary.json)."""
-        check_is_fitted(self, "decisions_")
-        return {str(label): decision.to_dict() for label, decision in self.decisions_.items()}
-
 
 def rows_by_label(y: np.ndarray):
     """(label, row indices) for each label present, grouped in one sort (O(n log n))."""

@@ -244,8 +244,3 @@ def _walk(path: str) -> tuple[bool, str, list[dict]]:
             found.append(record)
             prev, expected_seq = record["poisonguard_record_sha256"], expected_seq + 1
     return True, f"{expected_seq} records, chain intact, head {prev}", found
-
-
-def head_of(path: str) -> str:
-    found = records(path)
-    return found[-1]["poisonguard_record_sha256"] if found else GENESIS
