@@ -124,8 +124,11 @@ def proxy_canaries(plan, config: Config) -> dict:
     cx, cy = [], []
     targets = _eligible(sizes, config.canaries.max_classes)
     for i, target in enumerate(targets):
-        k = max(3, int(round(config.canaries.rate * sizes[target])))
-        sources = rng.choice(np.flatnonzero(labels != target), size=k, replace=False)
+        others = np.flatnonzero(labels != target)
+        k = min(max(3, int(round(config.canaries.rate * sizes[target]))), len(others))
+        if k == 0:
+            continue
+        sources = rng.choice(others, size=k, replace=False)
         cx.append(_stamp(x[sources], i, shape, rng))
         cy.append(np.full(k, target, dtype=labels.dtype))
     if not cx:

@@ -174,3 +174,25 @@ def test_a_large_quarantine_is_paged(tmp):
     total = int(re.search(r'data-total="(\d+)"', dom).group(1))
     assert total > 1000 and f'data-shown="{total}"' in dom
     assert len(_rows(dom)) == 200 and "page 1 of" in dom
+
+
+def test_ids_that_look_like_markup_cannot_break_out_of_the_table_data(tmp):
+    import html
+
+    table = gaussian_table(100, 3, 4)
+    ids = table.column("id").to_pylist()
+    evil = ["</script><script>alert(1)</script>", "<!--<script>", 'a&b"\'']
+    ids[:3] = evil
+    x = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(-1, 4).copy()
+    x[:3] += 40.0  # the three rows are flagged, so they are in the table
+    table = table.set_column(0, "id", pa.array(ids)).set_column(
+        2, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(x.ravel().astype(np.float32)), 4))
+    code, _, stderr = run_cli("scan", write(table, tmp / "m.parquet"), "--out", tmp / "run", "--quiet")
+    assert code == 0, stderr
+    page = (tmp / "run" / "report.html").read_text()
+    data = page.split('<script type="application/json" id="q-data">', 1)[1].split("</script>", 1)[0]
+    assert "<" not in data and set(evil) <= {row[0] for row in json.loads(data)["rows"]}
+    dom = _dom(tmp / "run" / "report.html")
+    assert 'data-loaded="ok"' in dom
+    assert dom.count("<script") == page.count("<script") == 3  # no script element came from the data
+    assert set(evil) <= {html.unescape(i) for i, _ in _rows(dom)}
