@@ -24,7 +24,7 @@ import numpy as np
 
 from typing import Literal
 
-from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params, top_eigh
+from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, project, store_params, top_eigh
 from poisonguard.detectors.stats import ClassState
 
 
@@ -85,11 +85,13 @@ class ActivationClustering(PoisonDetector):
         b = np.linalg.norm(reduced - c_big, axis=1)
         in_small = labels == small
         silhouette = float(np.mean(((b - a) / np.maximum(np.maximum(a, b), 1e-300))[in_small]))
+        # s(x) = ((x - mean) B - c_big) . u / sigma is linear in x: one vector and one offset per class
+        w = basis @ axis / spread
         return {
             "mean": mean, "basis": basis, "c_big": c_big, "axis": axis, "spread": spread,
             "small_share": float(sizes[small] / sizes.sum()), "silhouette": silhouette,
+            "w": w, "b": -float(mean @ w) - float(c_big @ axis) / spread,
         }
 
     def _score_class(self, model, X):
-        reduced = (X.astype(np.float64) - model["mean"]) @ model["basis"]
-        return ((reduced - model["c_big"]) @ model["axis"]) / model["spread"]
+        return project(X, model["w"], model["b"])

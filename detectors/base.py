@@ -74,6 +74,7 @@ class PoisonDetector(BaseEstimator):
         # the papers' rate mode flags the top of every class by design: no guard there
         self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(
             self.decisions_, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None)
+        self.linear_ = self._linear_table()
         return self
 
     def _decide(self, model, state: ClassState) -> ClassDecision:
@@ -107,16 +108,44 @@ class PoisonDetector(BaseEstimator):
         return threshold
 
     # ---- scoring -------------------------------------------------------------------------
+    @staticmethod
+    def _from_linear(projection: np.ndarray) -> np.ndarray:
+        return projection
+
     def score_samples(self, X, y, sample_keys=None) -> np.ndarray:
+        """Every row's score.  Where each class's score is a function of one projection x.w_c + b_c
+        (spectral, activation clustering), the whole batch is scored at once from the stacked
+        per-class vectors; otherwise (SPECTRE's per-class whitening) class by class."""
         check_is_fitted(self, "decisions_")
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y)
         scores = np.full(len(X), np.nan, dtype=np.float64)
+        linear = self.linear_
+        if linear is not None:
+            index, w, b = linear
+            code = index.get_indexer(y) if len(index) else np.full(len(y), -1)
+            ok = np.flatnonzero(code >= 0)
+            scores[ok] = self._from_linear(project(X[ok], w[code[ok]], b[code[ok]]))
+            return scores
         for label, rows in rows_by_label(y):
             model = self.class_models_.get(label)
             if model is not None:
                 scores[rows] = self._score_class(model, X[rows])
         return scores
+
+    def _linear_table(self):
+        """(labels, stacked w, stacked b) of the fitted classes when every class model is linear
+        (scored as one projection x.w + b), else None."""
+        import pandas as pd
+
+        models = {c: m for c, m in self.class_models_.items() if isinstance(m, dict)}
+        if any("w" not in m for m in models.values()):
+            return None
+        labels = list(models)
+        if not labels:
+            return pd.Index([], dtype=object), np.zeros((0, self.n_features_in_)), np.zeros(0)
+        return (pd.Index(labels, dtype=object), np.stack([models[c]["w"] for c in labels]),
+                np.array([models[c]["b"] for c in labels]))
 
     def flag(self, X, y, sample_keys=None, scores: np.ndarray | None = None) -> np.ndarray:
         check_is_fitted(self, "decisions_")
@@ -133,6 +162,13 @@ class PoisonDetector(BaseEstimator):
             if decision is not None and decision.suspicious:
                 thresholds[rows] = decision.threshold
         return thresholds
+
+
+def project(X: np.ndarray, w: np.ndarray, b) -> np.ndarray:
+    """x.w + b per row (``w`` one row per x, or one vector for all): the one kernel that both the
+    per-class decision and the batch scoring use, so a threshold set on one holds bit for bit on the other."""
+    X = np.asarray(X, dtype=np.float64)
+    return np.einsum("ij,ij->i", X, np.broadcast_to(w, X.shape)) + b
 
 
 def rows_by_label(y: np.ndarray):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from poisonguard.detectors.base import PoisonDetector, store_params, top_eigh
+from poisonguard.detectors.base import PoisonDetector, project, store_params, top_eigh
 from poisonguard.detectors.stats import ClassState
 
 
@@ -37,10 +37,15 @@ class SpectralSignatures(PoisonDetector):
         values, vectors = top_eigh(state.covariance, 1)
         if values[0] <= 0:
             return None
-        return {"mean": state.mean, "direction": vectors[:, 0], "top_eigenvalue": float(values[0])}
+        direction = vectors[:, 0]
+        return {"mean": state.mean, "direction": direction, "top_eigenvalue": float(values[0]),
+                "w": direction, "b": -float(state.mean @ direction)}
 
     def _score_class(self, model, X):
-        projection = (X.astype(np.float64) - model["mean"]) @ model["direction"]
+        return self._from_linear(project(X, model["w"], model["b"]))
+
+    @staticmethod
+    def _from_linear(projection):
         return projection * projection
 
     @staticmethod

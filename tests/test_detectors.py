@@ -134,3 +134,18 @@ def test_chan_merge_equals_direct_moments_and_sample_is_order_free():
         np.testing.assert_allclose(merged.covariance, np.cov(x.astype(np.float64).T, bias=True), rtol=1e-10, atol=1e-10)
         np.testing.assert_array_equal(merged.sample_keys, whole.sample_keys)
         np.testing.assert_array_equal(merged.sample_x, whole.sample_x)
+
+
+@pytest.mark.parametrize("cls", [SpectralSignatures, ActivationClustering])
+def test_batch_scoring_equals_class_by_class_scoring(cls):
+    """Linear detectors score a batch in one gathered projection, with no loop over classes."""
+    x, y, _ = planted()
+    det = cls().fit(x, y)
+    assert det.linear_ is not None and len(det.linear_[0]) == 5
+    expected = np.full(len(x), np.nan)
+    for c in np.unique(y):
+        expected[y == c] = det._score_class(det.class_models_[c], x[y == c])
+    np.testing.assert_array_equal(det.score_samples(x, y), expected)
+    unknown = det.score_samples(x[:4], np.array([7, 7, 0, 7]))
+    assert np.isnan(unknown[[0, 1, 3]]).all() and np.isfinite(unknown[2])
+    assert Spectre().fit(x, y).linear_ is None  # per-class whitening: scored class by class
