@@ -64,7 +64,7 @@ class KnnLabel(PoisonDetector):
             self.index_ = NearestNeighbors(n_neighbors=self.k_ + 1, algorithm="brute").fit(self.reference_x_)
         self.class_models_ = {label: self.k_ > 0 for label in states}
         self.decisions_ = {label: NOT_TESTED for label in states}
-        self.mass_quarantine_ = None
+        self.mass_quarantine_ = self.representation_ = None
         if self.k_ == 0:
             return self
         # every class's decision rows (the first of its hash-ordered sample: uniform) scored at once
@@ -74,6 +74,8 @@ class KnnLabel(PoisonDetector):
         keys = np.concatenate([states[c].sample_keys[:m] for c, m in zip(labels, counts)])
         y = np.asarray(labels, dtype=object)[np.repeat(np.arange(len(labels)), counts)]
         scores = self._scores(x, y, keys)
+        # how well the embedding separates the labels: leave-self-out k-NN accuracy on the class samples
+        self.representation_ = {"knn_accuracy": float(np.mean(scores < 0.5)), "rows": int(len(scores))}
         starts = np.concatenate([[0], np.cumsum(counts)])
         threshold = float(np.nextafter(self.min_disagreement, -np.inf))
         hits = np.add.reduceat(scores > threshold, starts[:-1]) if len(scores) else np.zeros(len(labels), int)

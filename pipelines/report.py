@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from poisonguard import plots
+from poisonguard.run.summary import WEAK_REPRESENTATION
 from poisonguard.names import CLEAN, DETECTOR, PROXY_MODEL, QUARANTINE, QUARANTINE_REASONS, REPORT, REVIEW_CONFIRMED, \
     SUMMARY, detector_reason, part_source, score_column
 
@@ -114,7 +115,7 @@ def render_report(run_dir: str, table: dict | None = None) -> str:
     page = env.get_template("report.html.j2").render(
         summary=summary, counts=summary["counts"], sections=sections, detectors=detectors,
         drift=summary.get("drift") or {}, overview=_overview_plot(summary),
-        hidden_classes=max(0, len(classes) - len(sections)), table=table,
+        hidden_classes=max(0, len(classes) - len(sections)), table=table, weak_representation=WEAK_REPRESENTATION,
         run_to_run=summary.get("run_to_run") or {})
     path = os.path.join(run_dir, REPORT)
     Path(path).write_text(page, encoding="utf-8")

@@ -36,6 +36,8 @@ def test_a_detector_flagging_most_classes_is_held_back_and_reported(tmp):
     assert guard["unreliable"] and not guard["accepted"] and guard["classes_flagging_5pct"] > 3
     assert summary["counts"]["quarantined"] == 0
     assert "knn_label: unreliable here" in stdout and "held back" in stdout
+    assert summary["detectors"]["knn_label"]["representation"]["knn_accuracy"] < 0.9
+    assert "separates the labels weakly" in stdout
     assert "is unreliable on this data" in (tmp / "run" / "report.html").read_text()
     code, _, _ = run_cli("scan", data, "--out", tmp / "accepted", *knn, "--accept-mass-quarantine", "--quiet",
                          "--set", "fail_on=1")
@@ -50,6 +52,7 @@ def test_a_real_20_percent_label_flip_in_one_class_is_still_quarantined(tmp):
     assert code == 0, stderr
     summary = json.loads((tmp / "run" / "summary.json").read_text())
     assert not summary["detectors"]["knn_label"]["mass_quarantine"]["unreliable"]
+    assert summary["detectors"]["knn_label"]["representation"]["knn_accuracy"] > 0.9
     held = set(read_outputs(tmp / "run")[1].column("id").to_pylist())
     ids = np.array(table.column("id").to_pylist())
     assert set(ids[flipped]) <= held

@@ -298,7 +298,8 @@ def fit_report(fitted: dict[str, PoisonDetector]) -> dict:
             classes[str(label)] = entry
         report[name] = {"params": _jsonable(detector.get_params()), "classes": classes,
                         "untested_classes": dict(untested),
-                        "mass_quarantine": getattr(detector, "mass_quarantine_", None)}
+                        "mass_quarantine": getattr(detector, "mass_quarantine_", None),
+                        "representation": getattr(detector, "representation_", None)}
     return report
 
 

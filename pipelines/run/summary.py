@@ -80,6 +80,7 @@ def write_json(path: str, value) -> None:
         handle.write("\n")
 
 
+WEAK_REPRESENTATION = 0.9  # k-NN accuracy of the embedding below which the run says label checks are weak
 VERDICTS = {"within_policy": "within policy", "over_fail_on": "over fail_on: training should wait",
             "canary_recall_below_min": "canary recall below canaries.min_recall: training should wait"}
 
@@ -101,6 +102,10 @@ def console_summary(summary: dict, run_dir: str) -> str:
     if not flagged:
         lines.append("    (no class has quarantined rows)")
     for name, report in summary["detectors"].items():
+        separation = (report.get("representation") or {}).get("knn_accuracy")
+        if separation is not None and separation < WEAK_REPRESENTATION:
+            lines.append(f"  {name}: the embedding separates the labels weakly (k-NN accuracy {separation:.2f} on the "
+                         "class samples): label checks read it with caution")
         guard = report.get("mass_quarantine") or {}
         if guard.get("unreliable"):
             lines.append(f"  {name}: unreliable here: it would flag {guard['mean_share_flagged']:.0%} of the rows in "
