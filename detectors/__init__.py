@@ -3,14 +3,18 @@
 from poisonguard.detectors.activation_clustering import ActivationClustering
 from poisonguard.detectors.base import PoisonDetector
 from poisonguard.detectors.calibration import ClassDecision, separated_minority
+from poisonguard.detectors.confident_label import ConfidentLabel
 from poisonguard.detectors.knn_label import KnnLabel
 from poisonguard.detectors.spectral import SpectralSignatures
 from poisonguard.detectors.spectre import Spectre
 from poisonguard.detectors.stats import ClassState, merge_states, states_by_class
 
 DETECTORS: dict[str, type[PoisonDetector]] = {
-    cls.name: cls for cls in (SpectralSignatures, ActivationClustering, Spectre, KnnLabel)
+    cls.name: cls for cls in (SpectralSignatures, ActivationClustering, Spectre, KnnLabel, ConfidentLabel)
 }
+# the detectors a config without a detectors list runs (chosen on the quality benchmark); confident_label
+# is opt-in until the held-out benchmark families decide
+DEFAULT_DETECTORS = ("spectral", "activation_clustering", "spectre", "knn_label")
 
 
 def make_detector(name: str, **params) -> PoisonDetector:
@@ -21,7 +25,7 @@ def make_detector(name: str, **params) -> PoisonDetector:
 
 
 __all__ = [
-    "DETECTORS", "ActivationClustering", "ClassDecision", "ClassState", "KnnLabel",
+    "DEFAULT_DETECTORS", "DETECTORS", "ActivationClustering", "ClassDecision", "ClassState", "ConfidentLabel", "KnnLabel",
     "PoisonDetector", "SpectralSignatures", "Spectre", "make_detector", "merge_states",
     "separated_minority", "states_by_class",
 ]

@@ -56,10 +56,14 @@ class PoisonDetector(BaseEstimator):
         keys = default_keys(len(X), self.random_state) if sample_keys is None else sample_keys
         return self.fit_states(states_by_class(X, y, keys, self.max_fit_rows_per_class))
 
-    def fit_states(self, states: dict[object, ClassState]):
+    def _start_fit(self, states: dict[object, ClassState]) -> None:
+        """What every fit_states does first: check the parameters, record the classes and width."""
         self._validate_params()
         self.classes_ = list(states)
         self.n_features_in_ = next(iter(states.values())).dim if states else 0
+
+    def fit_states(self, states: dict[object, ClassState]):
+        self._start_fit(states)
         self.class_models_ = {}
         self.decisions_ = {}
         for label, state in states.items():

@@ -45,9 +45,7 @@ class KnnLabel(PoisonDetector):
     def fit_states(self, states: dict[object, ClassState]):
         from sklearn.neighbors import NearestNeighbors
 
-        self._validate_params()
-        self.classes_ = list(states)
-        self.n_features_in_ = next(iter(states.values())).dim if states else 0
+        self._start_fit(states)
         total = sum(state.n for state in states.values())
         xs, labels, keys = [], [], []
         for label, state in states.items():

@@ -24,6 +24,12 @@ def _registry() -> dict:
     return DETECTORS
 
 
+def _defaults() -> tuple[str, ...]:
+    from poisonguard.detectors import DEFAULT_DETECTORS
+
+    return DEFAULT_DETECTORS
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -113,7 +119,7 @@ class Config(_Strict):
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     suite: str | None = None
     detectors: list[DetectorConfig] = Field(
-        default_factory=lambda: [DetectorConfig(name=name) for name in _registry()], min_length=1
+        default_factory=lambda: [DetectorConfig(name=name) for name in _defaults()], min_length=1
     )
     expected_poison_rate: float | None = Field(default=None, gt=0, lt=0.5)
     max_fit_rows_per_class: int = Field(default=5000, ge=10, le=1_000_000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from poisonguard.detectors import DETECTORS, ActivationClustering, KnnLabel, SpectralSignatures, Spectre, merge_states
@@ -149,3 +150,29 @@ def test_batch_scoring_equals_class_by_class_scoring(cls):
     unknown = det.score_samples(x[:4], np.array([7, 7, 0, 7]))
     assert np.isnan(unknown[[0, 1, 3]]).all() and np.isfinite(unknown[2])
     assert Spectre().fit(x, y).linear_ is None  # per-class whitening: scored class by class
+
+
+def test_confident_learning_finds_label_flips_across_well_separated_classes(tmp):
+    from conftest import embedding_array, read_outputs, run_cli, write
+    from poisonguard.detectors import ConfidentLabel
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), 300)
+    x = rng.normal(size=(3000, 8)) + y[:, None] * 3.0
+    noisy, flipped = y.copy(), np.zeros(len(y), dtype=bool)
+    for source, target in ((0, 3), (1, 4)):  # 10% of two target classes
+        rows = np.flatnonzero(y == source)[:30]
+        noisy[rows], flipped[rows] = target, True
+    det = ConfidentLabel(random_state=1).fit(x, noisy)
+    flags = det.flag(x, noisy)
+    assert flags[flipped].mean() >= 0.4 and flags[~flipped].mean() <= 0.01
+    assert np.array_equal(flags, ConfidentLabel(random_state=1).fit(x, noisy).flag(x, noisy))  # seeded
+    scores = det.score_samples(x, noisy)
+    assert scores[flipped].mean() > scores[~flipped].mean()
+    table = pa.table({"id": [f"r{i}" for i in range(len(y))], "label": noisy, "embedding": embedding_array(x)})
+    code, _, stderr = run_cli("scan", write(table, tmp / "flips.parquet"), "--out", tmp / "run", "--quiet",
+                              "--set", "detectors=[{name: confident_label}]")
+    assert code == 0, stderr
+    held = set(read_outputs(tmp / "run")[1].column("id").to_pylist())
+    planted = {f"r{i}" for i in np.flatnonzero(flipped)}
+    assert len(held & planted) >= 0.4 * len(planted) and len(held - planted) <= 0.01 * (len(y) - len(planted))

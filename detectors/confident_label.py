@@ -1,0 +1,121 @@
+"""Confident learning (Northcutt, Jiang, Chuang, JAIR 2021, "Confident Learning: Estimating
+Uncertainty in Dataset Labels"), on a linear model over the embeddings.
+
+Fit, from the bounded per-class samples:
+1. out-of-fold predicted probabilities p(k | x) of a multinomial logistic regression on the
+   standardised embeddings (``n_folds`` folds, seeded);
+2. per-class self-confidence thresholds  t_j = mean of p(j | x) over the sample rows labelled j;
+3. the confident joint: a row labelled y is a label issue when p(y | x) < t_y and some other class
+   k reaches its own threshold, p(k | x) >= t_k (the off-diagonal of the confident joint).
+A class is suspicious when its out-of-fold issues number at least ``min_rows`` and at most
+``max_share`` of it (more, and the labels rather than the rows are in question).
+
+Score, for every row in the second pass: s(x) = t_y - p(y | x) from the model refitted on the whole
+training sample (higher = more suspicious), O(d x classes) per row, against k-NN's O(reference x d).
+A row is flagged where s > 0, another class is confident, and its class is suspicious.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.utils.validation import check_is_fitted
+
+from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params
+from poisonguard.detectors.calibration import NOT_TESTED, ClassDecision, guard_mass_quarantine
+from poisonguard.detectors.stats import ClassState
+
+
+class ConfidentLabel(PoisonDetector):
+    name = "confident_label"
+
+    _parameter_bounds = {**COMMON_BOUNDS, "n_folds": {"ge": 2, "le": 20}, "C": {"gt": 0.0, "le": 1e6},
+                         "max_train_rows_per_class": {"ge": 10, "le": 1_000_000}}
+
+    def __init__(self, *, n_folds: int = 5, C: float = 1.0, max_train_rows_per_class: int = 2000,
+                 max_share: float = 0.35, min_separation: float = 4.0, min_rows: int = 1,
+                 min_class_z: float | None = 3.0, expected_poison_rate: float | None = None,
+                 max_fit_rows_per_class: int = 5000, random_state: int = 0,
+                 accept_mass_quarantine: bool = False):
+        store_params(self, locals())
+
+    def fit_states(self, states: dict[object, ClassState]):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.model_selection import StratifiedKFold
+
+        self._start_fit(states)
+        self.decisions_ = {label: NOT_TESTED for label in states}
+        self.class_models_ = {label: None for label in states}
+        self.model_ = self.mass_quarantine_ = None
+        labels = [c for c, s in states.items() if len(s.sample_x) >= self.n_folds]
+        if len(labels) < 2:
+            return self
+        counts = [min(len(states[c].sample_x), self.max_train_rows_per_class) for c in labels]
+        x = np.concatenate([states[c].sample_x[:m] for c, m in zip(labels, counts)]).astype(np.float64)
+        y = np.repeat(np.arange(len(labels)), counts)
+        self.mean_, self.scale_ = x.mean(axis=0), x.std(axis=0) + 1e-12
+        z = (x - self.mean_) / self.scale_
+        oof = np.zeros((len(z), len(labels)))
+        folds = StratifiedKFold(self.n_folds, shuffle=True, random_state=self.random_state)
+        for train, test in folds.split(z, y):
+            model = LogisticRegression(C=self.C, max_iter=300).fit(z[train], y[train])
+            oof[np.ix_(test, model.classes_)] = model.predict_proba(z[test])
+        self.thresholds_ = np.array([oof[y == j, j].mean() for j in range(len(labels))])
+        issues = self._issues(oof, y)
+        self.model_ = LogisticRegression(C=self.C, max_iter=300).fit(z, y)
+        self.labels_ = labels
+        self.index_ = pd.Index(labels, dtype=object)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        for j, label in enumerate(labels):
+            hits = int(issues[starts[j]:starts[j + 1]].sum())
+            share = hits / counts[j]
+            self.class_models_[label] = {"threshold_self_confidence": float(self.thresholds_[j])}
+            if hits >= self.min_rows and share <= self.max_share:
+                self.decisions_[label] = ClassDecision(True, 0.0, float("nan"), share, counts[j], "confident label issues")
+            else:
+                why = "too few confident label issues" if hits < self.min_rows else "most of the class is in question"
+                self.decisions_[label] = ClassDecision(False, float("inf"), float("nan"), share, counts[j], why)
+        self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(
+            self.decisions_, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None)
+        self.linear_ = None
+        return self
+
+    def _issues(self, proba: np.ndarray, y: np.ndarray) -> np.ndarray:
+        own = proba[np.arange(len(y)), y]
+        other = proba - self.thresholds_[None, :]
+        other[np.arange(len(y)), y] = -np.inf
+        return (own < self.thresholds_[y]) & (other.max(axis=1) >= 0)
+
+    def _proba(self, X, y):
+        """(probabilities, class codes, rows with a known class) of X under the refitted model."""
+        codes = self.index_.get_indexer(y) if len(y) else np.zeros(0, int)
+        known = codes >= 0
+        proba = np.zeros((len(X), len(self.labels_)))
+        if known.any():
+            z = (np.asarray(X, dtype=np.float64)[known] - self.mean_) / self.scale_
+            proba[known] = self.model_.predict_proba(z)
+        return proba, codes, known
+
+    def score_samples(self, X, y, sample_keys=None):
+        check_is_fitted(self, "decisions_")
+        scores = np.full(len(X), np.nan)
+        if self.model_ is None:
+            return scores
+        proba, codes, known = self._proba(X, np.asarray(y, dtype=object))
+        rows = np.flatnonzero(known)
+        scores[rows] = self.thresholds_[codes[rows]] - proba[rows, codes[rows]]
+        return scores
+
+    def flag(self, X, y, sample_keys=None, scores=None):
+        check_is_fitted(self, "decisions_")
+        y = np.asarray(y, dtype=object)
+        out = np.zeros(len(X), dtype=bool)
+        if self.model_ is None:
+            return out
+        proba, codes, known = self._proba(X, y)
+        rows = np.flatnonzero(known)
+        issues = np.zeros(len(X), dtype=bool)
+        issues[rows] = self._issues(proba[rows], codes[rows])
+        suspicious = np.array([self.decisions_[c].suspicious for c in self.labels_])
+        out[rows] = issues[rows] & suspicious[codes[rows]]
+        return out
