@@ -71,7 +71,7 @@ def _scan(inputs, run_dir, config, beam_args, run_id, started) -> ScanResult:
                 result = run_engine(engine, Screener(config, plan, suite, decisions, spill), staging, run_id, beam_args)
                 check_unchanged(plan)
                 timings = {"plan_s": round(t0 - started, 3), "pipeline_s": round(time.monotonic() - t0, 3)}
-                written, outputs_meta = check_outputs(staging, plan, config, result)
+                written, outputs_meta = check_outputs(staging, plan, config, result, run_dir)
                 tested = self_test(plan, config, ROWS_PER_WORK_ITEM) if config.canaries.enabled else None
                 summary = build_summary(run_id, plan, config, result, written, timings, tested)
                 quarantined = history.quarantined_ids(staging, config.columns.id)

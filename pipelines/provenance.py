@@ -39,6 +39,22 @@ def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+STANDARD_FACETS = {"errorMessage": "https://openlineage.io/spec/facets/1-0-1/ErrorMessageRunFacet.json"}
+
+
+def _facets(facets: dict | None) -> dict:
+    """Every facet with the ``_producer`` and ``_schemaURL`` the OpenLineage spec asks of a facet."""
+    out = {}
+    for name, value in (facets or {}).items():
+        schema = STANDARD_FACETS.get(name, f"{PRODUCER}/spec/facets/{name}.json")
+        out[name] = {"_producer": PRODUCER, "_schemaURL": schema, **value} if isinstance(value, dict) else value
+    return out
+
+
+def _datasets(datasets) -> list[dict]:
+    return [{**d, "facets": _facets(d.get("facets"))} for d in datasets or []]
+
+
 def run_event(event_type: str, run_id: str, *, job: str = "scan", inputs=None, outputs=None,
               facets: dict | None = None) -> dict:
     return {
@@ -46,10 +62,10 @@ def run_event(event_type: str, run_id: str, *, job: str = "scan", inputs=None, o
         "eventTime": now_iso(),
         "producer": PRODUCER,
         "schemaURL": SCHEMA_URL,
-        "run": {"runId": run_id, "facets": facets or {}},
+        "run": {"runId": run_id, "facets": _facets(facets)},
         "job": {"namespace": "poisonguard", "name": job},
-        "inputs": inputs or [],
-        "outputs": outputs or [],
+        "inputs": _datasets(inputs),
+        "outputs": _datasets(outputs),
     }
 
 

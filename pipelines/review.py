@@ -43,9 +43,9 @@ def check_published(run: Path, run_id: str, log_path: str) -> None:
                 and r.get("run", {}).get("runId") == run_id]
     if not complete:
         raise InputError(f"the provenance log holds no COMPLETE record for run {run_id}", path=log_path)
-    recorded = {o["name"]: o["facets"]["poisonguard_content"]["sha256"] for o in complete[-1].get("outputs", [])
-                if o["name"].startswith(QUARANTINE + "/")}
-    present = {f"{QUARANTINE}/{p.name}": p for p in sorted((run / QUARANTINE).glob("*.parquet"))}
+    recorded = {Path(o["name"]).name: o["facets"]["poisonguard_content"]["sha256"]
+                for o in complete[-1].get("outputs", []) if Path(o["name"]).parent.name == QUARANTINE}
+    present = {p.name: p for p in sorted((run / QUARANTINE).glob("*.parquet"))}
     if set(present) != set(recorded):
         raise InputError("the run's quarantine files are not the ones it published", path=str(run / QUARANTINE))
     for name, path in present.items():

@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import DIGITS_CONFIG, POISONED, gaussian_table, run_cli, write
+from conftest import DIGITS_CONFIG, POISONED, gaussian_table, read_review, run_cli, write, write_rows
 
 EXE = str(Path(sys.executable).with_name("poisonguard"))
 
@@ -84,3 +84,31 @@ def test_the_scheduling_examples_parse():
     job = yaml.safe_load((examples / "cronjob.yaml").read_text())
     assert job["kind"] == "CronJob" and "poisonguard" in job["spec"]["jobTemplate"]["spec"]["template"]["spec"][
         "containers"][0]["args"][0]
+
+
+def test_events_name_datasets_absolutely_and_every_facet_says_who_made_it(tmp):
+    import os
+
+    from poisonguard import provenance as prov
+
+    code, _, stderr = run_cli("scan", POISONED, "--out", tmp / "runs" / "run", "--config", DIGITS_CONFIG, "--quiet")
+    assert code == 0, stderr
+    start, complete = [json.loads(line) for line in (tmp / "runs" / "run" / "provenance.jsonl").read_text().splitlines()]
+    datasets = complete["inputs"] + complete["outputs"]
+    assert all(os.path.isabs(d["name"]) for d in datasets) and all(Path(d["name"]).is_file() for d in datasets)
+    assert any(Path(d["name"]).parent == tmp / "runs" / "run" / "quarantine" for d in complete["outputs"])
+    for facets in [start["run"]["facets"], complete["run"]["facets"], *(d["facets"] for d in datasets)]:
+        assert facets and all(f["_producer"] == prov.PRODUCER and f["_schemaURL"].startswith("https://")
+                              for f in facets.values())
+
+
+def test_a_moved_run_folder_still_verifies_for_review(tmp):
+    code, _, _ = run_cli("scan", POISONED, "--out", tmp / "runs" / "run", "--config", DIGITS_CONFIG, "--quiet",
+                         "--state", tmp / "state")
+    assert code == 0
+    (tmp / "runs" / "run").rename(tmp / "runs" / "archived")
+    rows = read_review(tmp / "runs" / "archived" / "review.csv")
+    rows[0]["decision"] = "confirm"
+    code, stdout, stderr = run_cli("review", tmp / "runs" / "archived", "--decisions",
+                                   write_rows(tmp / "d.csv", rows[:1]), "--reviewer", "ana")
+    assert code == 0 and "1 confirm" in stdout, stderr

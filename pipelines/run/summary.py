@@ -16,8 +16,10 @@ from poisonguard.io import InputPlan, sha256_file
 from poisonguard.names import CLEAN, EMPTY_PART, OUTPUT_FOLDERS, QUARANTINE
 from poisonguard.run.facets import versions
 
-def check_outputs(staging: str, plan: InputPlan, config: Config, result: EngineResult) -> tuple[dict, list[dict]]:
-    """Rows in = clean + quarantined, by the engine's counts and by the Parquet footers; schemas as promised."""
+def check_outputs(staging: str, plan: InputPlan, config: Config, result: EngineResult,
+                  run_dir: str) -> tuple[dict, list[dict]]:
+    """Rows in = clean + quarantined, by the engine's counts and by the Parquet footers; schemas as promised.
+    The output datasets are named by the absolute paths they are published at (``run_dir``)."""
     names = [d.name for d in config.detectors]
     schemas = dict(zip(OUTPUT_FOLDERS, output_schemas(plan.schema, names)))
     outputs, written = [], {}
@@ -35,7 +37,7 @@ def check_outputs(staging: str, plan: InputPlan, config: Config, result: EngineR
             if not meta.schema.to_arrow_schema().equals(schemas[folder]):
                 raise IntegrityError(f"{folder}/{os.path.basename(part)} does not have the output schema")
             rows += meta.num_rows
-            outputs.append({"namespace": "file", "name": f"{folder}/{os.path.basename(part)}",
+            outputs.append({"namespace": "file", "name": os.path.join(run_dir, folder, os.path.basename(part)),
                             "facets": {"poisonguard_content": {"sha256": sha256_file(part), "rows": meta.num_rows}}})
         written[folder] = rows
     counts, total = result.counts, plan.total_rows
