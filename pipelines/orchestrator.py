@@ -86,11 +86,10 @@ def _scan(inputs, run_dir, config, beam_args, run_id, started) -> ScanResult:
                                         [*prov.events_of_run(log_path, start), complete])
                     head = complete["poisonguard_record_sha256"]
                     summary["provenance"] = {"log": log_path, "complete_record_sha256": head, "head": head}
-                    write_json(os.path.join(staging, SUMMARY), summary)
                     with phase("report"):
                         table = workbench.build_table(staging, summary)
                         workbench.write_review_csv(staging, table)
-                        render_report_or_stub(staging, table)
+                        render_report_or_stub(staging, table, summary)
                     timings.update(total_s=round(time.monotonic() - started, 3),  # the publish takes milliseconds
                                    rows_per_s=round(plan.total_rows / max(timings["pipeline_s"], 1e-9), 1))
                     write_json(os.path.join(staging, SUMMARY), summary)

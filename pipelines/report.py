@@ -86,11 +86,12 @@ def _embeddings(table: pa.Table, summary: dict, run_dir: str) -> np.ndarray | No
                      for v in column.to_pylist()])
 
 
-def render_report(run_dir: str, table: dict | None = None) -> str:
-    """Write RUN_DIR/report.html and return its path; ``table``: the workbench's quarantine table."""
+def render_report(run_dir: str, table: dict | None = None, summary: dict | None = None) -> str:
+    """Write RUN_DIR/report.html and return its path; ``table``: the workbench's quarantine table,
+    ``summary``: the run's summary (read from RUN_DIR/summary.json when not given)."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-    summary = json.loads(Path(run_dir, SUMMARY).read_text())
+    summary = summary if summary is not None else json.loads(Path(run_dir, SUMMARY).read_text())
     params = summary["parameters"]
     cols, report_cfg = params["columns"], params.get("report", {})
     detectors = [d["name"] for d in params["detectors"]]
@@ -228,7 +229,7 @@ def _thumbnails(suspects: pa.Table, typical: pa.Table, image_col: str, id_col: s
     return {"sprite": uri, "width": width, "height": height, "cells": cells}
 
 
-def render_report_or_stub(run_dir: str, table: dict | None = None) -> None:
+def render_report_or_stub(run_dir: str, table: dict | None = None, summary: dict | None = None) -> None:
     """The report is for people: a plotting failure leaves a short page saying so, not a failed scan."""
     import html
     import logging
@@ -236,7 +237,7 @@ def render_report_or_stub(run_dir: str, table: dict | None = None) -> None:
     from poisonguard.errors import one_line
 
     try:
-        render_report(run_dir, table)
+        render_report(run_dir, table, summary)
     except Exception as exc:  # noqa: BLE001
         logging.getLogger("poisonguard").warning("report.html could not be rendered fully: %s", one_line(exc))
         Path(run_dir, REPORT).write_text(
