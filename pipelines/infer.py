@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from poisonguard.config import Config
-from poisonguard.io import decoded, discover, plan_inputs, read_batches, work_items
+from poisonguard.io import decode_array, decoded, discover, plan_inputs, read_batches, work_items
 
 STRICTNESS = {"loose": (0.0, 1.0, 0.5), "normal": (0.001, 0.999, 0.25), "strict": (0.01, 0.99, 0.1)}
 SAMPLE = 200_000  # values kept per column for quantiles (a seeded uniform sample)
@@ -78,7 +78,7 @@ def shape_of(text: str) -> str:
 
 
 def _observe(col: _Column, arr: pa.ChunkedArray, rng: np.random.Generator) -> None:
-    arr = pc.cast(arr, decoded(arr.type)) if pa.types.is_dictionary(arr.type) else arr
+    arr = decode_array(arr)
     col.rows += len(arr)
     col.nulls += arr.null_count
     present = arr.drop_null()

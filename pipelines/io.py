@@ -175,6 +175,13 @@ def decoded(t: pa.DataType) -> pa.DataType:
     return t.value_type if pa.types.is_dictionary(t) else t
 
 
+def decode_array(arr):
+    """A dictionary-encoded (categorical) column as plain values; any other column as it is."""
+    import pyarrow.compute as pc
+
+    return pc.cast(arr, arr.type.value_type) if pa.types.is_dictionary(arr.type) else arr
+
+
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

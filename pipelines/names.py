@@ -12,6 +12,7 @@ SCORE_PREFIX = "score_"
 QUARANTINE_REASONS = "quarantine_reasons"
 RUN_ID = "run_id"
 REVIEW_STATUS = "review_status"  # "released" / "confirmed" where a logged review decided the row, else null
+DECISION_STATUS = {"release": "released", "confirm": "confirmed"}  # a review decision -> the row's status
 ADDED_COLUMNS = (REVIEW_STATUS, QUARANTINE_REASONS, RUN_ID)
 RESERVED_PREFIXES = (SCORE_PREFIX,)
 
@@ -85,6 +86,11 @@ def part_name(file_index: int, first_row: int) -> str:
 
 
 EMPTY_PART = "part-empty.parquet"
+
+
+def spill_name(file_index: int, first_row: int) -> str:
+    """The file holding the embeddings pass 1 computed for a batch (model and proxy modes)."""
+    return f"embeddings-{file_index:05d}-{first_row:012d}.arrow"
 
 
 def part_source(name: str) -> int | None:

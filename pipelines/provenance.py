@@ -195,6 +195,16 @@ def records(path: str):
     return found
 
 
+def review_decisions(path: str):
+    """(decision, review facet, record) of every decision the verified log's ``review`` records hold,
+    oldest first (so a later decision for the same row and content replaces an earlier one)."""
+    for record in records(path):
+        review = record.get("run", {}).get("facets", {}).get("poisonguard_review")
+        if record.get("job", {}).get("name") == "review" and isinstance(review, dict):
+            for decision in review.get("decisions", []):
+                yield decision, review, record
+
+
 def events_of_run(path: str, start: dict) -> list[dict]:
     """A scan's events so far: its START record and the later records of the same run id.
 

@@ -36,12 +36,12 @@ class StateFolder:
             os.write(fd, b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in records))
             os.fsync(fd)
 
-    def decisions(self) -> dict[str, dict[str, str]]:
-        """id -> {content_sha256 -> latest decision}, as the state folder says (not yet authenticated)."""
+    def records(self) -> list[dict]:
+        """The decision records of decisions.jsonl, oldest first, each checked (exit 2 when malformed)."""
         path = self.path / "decisions.jsonl"
-        out: dict[str, dict[str, str]] = {}
         if not path.exists():
-            return out
+            return []
+        out = []
         try:
             with open(path, encoding="utf-8") as handle:
                 for number, line in enumerate(handle, start=1):
@@ -49,10 +49,17 @@ class StateFolder:
                     if not (isinstance(record, dict) and isinstance(record.get("id"), str)
                             and isinstance(record.get("content_sha256"), str) and record.get("decision") in DECISIONS):
                         raise ValueError(f"line {number} is not a decision record")
-                    out.setdefault(record["id"], {})[record["content_sha256"]] = record["decision"]
+                    out.append(record)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InputError(f"state folder's decisions are malformed: {str(exc).splitlines()[0][:200]}",
                              path=str(path)) from None
+        return out
+
+    def decisions(self) -> dict[str, dict[str, str]]:
+        """id -> {content_sha256 -> latest decision}, as the state folder says (not yet authenticated)."""
+        out: dict[str, dict[str, str]] = {}
+        for record in self.records():
+            out.setdefault(record["id"], {})[record["content_sha256"]] = record["decision"]
         return out
 
     def backed_decisions(self, log_path: str) -> tuple[dict[str, dict[str, str]], int]:
@@ -61,12 +68,7 @@ class StateFolder:
         claimed = self.decisions()
         if not claimed:
             return {}, 0
-        logged: dict[tuple[str, str], str] = {}
-        for record in prov.records(log_path):
-            review = record.get("run", {}).get("facets", {}).get("poisonguard_review")
-            if record.get("job", {}).get("name") == "review" and isinstance(review, dict):
-                for d in review.get("decisions", []):
-                    logged[(d["id"], d["content_sha256"])] = d["decision"]
+        logged = {(d["id"], d["content_sha256"]): d["decision"] for d, _, _ in prov.review_decisions(log_path)}
         backed: dict[str, dict[str, str]] = {}
         ignored = 0
         for row_id, by_content in claimed.items():

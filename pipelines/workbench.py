@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
-from poisonguard.names import QUARANTINE, QUARANTINE_REASONS, REPORT, REVIEW_CSV, REVIEW_STATUS, is_added_column, \
+from poisonguard.names import DECISION_STATUS, QUARANTINE, QUARANTINE_REASONS, REPORT, REVIEW_CSV, REVIEW_STATUS, is_added_column, \
     part_source, score_column
 
 
@@ -37,33 +37,23 @@ def logged_decisions(log_path: str | None) -> dict[tuple[str, str], dict]:
     """(id, content sha256) -> the latest logged decision with its reviewer, time and note."""
     from poisonguard import provenance as prov
 
-    latest: dict[tuple[str, str], dict] = {}
     if not log_path or not os.path.exists(log_path):
-        return latest
-    for record in prov.records(log_path):
-        review = record.get("run", {}).get("facets", {}).get("poisonguard_review")
-        if record.get("job", {}).get("name") == "review" and isinstance(review, dict):
-            for d in review.get("decisions", []):
-                latest[(d["id"], d["content_sha256"])] = {
-                    "status": {"release": "released", "confirm": "confirmed"}[d["decision"]],
-                    "reviewer": review.get("reviewer", ""), "time": review.get("time", record.get("eventTime", "")),
-                    "note": d.get("note", "")}
-    return latest
+        return {}
+    return {(d["id"], d["content_sha256"]): {
+        "status": DECISION_STATUS[d["decision"]], "reviewer": review.get("reviewer", ""),
+        "time": review.get("time", record.get("eventTime", "")), "note": d.get("note", "")}
+        for d, review, record in prov.review_decisions(log_path)}
 
 
 def state_decisions(state_dir: str | None) -> dict[tuple[str, str], dict]:
     """The same, from the state folder's records (for display beside statuses the scan authenticated)."""
-    path = os.path.join(state_dir, "decisions.jsonl") if state_dir else None
-    latest: dict[tuple[str, str], dict] = {}
-    if not path or not os.path.exists(path):
-        return latest
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            d = json.loads(line)
-            latest[(d["id"], d["content_sha256"])] = {
-                "status": {"release": "released", "confirm": "confirmed"}[d["decision"]],
-                "reviewer": d.get("reviewer", ""), "time": d.get("time", ""), "note": d.get("note", "")}
-    return latest
+    from poisonguard.state import StateFolder
+
+    if not state_dir:
+        return {}
+    return {(d["id"], d["content_sha256"]): {
+        "status": DECISION_STATUS[d["decision"]], "reviewer": d.get("reviewer", ""), "time": d.get("time", ""),
+        "note": d.get("note", "")} for d in StateFolder(state_dir).records()}
 
 
 def row_statuses(run_dir: str, summary: dict, held: pa.Table, from_log: bool) -> list[dict]:
@@ -82,7 +72,7 @@ def row_statuses(run_dir: str, summary: dict, held: pa.Table, from_log: bool) ->
     if from_log:
         logged = logged_decisions((summary.get("provenance") or {}).get("log"))
     else:
-        logged = {k: v for k, v in state_decisions(summary["parameters"].get("state")).items()}
+        logged = state_decisions(summary["parameters"].get("state"))
         decided = {i for i, s in zip(ids, at_scan) if s}
         logged = {k: v for k, v in logged.items() if k[0] in decided}
     decided_ids = {i for i, _ in logged}
@@ -168,7 +158,7 @@ def write_review_csv(run_dir: str, table: dict) -> None:
     for d in detectors:
         header += [score_column(d), f"threshold_{d}"]
     header += ["source_file", "report_link", "decision", "note"]
-    prefill = {"confirmed": "confirm", "released": "release"}
+    prefill = {status: decision for decision, status in DECISION_STATUS.items()}
     with open(os.path.join(run_dir, REVIEW_CSV), "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from poisonguard.io import decode_array
 from poisonguard.names import CANARY_PREFIX, ID_MISSING, ID_RESERVED, LABEL_MISSING, ROW_LOCAL_CHECKS, builtin_reason
 
 
@@ -72,11 +73,11 @@ def builtin_block(table: pa.Table, *, file_index: int, first_row: int, id_col: s
                   bad_features: np.ndarray | None = None) -> RowBlock:
     """Built-in checks of one batch; ``embeddings`` replaces the embedding column (model/proxy modes)."""
     n = table.num_rows
-    id_arr = _decoded(table.column(id_col))
+    id_arr = decode_array(table.column(id_col))
     ids = pc.cast(id_arr, pa.string()).to_numpy(zero_copy_only=False)
     id_null = np.asarray(pc.is_null(id_arr), dtype=bool)
     safe_ids = np.where(id_null, "", ids).astype(object)
-    labels_arr = _decoded(table.column(label_col))
+    labels_arr = decode_array(table.column(label_col))
     label_null = np.asarray(pc.is_null(labels_arr), dtype=bool)
     labels = _labels_to_numpy(labels_arr, label_null)
     column = table.column(emb_col) if embeddings is None else embeddings
@@ -96,11 +97,6 @@ def builtin_block(table: pa.Table, *, file_index: int, first_row: int, id_col: s
     for check, mask in emb_reasons.items():
         block.add_reason(builtin_reason(check), mask)
     return block
-
-
-def _decoded(arr):
-    """A dictionary-encoded (categorical) column as plain values."""
-    return pc.cast(arr, arr.type.value_type) if pa.types.is_dictionary(arr.type) else arr
 
 
 def _labels_to_numpy(arr, null_mask: np.ndarray) -> np.ndarray:

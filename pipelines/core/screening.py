@@ -24,8 +24,8 @@ from poisonguard.detectors import ClassState, PoisonDetector, make_detector
 from poisonguard.detectors.base import rows_by_label
 from poisonguard.detectors.calibration import MIN_CLASS_ROWS
 from poisonguard.io import InputPlan
-from poisonguard.names import ID_DUPLICATE, ID_MISSING, LABEL_MISSING, QUARANTINE_REASONS, REVIEW_CONFIRMED, \
-    REVIEW_STATUS, RUN_ID, detector_reason, reason_rank, score_column
+from poisonguard.names import DECISION_STATUS, ID_DUPLICATE, ID_MISSING, LABEL_MISSING, QUARANTINE_REASONS, REVIEW_CONFIRMED, \
+    REVIEW_STATUS, RUN_ID, detector_reason, reason_rank, score_column, spill_name
 
 
 @dataclass
@@ -93,9 +93,7 @@ class Screener:
     def _spill_path(self, file_index: int, first_row: int) -> str:
         import os
 
-        from poisonguard.names import part_name
-
-        return os.path.join(self.spill_dir, part_name(file_index, first_row).replace(".parquet", ".arrow"))
+        return os.path.join(self.spill_dir, spill_name(file_index, first_row))
 
     def _spill(self, file_index: int, first_row: int, embeddings, bad) -> None:
         import os
@@ -219,8 +217,8 @@ def split_tables(table: pa.Table, block: RowBlock, scores: dict[str, np.ndarray]
         table = table.append_column(pa.field(score_column(name), pa.float64()), pa.array(scores[name], pa.float64()))
     status = np.full(len(block), None, dtype=object)
     if block.released is not None:
-        status[block.released] = "released"
-    status[block.mask(REVIEW_CONFIRMED)] = "confirmed"
+        status[block.released] = DECISION_STATUS["release"]
+    status[block.mask(REVIEW_CONFIRMED)] = DECISION_STATUS["confirm"]
     table = table.append_column(pa.field(REVIEW_STATUS, pa.string()), pa.array(status, pa.string()))
     quarantined = block.quarantined
     clean = table.filter(pa.array(~quarantined))
