@@ -29,12 +29,14 @@ class ScanResult:
     counts: dict
     engine: str
     summary: dict = field(repr=False)
+    outputs_dir: str = ""  # where the files are: run_dir, or its published attempt on an object store
 
     @property
     def paths(self) -> dict[str, str]:
         from poisonguard import names
 
-        return {key: os.path.join(self.run_dir, value) for key, value in (
+        base = self.outputs_dir or self.run_dir
+        return {key: f"{base.rstrip('/')}/{value}" for key, value in (
             ("clean", names.CLEAN), ("quarantine", names.QUARANTINE), ("summary", names.SUMMARY),
             ("report", names.REPORT), ("review", names.REVIEW_CSV), ("provenance", names.RUN_PROVENANCE))}
 
@@ -67,7 +69,8 @@ def scan(inputs, out: str | os.PathLike, config: Config | str | dict | None = No
     inputs = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(i) for i in inputs]
     result = run_scan(inputs, str(out), cfg, beam_args, run_id=run_id, started=clock_start)
     s = result.summary
-    return ScanResult(s["run_id"], result.run_dir, s["verdict"], s["exit_code"], s["counts"], result.engine, s)
+    return ScanResult(s["run_id"], result.run_dir, s["verdict"], s["exit_code"], s["counts"], result.engine, s,
+                      result.outputs_dir)
 
 
 @dataclass

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 from poisonguard.errors import PoisonguardError, one_line
 
@@ -210,7 +212,7 @@ def _scan(args, beam_args: list[str]) -> int:
                   run_id=args.run_id, beam_args=beam_args, clock_start=_STARTED)
     summary = result.summary
     if not args.quiet:
-        print(console_summary(summary, result.run_dir))
+        print(console_summary(summary, result.outputs_dir or result.run_dir))
     elif result.exit_code == 1:
         print(f"poisonguard: {why_exit_1(summary)}", file=sys.stderr)
     if args.output == "json":
@@ -316,10 +318,19 @@ def _verify(args) -> int:
     from poisonguard.errors import InputError
     from poisonguard.provenance import verify
 
-    if not os.path.isfile(args.log):
-        raise InputError("no such provenance log", path=args.log)
-    ok, message = verify(args.log, head=args.head)
-    print(f"{args.log}: {'OK' if ok else 'TAMPERED'}: {message}")
+    from poisonguard import storage
+
+    with tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
+        path = args.log
+        if storage.is_remote(args.log):  # a copy, checked whole
+            data = storage.read_bytes(args.log)
+            path = os.path.join(tmp, "log.jsonl")
+            if data is not None:
+                Path(path).write_bytes(data)
+        if not os.path.isfile(path):
+            raise InputError("no such provenance log", path=storage.display(args.log))
+        ok, message = verify(path, head=args.head)
+    print(f"{storage.display(args.log)}: {'OK' if ok else 'TAMPERED'}: {message}")
     return 0 if ok else 1
 
 

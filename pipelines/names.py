@@ -74,6 +74,7 @@ REVIEW_CSV = "review.csv"
 RUN_PROVENANCE = "provenance.jsonl"
 PROXY_MODEL = "proxy_model.pt"
 SUCCESS = "_SUCCESS"
+MANIFEST = "MANIFEST.json"  # an object-store run's file list (run/remote.py)
 WORK = "_work"
 DEFAULT_LOG = "poisonguard-provenance.jsonl"
 

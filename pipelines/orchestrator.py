@@ -21,7 +21,7 @@ from poisonguard.io import ROWS_PER_WORK_ITEM, check_unchanged, discover, plan_i
 from poisonguard.names import PROXY_MODEL, RUN_PROVENANCE, SUMMARY, WORK
 from poisonguard.observe import phase, run_context
 from poisonguard.report import render_report_or_stub
-from poisonguard.run import facets, history, rundir
+from poisonguard.run import facets, history, remote, rundir
 from poisonguard.run.summary import build_summary, check_outputs, write_json
 from poisonguard.state import StateFolder, drift_section
 
@@ -35,18 +35,19 @@ class ScanResult:
     summary: dict
     exit_code: int
     engine: str
+    outputs_dir: str  # where the files are: run_dir, or its published attempt on an object store
 
 
 def run_scan(inputs: list[str], run_dir: str, config: Config, beam_args: list[str] | None = None,
              run_id: str | None = None, started: float | None = None) -> ScanResult:
     run_id = prov.new_run_id() if run_id is None else run_id
     check_run_id(run_id)
-    with run_context(run_id):
-        return _scan(inputs, run_dir, config, beam_args or [], run_id, started or time.monotonic())
+    with run_context(run_id), remote.locations(inputs, run_dir, config, run_id) as where:
+        return _scan(where, beam_args or [], run_id, started or time.monotonic())
 
 
-def _scan(inputs, run_dir, config, beam_args, run_id, started) -> ScanResult:
-    run_dir = str(Path(run_dir).resolve())
+def _scan(where: remote.Locations, beam_args, run_id, started) -> ScanResult:
+    inputs, run_dir, config = where.inputs, str(Path(where.run_dir).resolve()), where.config
     rundir.check_run_dir(run_dir)
     log_path = config.provenance_log or rundir.default_log_path(run_dir)
     rundir.check_outside(run_dir, provenance_log=log_path, state=config.state)
@@ -59,7 +60,7 @@ def _scan(inputs, run_dir, config, beam_args, run_id, started) -> ScanResult:
         log.info("plan: %d file(s), %d rows, dim %s, %s engine", len(plan.files), plan.total_rows, plan.dim, engine)
         state = StateFolder(config.state) if config.state else None
         decisions, ignored = state.backed_decisions(log_path) if state else ({}, 0)
-        inputs_meta, run_facets = facets.input_datasets(plan.files), facets.run_facets(config, suite)
+        inputs_meta, run_facets = facets.input_datasets(plan.files, where.public), facets.run_facets(config, suite, where.public)
         start = prov.append(log_path, prov.run_event("START", run_id, inputs=inputs_meta, facets=run_facets))
         try:
             with rundir.staging_folder(run_dir, run_id) as staging:
@@ -71,9 +72,9 @@ def _scan(inputs, run_dir, config, beam_args, run_id, started) -> ScanResult:
                 result = run_engine(engine, Screener(config, plan, suite, decisions, spill), staging, run_id, beam_args)
                 check_unchanged(plan)
                 timings = {"plan_s": round(t0 - started, 3), "pipeline_s": round(time.monotonic() - t0, 3)}
-                written, outputs_meta = check_outputs(staging, plan, config, result, run_dir)
+                written, outputs_meta = check_outputs(staging, plan, config, result, where.public_outputs)
                 tested = self_test(plan, config, ROWS_PER_WORK_ITEM) if config.canaries.enabled else None
-                summary = build_summary(run_id, plan, config, result, written, timings, tested)
+                summary = where.public(build_summary(run_id, plan, config, result, written, timings, tested))
                 quarantined = history.quarantined_ids(staging, config.columns.id)
                 summary.update(engine=engine, embedding=embedding, drift=drift_section(state, result.moments, config),
                                run_to_run=history.run_to_run(state, quarantined, decisions))
@@ -84,8 +85,8 @@ def _scan(inputs, run_dir, config, beam_args, run_id, started) -> ScanResult:
                 with prov.chained(log_path, event) as (complete, commit):
                     facets.write_events(os.path.join(staging, RUN_PROVENANCE),
                                         [*prov.events_of_run(log_path, start), complete])
-                    head = complete["poisonguard_record_sha256"]
-                    summary["provenance"] = {"log": log_path, "complete_record_sha256": head, "head": head}
+                    head = prov.head_of(complete)
+                    summary["provenance"] = {"log": where.public(log_path), "complete_record_sha256": head, "head": head}
                     with phase("report"):
                         table = workbench.build_table(staging, summary)
                         workbench.write_review_csv(staging, table)
@@ -94,7 +95,7 @@ def _scan(inputs, run_dir, config, beam_args, run_id, started) -> ScanResult:
                                    rows_per_s=round(plan.total_rows / max(timings["pipeline_s"], 1e-9), 1))
                     write_json(os.path.join(staging, SUMMARY), summary)
                     with phase("publish"):
-                        rundir.publish(staging, run_dir, run_id, commit)
+                        where.publish(staging, run_dir, run_id, commit)
         except BaseException as exc:
             error = as_reported(exc)
             try:
@@ -107,7 +108,7 @@ def _scan(inputs, run_dir, config, beam_args, run_id, started) -> ScanResult:
     if state:
         state.save_run_or_warn(run_id, result.moments, quarantined)
     log.info("done in %.1f s; provenance head %s", time.monotonic() - started, head)
-    return ScanResult(run_id, run_dir, summary, summary["exit_code"], engine)
+    return ScanResult(run_id, where.public_run_dir, summary, summary["exit_code"], engine, where.public_outputs)
 
 
 def check_run_id(run_id: str) -> None:

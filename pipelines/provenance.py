@@ -1,14 +1,16 @@
-"""Append-only, hash-chained provenance log of OpenLineage-shaped RunEvents.
+"""Append-only, hash-chained provenance log of OpenLineage RunEvents.
 
-Each line is one JSON record.  Besides the OpenLineage fields it carries
-``poisonguard_seq`` (0, 1, 2, ...), ``poisonguard_prev_sha256`` (the record_sha256 of the line
-before, 64 zeros for the first) and ``poisonguard_record_sha256`` (sha256 of the record's
-canonical JSON without that field).  An edited byte breaks the record's own hash; a removed,
-inserted or reordered record breaks the sequence or the chain; a wholesale rewrite or a cut tail
-is caught against a head hash kept elsewhere (``verify(head=...)``).  Appends hold an exclusive
-``flock`` so scans and reviews can share one log; a write is looped until complete and rolled
-back if it fails, and a torn last line left by a crash is moved aside (and reported) before the
-next append.  Records hold ids, hashes, parameters and scores only.
+Events are built with the ``openlineage-python`` client (so ``runId`` is a UUID, every facet has
+``_producer`` and ``_schemaURL``) and may also go to the client's transports (:mod:`lineage`).
+Each line is one JSON record; its run facet ``poisonguard_chain`` holds ``seq`` (0, 1, 2, ...),
+``prev_sha256`` (the record_sha256 of the line before, 64 zeros for the first) and
+``record_sha256`` (sha256 of the record's canonical JSON without that field).  An edited byte breaks
+the record's own hash; a removed, inserted or reordered record breaks the sequence or the chain; a
+wholesale rewrite or a cut tail is caught against a head hash kept elsewhere (``verify(head=...)``).
+The scheduler's run id, verbatim, is the run facet ``poisonguard_run``.  Appends hold an exclusive
+``flock`` so scans and reviews can share one log; a write is looped until complete and rolled back
+if it fails, and a torn last line left by a crash is moved aside (and reported) before the next
+append.  Records hold ids, hashes, parameters and scores only.
 """
 
 from __future__ import annotations
@@ -17,17 +19,21 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import keyword
 import logging
 import os
 import uuid
 
+from poisonguard import lineage
 from poisonguard.errors import InputError
 from poisonguard.locking import locked_file
 
 PRODUCER = "https://github.com/poisonguard/poisonguard"
 SCHEMA_URL = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent"
 GENESIS = "0" * 64
-CHAIN_FIELDS = ("poisonguard_seq", "poisonguard_prev_sha256", "poisonguard_record_sha256")
+CHAIN, RUN = "poisonguard_chain", "poisonguard_run"
+LEGACY_CHAIN_FIELDS = ("poisonguard_seq", "poisonguard_prev_sha256", "poisonguard_record_sha256")
+RUN_NAMESPACE = uuid.UUID("6f1c0a2e-5b7d-4c1e-9a55-2d3b1e0f7c42")  # scheduler run id -> lineage runId
 log = logging.getLogger("poisonguard")
 
 
@@ -35,38 +41,82 @@ def new_run_id() -> str:
     return str(uuid.uuid4())
 
 
+def lineage_run_id(run_id: str) -> str:
+    """The OpenLineage ``runId`` (a UUID) of a poisonguard run id: itself when it is a UUID, else a
+    UUID derived from it, so every event of one run id shares it (a retry reusing its id too)."""
+    try:
+        return str(uuid.UUID(run_id))
+    except ValueError:
+        return str(uuid.uuid5(RUN_NAMESPACE, run_id))
+
+
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-STANDARD_FACETS = {"errorMessage": "https://openlineage.io/spec/facets/1-0-1/ErrorMessageRunFacet.json"}
+def _facet(base, name: str, value: dict):
+    """One of our facets as the client builds custom facets: ``_producer`` and a ``_schemaURL``."""
+    bad = [key for key in value if not key.isidentifier() or keyword.iskeyword(key)]
+    if bad:
+        raise ValueError(f"facet {name} has keys that are not identifiers: {bad}")
+    schema = f"{PRODUCER}/spec/facets/{name}.json"
+    cls = type(name, (base,), {"_get_schema": staticmethod(lambda: schema)})
+    return cls(producer=PRODUCER).with_additional_properties(**value)
 
 
-def _facets(facets: dict | None) -> dict:
-    """Every facet with the ``_producer`` and ``_schemaURL`` the OpenLineage spec asks of a facet."""
+def _run_facets(facets: dict):
+    from openlineage.client.facet_v2 import RunFacet, error_message_run
+
     out = {}
-    for name, value in (facets or {}).items():
-        schema = STANDARD_FACETS.get(name, f"{PRODUCER}/spec/facets/{name}.json")
-        out[name] = {"_producer": PRODUCER, "_schemaURL": schema, **value} if isinstance(value, dict) else value
+    for name, value in facets.items():
+        if name == "errorMessage":
+            out[name] = error_message_run.ErrorMessageRunFacet(producer=PRODUCER, **value)
+        else:
+            out[name] = _facet(RunFacet, name, value)
     return out
 
 
-def _datasets(datasets) -> list[dict]:
-    return [{**d, "facets": _facets(d.get("facets"))} for d in datasets or []]
+def _datasets(cls, datasets):
+    from openlineage.client.facet_v2 import DatasetFacet
+
+    return [cls(namespace=d["namespace"], name=d["name"],
+                facets={k: _facet(DatasetFacet, k, v) for k, v in (d.get("facets") or {}).items()})
+            for d in datasets or []]
 
 
-def run_event(event_type: str, run_id: str, *, job: str = "scan", inputs=None, outputs=None,
-              facets: dict | None = None) -> dict:
-    return {
-        "eventType": event_type,
-        "eventTime": now_iso(),
-        "producer": PRODUCER,
-        "schemaURL": SCHEMA_URL,
-        "run": {"runId": run_id, "facets": _facets(facets)},
-        "job": {"namespace": "poisonguard", "name": job},
-        "inputs": _datasets(inputs),
-        "outputs": _datasets(outputs),
-    }
+def lineage_event(event_type: str, run_id: str, *, job: str = "scan", inputs=None, outputs=None,
+                  facets: dict | None = None, event_time: str | None = None):
+    """The client's typed ``RunEvent`` (its validators check the UUID, the time and the type)."""
+    from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
+
+    return RunEvent(eventType=RunState(event_type), eventTime=event_time or now_iso(), producer=PRODUCER,
+                    run=Run(runId=lineage_run_id(run_id),
+                            facets=_run_facets({RUN: {"run_id": run_id}, **(facets or {})})),
+                    job=Job(namespace="poisonguard", name=job),
+                    inputs=_datasets(InputDataset, inputs), outputs=_datasets(OutputDataset, outputs))
+
+
+def run_event(event_type: str, run_id: str, **kwargs) -> dict:
+    """A RunEvent as the dict the log holds (the client's own serialisation: no null fields)."""
+    from openlineage.client.serde import Serde
+
+    return Serde.to_dict(lineage_event(event_type, run_id, **kwargs))
+
+
+def as_lineage_event(record: dict):
+    """A log record back as the client's typed RunEvent, chain facet included: ValueError,
+    TypeError or KeyError if it is not one.  ``Serde.to_dict`` of it gives the record back."""
+    run = record["run"]
+    facets = {k: {f: v for f, v in value.items() if f not in ("_producer", "_schemaURL")}
+              for k, value in run.get("facets", {}).items()}
+    run_id = facets.pop(RUN)["run_id"]
+    if lineage_run_id(run_id) != run["runId"]:
+        raise ValueError("runId does not belong to the poisonguard run id")
+    strip = lambda datasets: [{**d, "facets": {k: {f: v for f, v in value.items() if not f.startswith("_")}
+                                               for k, value in d.get("facets", {}).items()}} for d in datasets]
+    return lineage_event(record["eventType"], run_id, job=record["job"]["name"],
+                         inputs=strip(record.get("inputs", [])), outputs=strip(record.get("outputs", [])),
+                         facets=facets, event_time=record["eventTime"])
 
 
 def fail_event(run_id: str, inputs: list, error: BaseException) -> dict:
@@ -76,12 +126,36 @@ def fail_event(run_id: str, inputs: list, error: BaseException) -> dict:
         "message": one_line(error) or type(error).__name__, "programmingLanguage": "python"}})
 
 
+def run_id_of(record: dict) -> str | None:
+    """The poisonguard (scheduler) run id a record belongs to."""
+    return ((record.get("run") or {}).get("facets") or {}).get(RUN, {}).get("run_id")
+
+
+def chain_of(record: dict) -> dict:
+    """``{"seq", "prev_sha256", "record_sha256"}`` of a record (KeyError/TypeError if it has none).
+    Records written before the chain became a facet carry it as top-level fields."""
+    facet = ((record.get("run") or {}).get("facets") or {}).get(CHAIN)
+    if facet is not None:
+        return {"seq": facet["seq"], "prev_sha256": facet["prev_sha256"], "record_sha256": facet["record_sha256"]}
+    seq, prev, sha = (record[f] for f in LEGACY_CHAIN_FIELDS)
+    return {"seq": seq, "prev_sha256": prev, "record_sha256": sha}
+
+
+def head_of(record: dict) -> str:
+    return chain_of(record)["record_sha256"]
+
+
 def canonical(record: dict) -> bytes:
     return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def record_hash(record: dict) -> str:
+    """sha256 of the record's canonical JSON without its own ``record_sha256``."""
     body = {k: v for k, v in record.items() if k != "poisonguard_record_sha256"}
+    facets = (body.get("run") or {}).get("facets") or {}
+    if isinstance(facets.get(CHAIN), dict):
+        chain = {k: v for k, v in facets[CHAIN].items() if k != "record_sha256"}
+        body = {**body, "run": {**body["run"], "facets": {**facets, CHAIN: chain}}}
     return hashlib.sha256(canonical(body)).hexdigest()
 
 
@@ -135,7 +209,7 @@ def _last_record(fd: int, size: int, path: str) -> dict | None:
         if len(lines) > 1 or chunk == size:
             try:
                 record = parse(lines[-1])
-                int(record["poisonguard_seq"]), str(record["poisonguard_record_sha256"])
+                int(chain_of(record)["seq"]), str(head_of(record))
                 return record
             except (ValueError, KeyError, TypeError):
                 raise InputError("the last record of the provenance log is not a poisonguard record; "
@@ -144,10 +218,11 @@ def _last_record(fd: int, size: int, path: str) -> dict | None:
 
 
 def _chain(event: dict, last: dict | None) -> dict:
-    record = dict(event)
-    record["poisonguard_seq"] = 0 if last is None else int(last["poisonguard_seq"]) + 1
-    record["poisonguard_prev_sha256"] = GENESIS if last is None else last["poisonguard_record_sha256"]
-    record["poisonguard_record_sha256"] = record_hash(record)
+    chain = {"_producer": PRODUCER, "_schemaURL": f"{PRODUCER}/spec/facets/{CHAIN}.json",
+             "seq": 0 if last is None else int(chain_of(last)["seq"]) + 1,
+             "prev_sha256": GENESIS if last is None else head_of(last)}
+    record = {**event, "run": {**event["run"], "facets": {**event["run"].get("facets", {}), CHAIN: chain}}}
+    chain["record_sha256"] = record_hash(record)
     return record
 
 
@@ -182,7 +257,12 @@ def chained(path: str, event: dict):
     with locked_file(path, append=False) as fd:
         size = _repair_tail(fd, path)
         record = _chain(event, _last_record(fd, size, path))
-        yield record, lambda: _write_all(fd, size, canonical(record) + b"\n")
+
+        def commit():
+            _write_all(fd, size, canonical(record) + b"\n")
+            lineage.emit(record)
+
+        yield record, commit
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -211,7 +291,7 @@ def events_of_run(path: str, start: dict) -> list[dict]:
     Read backwards from the end of the log (the scan's records are its last ones), so the cost does
     not grow with the log; the whole chain is checked by ``verify``.
     """
-    run_id, start_hash = start["run"]["runId"], start["poisonguard_record_sha256"].encode()
+    run_id, start_hash = start["run"]["runId"], head_of(start).encode()
     with open(path, "rb") as handle:
         size = handle.seek(0, os.SEEK_END)
         chunk = 1 << 16
@@ -236,7 +316,7 @@ def verify(path: str, head: str | None = None) -> tuple[bool, str]:
     chain or a cut tail no longer does.
     """
     ok, message, found = _walk(path)
-    if ok and head is not None and not any(r["poisonguard_record_sha256"] == head for r in found):
+    if ok and head is not None and not any(head_of(r) == head for r in found):
         return False, f"the log no longer holds head {head} (rewritten, or records removed from its end)"
     return ok, message
 
@@ -257,16 +337,18 @@ def _walk(path: str) -> tuple[bool, str, list[dict]]:
                 record = parse(raw)
             except ValueError:
                 return False, f"line {line_no}: not valid JSON", found
-            if not isinstance(record, dict) or any(f not in record for f in CHAIN_FIELDS):
+            try:
+                chain = chain_of(record)
+            except (KeyError, TypeError, AttributeError):
                 return False, f"line {line_no}: not a poisonguard record", found
-            seq = record["poisonguard_seq"]
-            if record["poisonguard_record_sha256"] != record_hash(record) or canonical(record) + b"\n" != raw:
+            seq = chain["seq"]
+            if chain["record_sha256"] != record_hash(record) or canonical(record) + b"\n" != raw:
                 return False, f"record {seq} (line {line_no}): content does not match its hash (edited)", found
             if seq != expected_seq:
                 return False, (f"record {seq} (line {line_no}): expected record {expected_seq} "
                                "(removed, inserted or reordered)"), found
-            if record["poisonguard_prev_sha256"] != prev:
+            if chain["prev_sha256"] != prev:
                 return False, f"record {seq} (line {line_no}): does not chain to the record before it", found
             found.append(record)
-            prev, expected_seq = record["poisonguard_record_sha256"], expected_seq + 1
+            prev, expected_seq = chain["record_sha256"], expected_seq + 1
     return True, f"{expected_seq} records, chain intact, head {prev}", found

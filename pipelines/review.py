@@ -40,7 +40,7 @@ def check_published(run: Path, run_id: str, log_path: str) -> None:
     """The run's quarantine files must be the ones its COMPLETE record hashed when it was published."""
     complete = [r for r in prov.records(log_path)
                 if r.get("eventType") == "COMPLETE" and r.get("job", {}).get("name") == "scan"
-                and r.get("run", {}).get("runId") == run_id]
+                and prov.run_id_of(r) == run_id]
     if not complete:
         raise InputError(f"the provenance log holds no COMPLETE record for run {run_id}", path=log_path)
     recorded = {Path(o["name"]).name: o["facets"]["poisonguard_content"]["sha256"]

@@ -77,7 +77,7 @@ def test_ctrl_c_writes_a_fail_event_and_publishes_nothing(tmp, published):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     events = [json.loads(line) for line in log.read_text().splitlines()]
-    mine = [e["eventType"] for e in events if e["run"]["runId"] == "interrupted"]
+    mine = [e["eventType"] for e in events if prov.run_id_of(e) == "interrupted"]
     assert mine == ["START", "FAIL"]
     assert snapshot(out) == before
     assert not [p for p in out.parent.iterdir() if ".staging-" in p.name]
@@ -114,7 +114,7 @@ def test_any_scheduler_run_id_round_trips_and_names_no_path(tmp, run_id):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["run_id"] == run_id
     events = [json.loads(line) for line in (out / "provenance.jsonl").read_text().splitlines()]
-    assert [e["run"]["runId"] for e in events] == [run_id, run_id]
+    assert [prov.run_id_of(e) for e in events] == [run_id, run_id]
     assert sorted(p.name for p in tmp.iterdir()) == ["runs", "state"]  # nothing written outside
     assert sorted(p.name for p in (tmp / "runs").iterdir()) == ["poisonguard-provenance.jsonl", "run"]  # no lock file
 

@@ -144,7 +144,7 @@ def test_a_baseline_that_cannot_be_saved_is_a_warning_after_publishing(tmp, publ
     assert "drift baseline not saved" in stderr and not error_lines(stderr)
     assert json.loads((out / "summary.json").read_text())["run_id"] == "second"
     events = [json.loads(line)["eventType"] for line in log.read_text().splitlines()
-              if json.loads(line)["run"]["runId"] == "second"]
+              if prov.run_id_of(json.loads(line)) == "second"]
     assert events == ["START", "COMPLETE"]
 
 
@@ -162,7 +162,7 @@ def test_a_failed_complete_record_swaps_the_previous_run_back(tmp, published, mo
     _rejected(["scan", CLEAN, "--out", out, "--config", DIGITS_CONFIG, "--run-id", "nospace"], "No space left")
     assert snapshot(out) == before and calls["n"] == 0
     kinds = [json.loads(line)["eventType"] for line in log.read_text().splitlines()
-             if json.loads(line)["run"]["runId"] == "nospace"]
+             if prov.run_id_of(json.loads(line)) == "nospace"]
     assert kinds == ["START", "FAIL"]  # never a COMPLETE for a run that is not published
     assert not [p for p in out.parent.iterdir() if ".staging-" in p.name or ".old-" in p.name]
 
@@ -334,7 +334,7 @@ def test_formula_ids_are_neutralised_in_review_csv_and_read_back_exactly(tmp):
 def test_verify_log_head_catches_a_cut_tail_and_a_rewrite(tmp):
     path = tmp / "log.jsonl"
     for i in range(4):
-        head = prov.append(str(path), prov.run_event("START", f"r{i}"))["poisonguard_record_sha256"]
+        head = prov.head_of(prov.append(str(path), prov.run_event("START", f"r{i}")))
     assert run_cli("verify-log", path, "--head", head)[0] == 0
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(b"".join(lines[:-1]))
@@ -369,7 +369,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp, published):
     assert proc.returncode == 143, stderr
     assert "Traceback" not in stderr and "SIGTERM" in stderr
     kinds = [json.loads(line)["eventType"] for line in log.read_text().splitlines()
-             if json.loads(line)["run"]["runId"] == "termed"]
+             if prov.run_id_of(json.loads(line)) == "termed"]
     assert kinds == ["START", "FAIL"]
     assert snapshot(out) == before and not [p for p in out.parent.iterdir() if ".staging-" in p.name]
 
@@ -433,7 +433,7 @@ def test_reusing_a_run_id_does_not_copy_the_earlier_runs_events(tmp):
         assert code == 0
     events = [json.loads(line) for line in (tmp / "two" / "provenance.jsonl").read_text().splitlines()]
     assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
-    assert events[0]["poisonguard_seq"] == 2
+    assert prov.chain_of(events[0])["seq"] == 2
 
 
 def test_dictionary_encoded_id_and_label_columns_are_accepted(tmp):

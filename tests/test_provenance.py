@@ -12,7 +12,7 @@ from poisonguard import provenance as prov
 def _log(tmp, n=5):
     path = tmp / "log.jsonl"
     for i in range(n):
-        prov.append(str(path), prov.run_event("START", f"run-{i}", facets={"i": i}))
+        prov.append(str(path), prov.run_event("START", f"run-{i}", facets={"poisonguard_test": {"i": i}}))
     return path
 
 
@@ -59,8 +59,8 @@ def test_inserted_record_is_named(tmp):
     path = _log(tmp)
     lines = path.read_bytes().splitlines(keepends=True)
     forged = json.loads(lines[1])
-    forged["run"]["runId"] = "forged"
-    forged["poisonguard_record_sha256"] = prov.record_hash(forged)
+    forged["run"]["facets"]["poisonguard_run"]["run_id"] = "forged"
+    forged["run"]["facets"]["poisonguard_chain"]["record_sha256"] = prov.record_hash(forged)
     lines.insert(2, prov.canonical(forged) + b"\n")
     path.write_bytes(b"".join(lines))
     code, stdout, _ = run_cli("verify-log", path)

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from poisonguard import provenance as prov
 from conftest import CLEAN, DIGITS_CONFIG, POISONED, TRUTH, read_outputs, run_cli
 
 
@@ -78,7 +79,7 @@ def test_summary_records_per_class_decisions(poisoned_run):
     assert not any(classes[str(i)]["suspicious"] for i in range(1, 10))
     assert summary["per_class"]["0"]["quarantined"] > 0
     assert summary["verdict"] == "within_policy"
-    assert summary["versions"]["apache-beam"]
+    assert summary["versions"]["packages"]["apache-beam"]
 
 
 def test_provenance_events_start_and_complete(poisoned_run):
@@ -86,7 +87,7 @@ def test_provenance_events_start_and_complete(poisoned_run):
     events = [json.loads(line) for line in (out / "provenance.jsonl").read_text().splitlines()]
     assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
     complete = events[1]
-    assert complete["run"]["runId"] == "run-a"
+    assert prov.run_id_of(complete) == "run-a" and complete["run"]["runId"] == prov.lineage_run_id("run-a")
     assert complete["inputs"][0]["facets"]["poisonguard_content"]["rows"] == 1797
     assert len(complete["inputs"][0]["facets"]["poisonguard_content"]["sha256"]) == 64
     rows = sum(o["facets"]["poisonguard_content"]["rows"] for o in complete["outputs"])

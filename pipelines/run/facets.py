@@ -17,13 +17,13 @@ DEPENDENCIES = ("apache-beam", "pyarrow", "numpy", "pandas", "scikit-learn", "sc
 def versions() -> dict:
     from importlib import metadata
 
-    out = {"python": sys.version.split()[0], "poisonguard": __version__}
+    packages = {}
     for dist in DEPENDENCIES:
         try:
-            out[dist] = metadata.version(dist)
+            packages[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+            packages[dist] = None
+    return {"python": sys.version.split()[0], "poisonguard": __version__, "packages": packages}
 
 
 def code_commit() -> str | None:
@@ -44,7 +44,8 @@ def code_commit() -> str | None:
         return None
 
 
-def run_facets(config: Config, suite: dict | None) -> dict:
+def run_facets(config: Config, suite: dict | None, public=lambda facets: facets) -> dict:
+    """``public`` renames local copies of remote files (run/remote.py) to the names they were given."""
     facets = {
         "poisonguard_code": {"version": __version__, "git_commit": code_commit()},
         "poisonguard_versions": versions(),
@@ -55,7 +56,7 @@ def run_facets(config: Config, suite: dict | None) -> dict:
         facets["poisonguard_suite"] = {"path": config.suite, "sha256": sha256_file(config.suite),
                                        "name": (suite or {}).get("name"),
                                        "expectations": len((suite or {}).get("expectations", []))}
-    return facets
+    return public(facets)
 
 
 def findings(summary: dict) -> dict:
@@ -68,9 +69,20 @@ def findings(summary: dict) -> dict:
     }
 
 
-def input_datasets(files) -> list[dict]:
-    return [{"namespace": "file", "name": f.path,
-             "facets": {"poisonguard_content": {"sha256": f.sha256, "rows": f.rows}}} for f in files]
+def dataset(location: str, **dataset_facets) -> dict:
+    """An OpenLineage dataset named as its naming spec says: ``file`` and an absolute path, or
+    ``scheme://bucket`` and the key within it."""
+    from poisonguard import storage
+
+    if storage.is_remote(location):
+        scheme, rest = location.split("://", 1)
+        bucket, _, key = rest.partition("/")
+        return {"namespace": f"{scheme}://{bucket}", "name": key or "/", "facets": dataset_facets}
+    return {"namespace": "file", "name": location, "facets": dataset_facets}
+
+
+def input_datasets(files, name=lambda path: path) -> list[dict]:
+    return [dataset(name(f.path), poisonguard_content={"sha256": f.sha256, "rows": f.rows}) for f in files]
 
 
 def write_events(path: str, events: list[dict]) -> None:

@@ -14,7 +14,7 @@ from poisonguard.engines.outputs import EngineResult
 from poisonguard.errors import IntegrityError
 from poisonguard.io import InputPlan, sha256_file
 from poisonguard.names import CLEAN, EMPTY_PART, OUTPUT_FOLDERS, QUARANTINE
-from poisonguard.run.facets import versions
+from poisonguard.run.facets import dataset, versions
 
 def check_outputs(staging: str, plan: InputPlan, config: Config, result: EngineResult,
                   run_dir: str) -> tuple[dict, list[dict]]:
@@ -37,8 +37,8 @@ def check_outputs(staging: str, plan: InputPlan, config: Config, result: EngineR
             if not meta.schema.to_arrow_schema().equals(schemas[folder]):
                 raise IntegrityError(f"{folder}/{os.path.basename(part)} does not have the output schema")
             rows += meta.num_rows
-            outputs.append({"namespace": "file", "name": os.path.join(run_dir, folder, os.path.basename(part)),
-                            "facets": {"poisonguard_content": {"sha256": sha256_file(part), "rows": meta.num_rows}}})
+            location = f"{run_dir.rstrip('/')}/{folder}/{os.path.basename(part)}"
+            outputs.append(dataset(location, poisonguard_content={"sha256": sha256_file(part), "rows": meta.num_rows}))
         written[folder] = rows
     counts, total = result.counts, plan.total_rows
     n_clean, n_held = written[CLEAN], written[QUARANTINE]

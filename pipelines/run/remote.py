@@ -1,0 +1,254 @@
+"""A scan whose locations are URIs: local copies in, the object-store commit protocol out.
+
+Object stores have no atomic rename and no locks.  So a scan with URIs works on local copies in a
+private temporary folder, and publishes like this:
+
+* Inputs, suite and model are copied in while they are hashed: both passes read the hashed bytes.
+* The state folder and the provenance log are copied in and written back; the log only if nobody
+  changed it meanwhile (one writer per log and per ``--out``: one scheduled job, ``max_active_runs=1``).
+* The run folder is built locally, then published (:func:`publish_remote`):
+  1. every file under ``OUT/<attempt>/``, where attempt is the file-safe run id and a nonce;
+  2. ``OUT/<attempt>/MANIFEST.json``: every file with its size and sha256;
+  3. ``OUT/_SUCCESS``, one object put whole, naming the attempt and the manifest's sha256;
+  4. the COMPLETE record committed to the log; should that fail, the previous ``_SUCCESS`` goes back.
+  A reader that follows ``_SUCCESS`` (:func:`published`) sees a complete run; the previous run stays
+  readable until step 3.  Attempts that ``_SUCCESS`` no longer names are deleted after the commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from poisonguard import storage
+from poisonguard.errors import InputError
+from poisonguard.names import DEFAULT_LOG, MANIFEST, SUCCESS, safe_name
+from poisonguard.run import rundir
+
+log = logging.getLogger("poisonguard")
+
+
+@dataclass
+class Locations:
+    """Where a scan works (local paths) and what it calls them in its outputs (URIs or paths)."""
+
+    inputs: list[str]
+    run_dir: str
+    config: object
+    public_run_dir: str
+    public_outputs: str  # where the output files are named (OUT/<attempt> on an object store)
+    names: dict[str, str] = field(default_factory=dict)  # local input path -> the name it was given
+    public_log: str | None = None
+    publish: object = rundir.publish
+
+    def public(self, value):
+        """Every local copy's path in ``value`` (a summary, facets) replaced by its name, in place."""
+        if isinstance(value, str):
+            return self.names.get(value, value)
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in list(items):
+            value[key] = self.public(item)
+        return value
+
+
+@contextlib.contextmanager
+def locations(inputs: list[str], run_dir: str, config, run_id: str):
+    """Local paths pass through; URIs are copied in (and back out) around the scan."""
+    uris = [*inputs, run_dir, config.state, config.provenance_log, config.suite, config.embedding.model]
+    if not any(storage.is_remote(u) for u in uris):
+        local = str(Path(run_dir).resolve())
+        yield Locations(inputs, run_dir, config, local, local)
+        return
+    with tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
+        yield from _remote(inputs, run_dir, config.model_copy(deep=True), run_id, Path(tmp).resolve())
+
+
+def _remote(inputs, run_dir, config, run_id, tmp: Path):
+    local_inputs, names = _copy_inputs(inputs, tmp / "inputs")
+    for keys in (("suite",), ("embedding", "model")):
+        owner = config if len(keys) == 1 else getattr(config, keys[0])
+        value = getattr(owner, keys[-1])
+        if storage.is_remote(value):
+            target = tmp / "files" / keys[-1] / storage.display(value).rsplit("/", 1)[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            storage.download(value, str(target))
+            setattr(owner, keys[-1], str(target))
+            names[str(target)] = storage.display(value)
+    remote_out = storage.is_remote(run_dir)
+    log_uri = config.provenance_log or (storage.join(run_dir.rsplit("/", 1)[0], DEFAULT_LOG) if remote_out else None)
+    mirrored_log = _Mirror(log_uri, tmp / "log" / DEFAULT_LOG, True) if storage.is_remote(log_uri) else None
+    state = _Mirror(config.state, tmp / "state", False) if storage.is_remote(config.state) else None
+    for key, mirror in (("provenance_log", mirrored_log), ("state", state)):
+        if mirror:
+            setattr(config, key, str(mirror.local))
+            names[str(mirror.local)] = storage.display(mirror.uri)
+    public_log = storage.display(log_uri) if mirrored_log else None
+    if remote_out:
+        attempt = f"{safe_name(run_id)}.{secrets.token_hex(4)}"
+        local_run = str(tmp / "run" / "out")
+        where = Locations(local_inputs, local_run, config, storage.display(run_dir),
+                          storage.display(storage.join(run_dir, attempt)), names, public_log)
+        where.publish = lambda staging, _run, rid, commit: publish_remote(
+            staging, run_dir, attempt, rid, _then(commit, mirrored_log))
+    else:
+        local = str(Path(run_dir).resolve())
+        where = Locations(local_inputs, run_dir, config, local, local, names, public_log)
+        if mirrored_log:
+            where.publish = lambda staging, run, rid, commit: rundir.publish(staging, run, rid,
+                                                                               _then(commit, mirrored_log))
+    completed = False
+    try:
+        yield where
+        completed = True
+    finally:
+        if mirrored_log and not completed:
+            mirrored_log.push_or_warn()  # a START and FAIL record of a run that stopped
+        if state and completed:
+            state.push_or_warn()
+
+
+def _then(commit, mirrored_log):
+    def both():
+        commit()
+        if mirrored_log:
+            mirrored_log.push()
+    return both
+
+
+def _copy_inputs(inputs: list[str], folder: Path) -> tuple[list[str], dict[str, str]]:
+    local, names = [], {}
+    for item in inputs:
+        if not storage.is_remote(item):
+            local.append(item)
+            continue
+        if storage.has_pattern(item):
+            uris = storage.expand(item)
+        elif storage.kind(item) == "file":
+            uris = [item]
+        else:
+            uris = storage.list_files(item, "*.parquet") or storage.list_files(item, "**/*.parquet")
+        if not uris:
+            raise InputError("no Parquet file found here", path=storage.display(item))
+        for uri in uris:
+            target = folder / f"{len(names):06d}" / storage.display(uri).rsplit("/", 1)[-1]
+            target.parent.mkdir(parents=True)
+            storage.download(uri, str(target))
+            names[os.path.realpath(target)] = storage.display(uri)
+        local.append(str(folder))
+    return list(dict.fromkeys(local)), names
+
+
+class _Mirror:
+    """A local copy of a remote file or folder, written back only over what was read."""
+
+    def __init__(self, uri: str, local: Path, one_file: bool):
+        self.uri, self.local = uri, local
+        self.read = {}
+        if one_file:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            data = storage.read_bytes(uri)
+            if data is not None:
+                local.write_bytes(data)
+            self.read[""] = _sha(data)
+        else:
+            local.mkdir(parents=True, exist_ok=True)
+            for child in storage.list_files(uri):
+                rel = storage.relative(child, uri)
+                (local / rel).parent.mkdir(parents=True, exist_ok=True)
+                self.read[rel] = storage.download(child, str(local / rel))
+
+    def push(self) -> None:
+        if "" in self.read:  # the log: only over the bytes it started from
+            if _sha(storage.read_bytes(self.uri)) != self.read[""]:
+                raise InputError("the provenance log changed during this scan (another writer?); nothing published",
+                                 path=storage.display(self.uri))
+            data = self.local.read_bytes() if self.local.exists() else b""
+            storage.write_bytes(self.uri, data)
+            self.read[""] = _sha(data)
+            return
+        for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
+            rel = path.relative_to(self.local).as_posix()
+            digest = _sha(path.read_bytes())
+            if self.read.get(rel) != digest:
+                storage.upload(str(path), storage.join(self.uri, rel))
+                self.read[rel] = digest
+
+    def push_or_warn(self) -> None:
+        try:
+            self.push()
+        except (InputError, OSError) as exc:
+            log.warning("could not write back %s: %s", storage.display(self.uri), exc)
+
+
+def _sha(data: bytes | None) -> str | None:
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def publish_remote(staging: str, out: str, attempt: str, run_id: str, commit) -> None:
+    """Steps 1-4 of the commit protocol (module docstring)."""
+    from poisonguard.names import WORK
+
+    shutil.rmtree(os.path.join(staging, WORK), ignore_errors=True)
+    Path(staging, SUCCESS).write_text(run_id + "\n")
+    prefix = storage.join(out, attempt)
+    files = []
+    for path in sorted(p for p in Path(staging).rglob("*") if p.is_file()):
+        rel = path.relative_to(staging).as_posix()
+        storage.upload(str(path), storage.join(prefix, rel))
+        files.append({"path": rel, "bytes": path.stat().st_size, "sha256": _file_sha(path)})
+    manifest = json.dumps({"run_id": run_id, "attempt": attempt, "files": files}, indent=1).encode()
+    storage.write_bytes(storage.join(prefix, MANIFEST), manifest)
+    previous = storage.read_bytes(storage.join(out, SUCCESS))
+    pointer = {"run_id": run_id, "attempt": attempt, "manifest": f"{attempt}/{MANIFEST}",
+               "manifest_sha256": hashlib.sha256(manifest).hexdigest()}
+    storage.write_bytes(storage.join(out, SUCCESS), (json.dumps(pointer) + "\n").encode())
+    try:
+        commit()
+    except BaseException:
+        if previous is None:
+            storage.delete(storage.join(out, SUCCESS))
+        else:
+            storage.write_bytes(storage.join(out, SUCCESS), previous)
+        raise
+    for old in _attempts(out) - {attempt}:
+        try:
+            storage.delete(storage.join(out, old))
+        except InputError as exc:
+            log.warning("could not delete the replaced attempt %s: %s", old, exc)
+
+
+def _attempts(out: str) -> set[str]:
+    found = (storage.relative(uri, out) for uri in storage.list_files(out))
+    return {rel.split("/", 1)[0] for rel in found if "/" in rel}
+
+
+def _file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def published(out: str) -> dict:
+    """What a reader of an object-store run folder sees: the run ``_SUCCESS`` names, its files as
+    URIs, each checked against the manifest.  InputError when no complete run is there."""
+    raw = storage.read_bytes(storage.join(out, SUCCESS))
+    if raw is None:
+        raise InputError("no published run here (no _SUCCESS)", path=storage.display(out))
+    pointer = json.loads(raw)
+    manifest = storage.read_bytes(storage.join(out, pointer["manifest"]))
+    if manifest is None or hashlib.sha256(manifest).hexdigest() != pointer["manifest_sha256"]:
+        raise InputError("the manifest _SUCCESS names is missing or altered", path=storage.display(out))
+    files = json.loads(manifest)["files"]
+    return {"run_id": pointer["run_id"], "attempt": pointer["attempt"],
+            "files": {f["path"]: storage.join(out, pointer["attempt"], f["path"]) for f in files},
+            "manifest": files}

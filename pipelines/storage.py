@@ -1,0 +1,199 @@
+"""The one filesystem layer for URIs (``s3://``, ``gs://``, ``hdfs://`` and what fsspec adds).
+
+pyarrow.fs serves the schemes it builds in; any other scheme goes through fsspec, whose
+implementation package (s3fs, gcsfs, adlfs, ...) is an extra.  A scheme whose package is missing is
+an input error naming the extra to install.  Credentials come from the environment (the AWS / GCP
+credential chains); a URI written with ``user:secret@`` is shown without them (:func:`display`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+from urllib.parse import urlsplit, urlunsplit
+
+from poisonguard.errors import InputError
+
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+ARROW_SCHEMES = {"s3": "_s3fs", "gs": "_gcsfs", "gcs": "_gcsfs", "hdfs": "_hdfs"}
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+CHUNK = 8 << 20
+
+
+def is_remote(path: str | None) -> bool:
+    match = _URI.match(path or "")
+    return bool(match) and match.group(1).lower() != "file"
+
+
+def display(uri: str) -> str:
+    """A URI as it may be logged or recorded: no user, password or query string (which can carry keys)."""
+    if not is_remote(uri):
+        return uri
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    return urlunsplit((parts.scheme, host + (f":{parts.port}" if parts.port else ""), parts.path, "", ""))
+
+
+def join(uri: str, *names: str) -> str:
+    """``uri`` with names appended to its path; a query string (options such as
+    ``endpoint_override``) stays at the end."""
+    base, sep, query = uri.partition("?")
+    return "/".join([base.rstrip("/"), *(n.strip("/") for n in names)]) + sep + query
+
+
+def has_pattern(uri: str) -> bool:
+    """``*`` or ``[`` in a URI's path; ``?`` starts its query string, as in any URI."""
+    return any(ch in uri.partition("?")[0] for ch in "*[")
+
+
+def _base(uri: str) -> str:
+    return uri.partition("?")[0].rstrip("/")
+
+
+def filesystem(uri: str):
+    """``(pyarrow.fs.FileSystem, path)`` for a URI; InputError (exit 2) when it cannot be served."""
+    import pyarrow.fs as pafs
+
+    scheme = _URI.match(uri).group(1).lower()
+    module = ARROW_SCHEMES.get(scheme)
+    if module and _arrow_has(module):
+        try:
+            return pafs.FileSystem.from_uri(uri)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"cannot open this location: {_first_line(exc)}", path=display(uri)) from None
+    try:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+    except ImportError:
+        extra = EXTRAS.get(scheme, scheme)
+        raise InputError(f"no filesystem package for {scheme}:// is installed; "
+                         f"pip install 'poisonguard[{extra}]'", path=display(uri)) from None
+    except (ValueError, OSError) as exc:
+        raise InputError(f"cannot open this location: {_first_line(exc)}", path=display(uri)) from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def _arrow_has(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(f"pyarrow.{module}")
+        return True
+    except ImportError:
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _call(uri: str, what: str, fn, *args):
+    try:
+        return fn(*args)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot {what}: {_first_line(exc)}", path=display(uri)) from None
+
+
+def kind(uri: str) -> str:
+    """``file``, ``folder`` or ``missing``."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    info = _call(uri, "look it up", fs.get_file_info, path)
+    if info.type == pafs.FileType.File:
+        return "file"
+    if info.type == pafs.FileType.Directory:
+        return "folder"
+    # object stores have no folders: a prefix with objects under it is one
+    return "folder" if list_files(uri) else "missing"
+
+
+def list_files(uri: str, pattern: str = "*") -> list[str]:
+    """Every file below a URI prefix whose path relative to it matches ``pattern``, sorted, as URIs."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    selector = pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True)
+    infos = _call(uri, "list it", fs.get_file_info, selector)
+    root = path.rstrip("/") + "/"
+    found = [info.path[len(root):] for info in infos if info.type == pafs.FileType.File and info.path.startswith(root)]
+    return sorted(join(uri, rel) for rel in found if fnmatch.fnmatch(rel, pattern))
+
+
+def relative(uri: str, root: str) -> str:
+    """The path of ``uri`` below ``root`` (both as :func:`list_files` builds them)."""
+    return _base(uri)[len(_base(root)) + 1:]
+
+
+def expand(pattern: str) -> list[str]:
+    """A URI with ``*`` / ``[`` in its path: every file below its fixed prefix that matches."""
+    base, sep, query = pattern.partition("?")
+    cut = min(base.find(ch) for ch in "*[" if ch in base)
+    prefix = base[:base.rfind("/", 0, cut)]
+    return [uri for uri in list_files(prefix + sep + query) if fnmatch.fnmatch(_base(uri), base)]
+
+
+def download(uri: str, local: str) -> str:
+    """Copy one object to a local file while hashing it; return its sha256."""
+    fs, path = filesystem(uri)
+    digest = hashlib.sha256()
+
+    def copy():
+        with fs.open_input_stream(path) as source, open(local, "wb") as target:
+            while chunk := source.read(CHUNK):
+                digest.update(chunk)
+                target.write(chunk)
+
+    _call(uri, "read it", copy)
+    return digest.hexdigest()
+
+
+def read_bytes(uri: str) -> bytes | None:
+    """A whole object, or None if there is none."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    if _call(uri, "look it up", fs.get_file_info, path).type != pafs.FileType.File:
+        return None
+
+    def read():
+        with fs.open_input_stream(path) as source:
+            return source.read()
+
+    return _call(uri, "read it", read)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """One object, put whole: readers see the old bytes or the new ones."""
+    fs, path = filesystem(uri)
+
+    def write():
+        with fs.open_output_stream(path) as target:
+            target.write(data)
+
+    _call(uri, "write it", write)
+
+
+def upload(local: str, uri: str) -> None:
+    fs, path = filesystem(uri)
+
+    def copy():
+        with open(local, "rb") as source, fs.open_output_stream(path) as target:
+            while chunk := source.read(CHUNK):
+                target.write(chunk)
+
+    _call(uri, "write it", copy)
+
+
+def delete(uri: str) -> None:
+    """Remove one object or everything below a prefix; what is not there is fine."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    info = _call(uri, "look it up", fs.get_file_info, path)
+    if info.type == pafs.FileType.File:
+        _call(uri, "delete it", fs.delete_file, path)
+    elif info.type == pafs.FileType.Directory:  # and any folder-marker objects a store keeps
+        _call(uri, "delete it", fs.delete_dir, path)

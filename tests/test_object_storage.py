@@ -1,0 +1,190 @@
+"""Scans on object storage, against a real S3-compatible server (moto in server mode) that these
+tests start on localhost and stop: same results as a local run, the commit protocol, credentials kept out."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DIGITS_CONFIG, POISONED, read_outputs, run_cli
+
+KEY_ID, SECRET = "AKIAPGTESTKEY0000001", "pg-secret-Zq81xXr0vWm3"
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    import boto3
+
+    env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": s3_server}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3")
+    bucket = "pg-" + request.node.name.replace("_", "-")[-40:].strip("-").lower()
+    client.create_bucket(Bucket=bucket)
+    client.upload_file(str(POISONED), bucket, "data/train/digits_poisoned.parquet")
+    return client, bucket
+
+
+def _objects(client, bucket, prefix=""):
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+
+def _table(data: bytes):
+    return pq.read_table(io.BytesIO(data))
+
+
+def _scan(bucket, *extra, before=()):
+    return run_cli(*before, "scan", f"s3://{bucket}/data/train/", "--config", DIGITS_CONFIG, "--out",
+                   f"s3://{bucket}/runs/today", "--state", f"s3://{bucket}/state", *extra)
+
+
+def test_s3_scan_matches_a_local_scan_and_keeps_credentials_out(s3, tmp):
+    client, bucket = s3
+    run_id = "scheduled__2026-11-29T00:00:00+00:00"
+    code, stdout, stderr = _scan(bucket, "--run-id", run_id, "--output", "json", before=("--log-format", "json"))
+    assert code == 0, stderr
+    result = json.loads(stdout.strip().splitlines()[-1])
+    local_code, _, _ = run_cli("scan", POISONED, "--config", DIGITS_CONFIG, "--out", tmp / "run", "--quiet",
+                            "--run-id", run_id)
+    assert local_code == 0
+    from poisonguard.run.remote import published
+
+    run = published(f"s3://{bucket}/runs/today")
+    assert run["run_id"] == run_id and result["paths"]["clean"] == run["files"]["clean/part-00000-000000000000.parquet"].rsplit("/", 1)[0]
+    objects = _objects(client, bucket)
+    prefix = f"runs/today/{run['attempt']}/"
+    local_clean, local_held = read_outputs(tmp / "run")
+    remote_clean = _table(objects[prefix + "clean/part-00000-000000000000.parquet"])
+    remote_held = _table(objects[prefix + "quarantine/part-00000-000000000000.parquet"])
+    assert remote_clean.equals(local_clean) and remote_held.equals(local_held)
+    summary = json.loads(objects[prefix + "summary.json"])
+    local_summary = json.loads((tmp / "run" / "summary.json").read_text())
+    assert summary["counts"] == local_summary["counts"] and summary["per_class"] == local_summary["per_class"]
+    assert summary["run_id"] == run_id  # verbatim
+    assert summary["inputs"][0]["path"] == f"s3://{bucket}/data/train/digits_poisoned.parquet"
+    assert summary["provenance"]["log"] == f"s3://{bucket}/runs/poisonguard-provenance.jsonl"
+    assert summary["parameters"]["state"] == f"s3://{bucket}/state"
+    # every file in the manifest is there with the bytes it lists
+    import hashlib
+
+    for entry in run["manifest"]:
+        assert hashlib.sha256(objects[prefix + entry["path"]]).hexdigest() == entry["sha256"]
+    events = [json.loads(line) for line in objects["runs/poisonguard-provenance.jsonl"].splitlines()]
+    assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
+    assert events[1]["inputs"][0]["namespace"] == f"s3://{bucket}"
+    assert events[1]["inputs"][0]["name"] == "data/train/digits_poisoned.parquet"
+    assert {o["namespace"] for o in events[1]["outputs"]} == {f"s3://{bucket}"}
+    assert all(o["name"].startswith(prefix) for o in events[1]["outputs"])
+    assert any(key.startswith("state/runs/") for key in objects)  # the drift baseline went back
+    everything = b"".join(objects.values()) + stdout.encode() + stderr.encode()
+    assert SECRET.encode() not in everything and KEY_ID.encode() not in everything
+    code, out, _ = run_cli("verify-log", f"s3://{bucket}/runs/poisonguard-provenance.jsonl",
+                           "--head", result["provenance_head"])
+    assert code == 0 and ": OK: " in out
+
+
+def test_success_is_written_last_and_an_interrupted_publish_leaves_the_previous_run(s3, monkeypatch):
+    from poisonguard import storage
+    from poisonguard.run.remote import published
+
+    client, bucket = s3
+    out = f"s3://{bucket}/runs/today"
+    written = []
+    real_write, real_upload = storage.write_bytes, storage.upload
+    monkeypatch.setattr(storage, "write_bytes", lambda uri, data: (written.append(uri), real_write(uri, data)))
+    monkeypatch.setattr(storage, "upload", lambda local, uri: (written.append(uri), real_upload(local, uri)))
+    assert _scan(bucket, "--run-id", "first", "--quiet")[0] == 0
+    in_run = [uri for uri in written if uri.startswith(out + "/")]
+    assert in_run[-1] == out + "/_SUCCESS" and in_run[-2].endswith("/MANIFEST.json")
+    not_state = [uri for uri in written if f"{bucket}/state/" not in uri]
+    assert not_state[-1].endswith("runs/poisonguard-provenance.jsonl")  # COMPLETE committed after the publish
+    first = published(out)
+
+    def killed_midway(local, uri):  # Ctrl-C (or SIGTERM) after two files of the second run
+        if len(killed_midway.calls) == 2:
+            raise KeyboardInterrupt
+        killed_midway.calls.append(uri)
+        real_upload(local, uri)
+
+    killed_midway.calls = []
+    monkeypatch.setattr(storage, "upload", killed_midway)
+    assert _scan(bucket, "--run-id", "second", "--quiet")[0] == 130
+    assert published(out) == first  # readers still see the first run, whole
+    for rel, uri in first["files"].items():
+        assert storage.read_bytes(uri) is not None, rel
+    log = _objects(client, bucket, "runs/poisonguard-provenance.jsonl")["runs/poisonguard-provenance.jsonl"]
+    assert [json.loads(line)["eventType"] for line in log.splitlines()] == ["START", "COMPLETE", "START", "FAIL"]
+
+    def log_refused(self):  # the commit fails after _SUCCESS was replaced: the first run comes back
+        raise OSError("log store unavailable")
+
+    monkeypatch.setattr(storage, "upload", real_upload)
+    from poisonguard.run import remote
+
+    monkeypatch.setattr(remote._Mirror, "push", log_refused)
+    code, _, stderr = _scan(bucket, "--run-id", "third", "--quiet")
+    assert code != 0 and published(out) == first
+    monkeypatch.undo()
+    for key, value in {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": client.meta.endpoint_url}.items():
+        monkeypatch.setenv(key, value)
+    code, _, stderr = _scan(bucket, "--run-id", "fourth", "--quiet")
+    assert code == 0, stderr
+    assert "could not" not in stderr, stderr
+    latest = published(out)
+    assert latest["run_id"] == "fourth"
+    attempts = {key.split("/")[2] for key in _objects(client, bucket, "runs/today/") if key.count("/") > 2}
+    assert attempts == {latest["attempt"]}  # interrupted and replaced attempts are cleaned up
+
+
+def test_a_scheme_without_its_package_is_exit_2_naming_the_extra(tmp):
+    code, _, stderr = run_cli("scan", "az://container/train.parquet", "--config", DIGITS_CONFIG, "--out", tmp / "run")
+    assert code == 2
+    assert "pip install 'poisonguard[azure]'" in stderr and "az://container/train.parquet" in stderr
+    code, _, stderr = run_cli("scan", POISONED, "--config", DIGITS_CONFIG, "--out", "nosuch://x/run")
+    assert code == 2 and "nosuch://x/" in stderr and "nosuch" in stderr.split(": ")[-1]
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_credentials_written_into_a_uri_are_not_recorded(s3, tmp):
+    client, bucket = s3
+    endpoint = client.meta.endpoint_url.split("://", 1)[1]
+    source = f"s3://{KEY_ID}:{SECRET}@{bucket}/data/train/digits_poisoned.parquet?endpoint_override={endpoint}&scheme=http"
+    code, stdout, stderr = run_cli("scan", source, "--config", DIGITS_CONFIG, "--out", tmp / "run",
+                                   "--output", "json")
+    assert code == 0, stderr
+    recorded = b"".join(p.read_bytes() for p in tmp.rglob("*") if p.is_file()) + (stdout + stderr).encode()
+    assert SECRET.encode() not in recorded and endpoint.encode() not in recorded
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    assert summary["inputs"][0]["path"] == f"s3://{bucket}/data/train/digits_poisoned.parquet"
+
+
+def test_an_s3_glob_reads_what_matches(s3, tmp):
+    client, bucket = s3
+    client.upload_file(str(POISONED), bucket, "data/other/skip.txt")
+    code, _, stderr = run_cli("scan", f"s3://{bucket}/data/*/digits_*.parquet", "--config", DIGITS_CONFIG,
+                              "--out", tmp / "run", "--quiet")
+    assert code == 0, stderr
+    inputs = json.loads((tmp / "run" / "summary.json").read_text())["inputs"]
+    assert [i["path"] for i in inputs] == [f"s3://{bucket}/data/train/digits_poisoned.parquet"]
+    code, _, stderr = run_cli("scan", f"s3://{bucket}/data/*/nothing_*.parquet", "--out", tmp / "run2")
+    assert code == 2 and "no Parquet file found here" in stderr
