@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 
-.PHONY: venv browser demo test bench-quality bench-scale bench-embed samples clean
+.PHONY: venv browser demo test airflow-check bench-quality bench-scale bench-embed samples clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,17 @@ demo: venv
 
 test: venv browser
 	$(PY) -m pytest -q -n 2 tests
+
+# The example DAG under `airflow dags test`, with Airflow in its own venv (not part of `make test`:
+# installing Airflow takes about 40 s here, the check itself about 20 s).
+AIRFLOW_VENV ?= .airflow-venv
+$(AIRFLOW_VENV)/.installed:
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet "apache-airflow>=2.9"
+	touch $@
+
+airflow-check: venv $(AIRFLOW_VENV)/.installed
+	bash examples/airflow-check.sh
 
 bench-quality: venv
 	$(PY) -m pip install --quiet -e ".[bench]"

@@ -9,20 +9,33 @@ so that the log can be checked later (`poisonguard verify-log LOG --head HASH`).
 from __future__ import annotations
 
 import json
+import os
 
 import pendulum
-from airflow import DAG
-from airflow.operators.bash import BashOperator
-from airflow.operators.python import BranchPythonOperator, PythonOperator
 
-DATA = "/data/train/{{ ds }}/"
-RUNS = "/data/poisonguard/runs"
+try:  # Airflow 3
+    from airflow.providers.standard.operators.bash import BashOperator
+    from airflow.providers.standard.operators.python import BranchPythonOperator, PythonOperator
+    from airflow.sdk import DAG
+except ImportError:  # Airflow 2
+    from airflow import DAG
+    from airflow.operators.bash import BashOperator
+    from airflow.operators.python import BranchPythonOperator, PythonOperator
+
+# Where things are; `make airflow-check` points them at the repository's sample.  URIs work too
+# (s3://lake/train/{{ ds }}/ and s3://lake/poisonguard/runs).
+POISONGUARD = os.environ.get("POISONGUARD_BIN", "poisonguard")
+DATA = os.environ.get("POISONGUARD_DATA", "/data/train/{{ ds }}/")
+CONFIG = os.environ.get("POISONGUARD_CONFIG", "/opt/poisonguard/configs/train.yaml")
+RUNS = os.environ.get("POISONGUARD_RUNS", "/data/poisonguard/runs")
+STATE = os.environ.get("POISONGUARD_STATE", "/data/poisonguard/state")
 
 with DAG(
     dag_id="poisonguard_screen_then_train",
     schedule="@daily",
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,
+    max_active_runs=1,  # one writer per run folder and log (object storage has no locks)
     tags=["poisonguard"],
 ) as dag:
     # Airflow's run id (scheduled__2026-11-29T00:00:00+00:00) is kept verbatim in summary.json and the log.
@@ -30,8 +43,8 @@ with DAG(
     scan = BashOperator(
         task_id="scan",
         bash_command=(
-            "poisonguard --log-format json scan " + DATA + " --config /opt/poisonguard/configs/train.yaml "
-            "--out " + RUNS + "/{{ ds }} --state /data/poisonguard/state --run-id '{{ run_id }}' "
+            POISONGUARD + " --log-format json scan " + DATA + " --config " + CONFIG + " "
+            "--out " + RUNS + "/{{ ds }} --state " + STATE + " --run-id '{{ run_id }}' "
             "--quiet --output json; code=$?; [ $code -le 1 ] || exit $code"
         ),
         do_xcom_push=True,
@@ -49,6 +62,9 @@ with DAG(
               f"review {result['paths']['report']}")
 
     notify_reviewers = PythonOperator(task_id="notify_reviewers", python_callable=notify)
-    train = BashOperator(task_id="train", bash_command="echo train on " + RUNS + "/{{ ds }}/clean/")
+    def train_on_clean(ti) -> None:  # stands in for the training job: it reads only the clean rows
+        print(f"train on {json.loads(ti.xcom_pull(task_ids='scan'))['paths']['clean']}")
+
+    train = PythonOperator(task_id="train", python_callable=train_on_clean)
 
     scan >> branch >> [train, notify_reviewers]
