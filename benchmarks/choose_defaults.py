@@ -1,0 +1,136 @@
+"""Choose the decision thresholds of the default detectors on the development families only.
+
+Each detector is fitted once per development case with a permissive decision, recording per class
+its separation D, class size and the rows it would flag; the class-level rule
+(D >= max(min_separation, 2.95 + 130 / n) and cross-class z >= min_class_z, and for knn_label
+score >= min_disagreement) is then replayed for every point of a grid.  The objective: the highest
+mean F1 over the poisoned development cases, subject to at most 0.5% of rows flagged on every
+development clean control and no clean class losing more than 2%.  Prints the grid's best points;
+the chosen values become the detectors' defaults and are then reported on the held-out families.
+
+    python benchmarks/choose_defaults.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import families as F  # noqa: E402
+
+from poisonguard.detectors import DETECTORS  # noqa: E402
+from poisonguard.detectors.calibration import _leave_one_out_z  # noqa: E402
+
+CLUSTER = ("spectral", "activation_clustering", "spectre")
+SEPARATIONS = (4.0, 5.0, 6.0, 8.0, 10.0, 14.0, 20.0, np.inf)
+CLASS_Z = (None, 3.0, 5.0, 8.0, 12.0)
+DISAGREEMENT = (0.7, 0.8, 0.9, 1.01)
+
+
+def record(path) -> dict:
+    """Per detector and class: (D, n, flagged row indices) under a permissive decision."""
+    data = np.load(path)
+    e, y, truth = data["embedding"], data["label"], data["truth"]
+    out = {"truth": truth, "y": y, "cluster": {}, "knn": None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in CLUSTER:
+            det = DETECTORS[name](random_state=0, min_separation=1e-3, min_class_z=None,
+                                  accept_mass_quarantine=True).fit(e, y)
+            scores = det.score_samples(e, y)
+            classes = {}
+            for label, decision in det.decisions_.items():
+                rows = np.flatnonzero((y == label) & (scores > decision.threshold)) if decision.suspicious else None
+                classes[label] = (decision.separation, decision.rows_tested, rows)
+            out["cluster"][name] = classes
+        knn = DETECTORS["knn_label"](random_state=0).fit(e, y)
+        out["knn"] = knn.score_samples(e, y)
+    return out
+
+
+def replay(rec: dict, min_sep: float, min_z, disagreement: float, use: tuple) -> np.ndarray:
+    y = rec["y"]
+    flags = np.zeros(len(y), bool)
+    for name in use:
+        mine = np.zeros(len(y), bool)
+        if name == "knn_label":
+            s = rec["knn"] >= disagreement
+            for label in np.unique(y):
+                m = y == label
+                if s[m].mean() <= 0.35:
+                    mine |= s & m
+            flags |= _guarded(mine, y)
+            continue
+        classes = rec["cluster"][name]
+        tested = [c for c, (d, _, _) in classes.items() if np.isfinite(d)]
+        z = dict(zip(tested, _leave_one_out_z(np.array([classes[c][0] for c in tested]), 0.25))) \
+            if len(tested) >= 5 and min_z is not None else {}
+        for label, (d, n, rows) in classes.items():
+            if rows is None or not np.isfinite(d) or d < max(min_sep, 2.95 + 130.0 / max(n, 1)):
+                continue
+            if z and z[label] < min_z:
+                continue
+            mine[rows] = True
+        flags |= _guarded(mine, y)
+    return flags
+
+
+def _guarded(flags: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The mass-quarantine guard (calibration.guard_mass_quarantine) replayed on one detector's flags."""
+    classes = np.unique(y)
+    heavy = sum(flags[y == c].mean() >= 0.05 for c in classes)
+    return np.zeros_like(flags) if len(classes) >= 3 and heavy > 0.5 * len(classes) else flags
+
+
+def score(recs, keys, params, use) -> dict:
+    f1s, clean_worst, clean_share = [], 0.0, 0.0
+    for key, rec in zip(keys, recs):
+        flags = replay(rec, *params, use)
+        truth, y = rec["truth"], rec["y"]
+        if truth.any():
+            tp, fp, fn = np.sum(flags & truth), np.sum(flags & ~truth), np.sum(~flags & truth)
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+        else:
+            clean_share = max(clean_share, flags.mean())
+            clean_worst = max(clean_worst, max(flags[y == c].mean() for c in np.unique(y)))
+    return {"mean_f1": float(np.mean(f1s)), "clean_share": float(clean_share), "worst_class": float(clean_worst)}
+
+
+def main() -> None:
+    work = list(F.cases("dev"))
+    keys = [k for k, _ in work]
+    print(f"{len(work)} development cases", flush=True)
+    with ProcessPoolExecutor(2) as pool:
+        recs = list(pool.map(record, [p for _, p in work]))
+    results = []
+    detector_sets = [("spectral", "activation_clustering", "spectre", "knn_label"), ("spectral", "activation_clustering", "spectre"),
+                     ("spectre", "knn_label"), ("spectral", "knn_label"), ("knn_label",), ("spectre",)]
+    for use in detector_sets:
+        for params in itertools.product(SEPARATIONS, CLASS_Z, DISAGREEMENT):
+            if "knn_label" not in use and params[2] != DISAGREEMENT[0]:
+                continue
+            if not any(n in CLUSTER for n in use) and (params[0], params[1]) != (SEPARATIONS[0], CLASS_Z[0]):
+                continue
+            results.append({"detectors": use, "min_separation": params[0], "min_class_z": params[1],
+                            "min_disagreement": params[2], **score(recs, keys, params, use)})
+    feasible = [r for r in results if r["clean_share"] <= 0.005 and r["worst_class"] <= 0.02]
+    feasible.sort(key=lambda r: -r["mean_f1"])
+    print("feasible (clean controls <= 0.5%, worst class <= 2%), best first:")
+    for r in feasible[:15]:
+        print(json.dumps(r, default=str))
+    print("best overall regardless of constraints:")
+    for r in sorted(results, key=lambda r: -r["mean_f1"])[:5]:
+        print(json.dumps(r, default=str))
+    out = Path(__file__).resolve().parent / "results" / "choose_defaults.json"
+    out.write_text(json.dumps({"cases": len(work), "feasible": feasible[:30], "all": results}, default=str, indent=0))
+
+
+if __name__ == "__main__":
+    main()

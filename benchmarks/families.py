@@ -1,0 +1,354 @@
+"""Benchmark families: data source x embedding model x attack x rate x seed, split into a
+development set (where every threshold, default and fusion rule is chosen) and a held-out set
+(reported, never tuned on).
+
+    python benchmarks/families.py build [--jobs 2]     # train the models, cache the embeddings
+    python benchmarks/families.py eval  [--split dev|heldout|all] [--art]
+
+Sources (real data that scikit-learn ships, and synthetic data whose classes have natural sub-modes):
+  digits         8,985 8x8 images (the digits and four one-pixel shifts)            dev
+  breast_cancer  569 rows x 30 features                                              dev
+  modes          6,000 rows x 20 features, make_classification, 3 clusters per class  dev
+  wine           178 rows x 13 features                                              held-out
+  mixture        4,000 rows x 16 features, 8 classes of two Gaussian modes (70/30)    held-out
+  shapes         32,000 12x12 images, 10 classes drawn two ways each (60/40)          held-out
+Models, each trained on the poisoned data; the embedding is the last hidden layer:
+  mlp (dev), cnn (dev; images only), linear (held-out: a linear bottleneck and a linear head).
+A family is held out when its source or its model is.
+Attacks (dirty label: rows of other classes, relabelled to the target class): patch triggers at a
+seed-chosen position, 1-10% of the target class; blended triggers 5-10%; label flips, random
+(uniform noise over all classes) and class-targeted (one class into another) 5-20%; and a clean
+control.  Three seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / ".cache" / "families"
+SOURCES = {"digits": "dev", "breast_cancer": "dev", "modes": "dev",
+           "wine": "heldout", "mixture": "heldout", "shapes": "heldout"}
+MODELS = {"mlp": "dev", "cnn": "dev", "linear": "heldout"}
+IMAGE_SOURCES = {"digits": (8, 8), "shapes": (12, 12)}
+ATTACKS = ([("clean", 0.0)] + [("patch", r) for r in (0.01, 0.03, 0.05, 0.10)] + [("blend", r) for r in (0.05, 0.10)]
+           + [("flip_random", r) for r in (0.05, 0.10, 0.20)] + [("flip_targeted", r) for r in (0.10, 0.20)])
+SEEDS = (0, 1, 2)
+
+
+def split_of(source: str, model: str) -> str:
+    return "heldout" if "heldout" in (SOURCES[source], MODELS[model]) else "dev"
+
+
+def families():
+    for source in SOURCES:
+        for model in MODELS:
+            if model == "cnn" and source not in IMAGE_SOURCES:
+                continue
+            yield source, model
+
+
+# ---- sources --------------------------------------------------------------------------------
+
+def load(source: str):
+    """(x float32 [n, f], y int64, target class)."""
+    from sklearn.datasets import load_breast_cancer, load_digits, load_wine, make_classification
+
+    if source == "digits":
+        d = load_digits()
+        images = d.images.astype(np.float32) / 16.0
+        shifted = [images] + [np.roll(images, s, axis=a) for a in (1, 2) for s in (-1, 1)]
+        return np.concatenate(shifted).reshape(-1, 64), np.tile(d.target, 5), 0
+    if source in ("breast_cancer", "wine"):
+        d = load_breast_cancer() if source == "breast_cancer" else load_wine()
+        x = d.data.astype(np.float32)
+        return (x - x.mean(0)) / x.std(0), d.target, 1 if source == "breast_cancer" else 0
+    if source == "modes":
+        x, y = make_classification(n_samples=6000, n_features=20, n_informative=10, n_redundant=4, n_classes=6,
+                                   n_clusters_per_class=3, class_sep=2.0, flip_y=0.0, random_state=7)
+        return ((x - x.mean(0)) / x.std(0)).astype(np.float32), y, 2
+    if source == "mixture":
+        rng = np.random.default_rng(11)
+        xs, ys = [], []
+        for c in range(8):
+            centre = rng.normal(scale=3.0, size=16)
+            offset = rng.normal(size=16)
+            offset *= 5.0 / np.linalg.norm(offset)  # two modes 5 sd apart
+            for share, shift in ((0.7, 0.0), (0.3, 1.0)):
+                n = int(500 * share)
+                xs.append(centre + shift * offset + rng.normal(size=(n, 16)))
+                ys.append(np.full(n, c))
+        x = np.concatenate(xs).astype(np.float32)
+        return (x - x.mean(0)) / x.std(0), np.concatenate(ys), 3
+    if source == "shapes":
+        return _shapes(32000)
+    raise ValueError(source)
+
+
+def _shapes(n: int):
+    """10 classes of 12x12 glyphs, each drawn in two styles (60/40): random strokes per style,
+    jittered by a pixel, scaled in intensity and noised."""
+    rng = np.random.default_rng(5)
+    templates = np.zeros((10, 2, 12, 12), np.float32)
+    for c, s in itertools.product(range(10), range(2)):
+        for _ in range(3):  # three strokes
+            r0, c0 = rng.integers(2, 10, size=2)
+            dr, dc = rng.integers(-1, 2, size=2)
+            if dr == dc == 0:
+                dr = 1
+            for k in range(6):
+                r, q = np.clip(r0 + k * dr, 0, 11), np.clip(c0 + k * dc, 0, 11)
+                templates[c, s, r, q] = 1.0
+    y = np.repeat(np.arange(10), n // 10)
+    style = (rng.random(len(y)) < 0.4).astype(int)
+    x = templates[y, style]
+    shifts = rng.integers(-1, 2, size=(len(y), 2))
+    for dr, dc in itertools.product((-1, 0, 1), repeat=2):
+        m = (shifts[:, 0] == dr) & (shifts[:, 1] == dc)
+        x[m] = np.roll(x[m], (dr, dc), axis=(1, 2))
+    x = x * rng.uniform(0.8, 1.2, size=(len(y), 1, 1)) + rng.normal(scale=0.15, size=x.shape)
+    return x.reshape(len(y), -1).astype(np.float32), y, 4
+
+
+# ---- attacks --------------------------------------------------------------------------------
+
+def poison(x, y, source: str, target: int, attack: str, rate: float, seed: int):
+    rng = np.random.default_rng(1000 + seed)
+    x, y = x.copy(), y.copy()
+    truth = np.zeros(len(y), bool)
+    classes = np.unique(y)
+    if attack == "clean":
+        return x, y, truth
+    if attack.startswith("flip"):
+        if attack == "flip_random":
+            rows = rng.choice(len(y), size=int(round(rate * len(y))), replace=False)
+            new = (y[rows] + rng.integers(1, len(classes), size=len(rows))) % len(classes)
+        else:
+            source_class = (target + 1) % len(classes)
+            members = np.flatnonzero(y == source_class)
+            rows = rng.choice(members, size=max(1, int(round(rate * len(members)))), replace=False)
+            new = np.full(len(rows), target)
+        y[rows] = new
+        truth[rows] = True
+        return x, y, truth
+    n = max(1, int(round(rate * np.sum(y == target))))
+    rows = rng.choice(np.flatnonzero(y != target), size=n, replace=False)
+    if attack == "patch":
+        if source in IMAGE_SOURCES:
+            h, w = IMAGE_SOURCES[source]
+            r0, c0 = [(0, 0), (0, w - 2), (h - 2, 0), (h - 2, w - 2)][seed % 4]
+            img = x[rows].reshape(-1, h, w)
+            img[:, r0:r0 + 2, c0:c0 + 2] = x.max()
+            x[rows] = img.reshape(len(rows), -1)
+        else:
+            cols = rng.choice(x.shape[1], size=2, replace=False)
+            x[np.ix_(rows, cols)] = x[:, cols].max(axis=0) + 1.0
+    elif attack == "blend":
+        pattern = np.random.default_rng(12345 + seed).uniform(x.min(), x.max(), size=x.shape[1]).astype(np.float32)
+        x[rows] = 0.8 * x[rows] + 0.2 * pattern
+    y[rows] = target
+    truth[rows] = True
+    return x, y, truth
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+def embed(x, y, source: str, model: str, seed: int) -> tuple[np.ndarray, float]:
+    """Train ``model`` on the (poisoned) data with Adam; return the last hidden layer and train accuracy."""
+    import torch
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    n_classes = int(y.max()) + 1
+    f = x.shape[1]
+    if model == "cnn":
+        h, w = IMAGE_SOURCES[source]
+        features = torch.nn.Sequential(
+            torch.nn.Unflatten(1, (1, h, w)), torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(4),
+            torch.nn.Flatten(), torch.nn.Linear(512, 32), torch.nn.ReLU())
+    elif model == "mlp":
+        hidden = 128 if f > 32 else 64
+        features = torch.nn.Sequential(torch.nn.Linear(f, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 32),
+                                       torch.nn.ReLU())
+    else:
+        features = torch.nn.Sequential(torch.nn.Linear(f, 32))
+    head = torch.nn.Linear(32, n_classes)
+    net = torch.nn.Sequential(features, head)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    xt, yt = torch.tensor(x), torch.tensor(y, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    batch = min(256, len(y))
+    for _ in range(600 if model == "cnn" else 1500):
+        idx = torch.randint(len(y), (batch,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        emb = torch.cat([features(xt[i:i + 4096]) for i in range(0, len(y), 4096)])
+        acc = float((head(emb).argmax(1) == yt).float().mean())
+    return emb.numpy().astype(np.float32), acc
+
+
+def cache_path(source, model, attack, rate, seed) -> Path:
+    return CACHE / f"{source}-{model}-{attack}-{int(round(rate * 100)):02d}-s{seed}.npz"
+
+
+def build_one(args) -> str:
+    source, model, attack, rate, seed = args
+    path = cache_path(*args)
+    if path.exists():
+        return f"{path.name} (cached)"
+    x0, y0, target = load(source)
+    x, y, truth = poison(x0, y0, source, target, attack, rate, seed)
+    t0 = time.perf_counter()
+    emb, acc = embed(x, y, source, model, seed)
+    tmp = path.with_suffix(".tmp.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(tmp, embedding=emb, label=y, truth=truth, train_accuracy=acc, target=target)
+    os.replace(tmp, path)
+    return f"{path.name}: {len(y)} rows, train accuracy {acc:.3f}, {time.perf_counter() - t0:.1f} s"
+
+
+def build(jobs: int) -> None:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    work = [(s, m, a, r, seed) for s, m in families() for a, r in ATTACKS for seed in SEEDS]
+    work.sort(key=lambda w: (w[0] == "shapes", w))  # the large source last
+    print(f"{len(work)} cases", flush=True)
+    with ProcessPoolExecutor(jobs) as pool:
+        for k, line in enumerate(pool.map(build_one, work), 1):
+            print(f"[{k}/{len(work)}] {line}", flush=True)
+
+
+def cases(split: str):
+    for source, model in families():
+        if split != "all" and split_of(source, model) != split:
+            continue
+        for attack, rate in ATTACKS:
+            for seed in SEEDS:
+                path = cache_path(source, model, attack, rate, seed)
+                if path.exists():
+                    yield (source, model, attack, rate, seed), path
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def evaluate_case(key, path, art: bool) -> dict:
+    """The default config's decisions (poisonguard.screen: the scan's own core), each detector's
+    ranking, and optionally IBM ART's best configuration, on one cached case."""
+    import warnings
+
+    import poisonguard
+    from sklearn.metrics import roc_auc_score
+
+    data = np.load(path)
+    e, y, truth = data["embedding"], data["label"], data["truth"]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = poisonguard.screen(e, y).rows
+    seconds = time.perf_counter() - t0
+    flags = found["quarantined"].to_numpy()
+    row = {"key": list(key), "split": split_of(key[0], key[1]), "rows": len(y), "poison": int(truth.sum()),
+           "seconds": round(seconds, 2), "train_accuracy": float(data["train_accuracy"]), **_metrics(flags, truth)}
+    clean_loss = [float(np.mean(flags[(y == c) & ~truth])) for c in np.unique(y) if np.any((y == c) & ~truth)]
+    row["worst_class_clean_loss"] = max(clean_loss)
+    aurocs = {}
+    for col in [c for c in found.columns if c.startswith("score_")]:
+        scores = _within_class_rank(found[col].to_numpy(dtype=float), y)
+        if truth.any() and (~truth).any():
+            aurocs[col[6:]] = float(roc_auc_score(truth, np.nan_to_num(scores, nan=0.0)))
+    row["auroc"] = aurocs
+    if art and truth.any():
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from quality import art_methods
+
+        best = max((_metrics(f, truth)["f1"], name) for name, (f, _, _) in art_methods(e, y, truth.mean()).items())
+        row["art_best_f1"], row["art_best"] = best
+    return row
+
+
+def _metrics(flags, truth) -> dict:
+    tp, fp, fn = int(np.sum(flags & truth)), int(np.sum(flags & ~truth)), int(np.sum(~flags & truth))
+    return {"recall": tp / truth.sum() if truth.any() else None, "clean_flagged": fp / max(1, (~truth).sum()),
+            "precision": tp / (tp + fp) if tp + fp else None, "f1": 2 * tp / (2 * tp + fp + fn) if truth.any() else None}
+
+
+def _within_class_rank(scores, y):
+    out = np.full(len(scores), np.nan)
+    for c in np.unique(y):
+        m = y == c
+        s = np.nan_to_num(scores[m], nan=-np.inf)
+        out[m] = (np.argsort(np.argsort(s)) + 0.5) / m.sum()
+    return out
+
+
+def evaluate(split: str, art: bool, jobs: int) -> list[dict]:
+    work = list(cases(split))
+    out = []
+    with ProcessPoolExecutor(jobs) as pool:
+        futures = [pool.submit(evaluate_case, key, path, art) for key, path in work]
+        for k, future in enumerate(futures, 1):
+            out.append(future.result())
+            if k % 20 == 0 or k == len(work):
+                print(f"[{k}/{len(work)}] evaluated", flush=True)
+    return out
+
+
+def table(rows: list[dict], split: str) -> str:
+    """Mean over seeds per family and attack."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["split"] == split:
+            source, model, attack, rate, _ = r["key"]
+            groups.setdefault((source, model, attack, rate), []).append(r)
+    mean = lambda rs, k: np.mean([r[k] for r in rs if r.get(k) is not None]) if any(r.get(k) is not None for r in rs) else None
+    fmt = lambda v, p="{:.3f}": "-" if v is None or (isinstance(v, float) and np.isnan(v)) else p.format(v)
+    lines = ["| source | model | attack | rate | seeds | recall | clean flagged | worst class loss | precision | F1 "
+             "| best AUROC (detector) | ART best F1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (source, model, attack, rate), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], ATTACK_ORDER[kv[0][2]], kv[0][3])):
+        best = None
+        if rs[0]["auroc"]:
+            by_det = {d: np.mean([r["auroc"][d] for r in rs]) for d in rs[0]["auroc"]}
+            det = max(by_det, key=by_det.get)
+            best = f"{by_det[det]:.3f} ({det})"
+        lines.append(f"| {source} | {model} | {attack} | {rate:.0%} | {len(rs)} | {fmt(mean(rs, 'recall'))} "
+                     f"| {fmt(mean(rs, 'clean_flagged'), '{:.2%}')} | {fmt(mean(rs, 'worst_class_clean_loss'), '{:.2%}')} "
+                     f"| {fmt(mean(rs, 'precision'))} | {fmt(mean(rs, 'f1'))} | {best or '-'} | {fmt(mean(rs, 'art_best_f1'))} |")
+    return "\n".join(lines)
+
+
+ATTACK_ORDER = {a: k for k, a in enumerate(dict.fromkeys(a for a, _ in ATTACKS))}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--jobs", type=int, default=2)
+    ev = sub.add_parser("eval")
+    ev.add_argument("--split", choices=("dev", "heldout", "all"), default="all")
+    ev.add_argument("--art", action="store_true", help="also IBM ART's configurations (pip install -e '.[bench]')")
+    ev.add_argument("--jobs", type=int, default=2)
+    ev.add_argument("--out", default=str(RESULTS / "families.json"))
+    args = parser.parse_args()
+    if args.command == "build":
+        build(args.jobs)
+    else:
+        rows = evaluate(args.split, args.art, args.jobs)
+        Path(args.out).write_text(json.dumps(rows, indent=0, default=float))
+        for split in ("dev", "heldout"):
+            if any(r["split"] == split for r in rows):
+                print(f"\n## {split}\n\n" + table(rows, split))
