@@ -26,58 +26,71 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import families as F  # noqa: E402
 
 from poisonguard.detectors import DETECTORS  # noqa: E402
-from poisonguard.detectors.calibration import _leave_one_out_z  # noqa: E402
+from poisonguard.detectors.calibration import _leave_one_out_z, separated_minority  # noqa: E402
 
 CLUSTER = ("spectral", "activation_clustering", "spectre")
-SEPARATIONS = (4.0, 5.0, 6.0, 8.0, 10.0, 14.0, 20.0, np.inf)
+SEPARATIONS = (4.0, 5.0, 6.0, 8.0, 10.0, 14.0, 20.0)
 CLASS_Z = (None, 3.0, 5.0, 8.0, 12.0)
-DISAGREEMENT = (0.7, 0.8, 0.9, 1.01)
+DISAGREEMENT = (0.7, 0.9, 1.01)
+MAX_SHARE = (0.35, 0.2, 0.12)
+
+
+RECORDS = F.CACHE.parent / "decisions"
 
 
 def record(path) -> dict:
-    """Per detector and class: (D, n, flagged row indices) under a permissive decision."""
-    data = np.load(path)
-    e, y, truth = data["embedding"], data["label"], data["truth"]
-    out = {"truth": truth, "y": y, "cluster": {}, "knn": None}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name in CLUSTER:
-            det = DETECTORS[name](random_state=0, min_separation=1e-3, min_class_z=None,
-                                  accept_mass_quarantine=True).fit(e, y)
-            scores = det.score_samples(e, y)
-            classes = {}
-            for label, decision in det.decisions_.items():
-                rows = np.flatnonzero((y == label) & (scores > decision.threshold)) if decision.suspicious else None
-                classes[label] = (decision.separation, decision.rows_tested, rows)
-            out["cluster"][name] = classes
-        knn = DETECTORS["knn_label"](random_state=0).fit(e, y)
-        out["knn"] = knn.score_samples(e, y)
-    return out
+    """Every row's (test-transformed) score under each cluster detector, knn_label's disagreement and
+    confident_label's flags: all a class decision needs, so the grid replays it without refitting."""
+    cached = RECORDS / Path(path).name
+    if not cached.exists():
+        data = np.load(path)
+        e, y = data["embedding"], data["label"]
+        arrays = {"truth": data["truth"], "y": y}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name in CLUSTER:
+                det = DETECTORS[name](random_state=0).fit(e, y)
+                arrays[name] = det._test_transform(det.score_samples(e, y))
+            arrays["knn"] = DETECTORS["knn_label"](random_state=0).fit(e, y).score_samples(e, y)
+            arrays["confident_label"] = DETECTORS["confident_label"](random_state=0).fit(e, y).flag(e, y)
+        RECORDS.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(cached)
+    data = np.load(cached, allow_pickle=False)
+    return {k: data[k] for k in data.files}
 
 
-def replay(rec: dict, min_sep: float, min_z, disagreement: float, use: tuple) -> np.ndarray:
+def replay(rec: dict, params: tuple, use: tuple) -> np.ndarray:
+    """The default fusion (a row is held if any detector in ``use`` flags it) under ``params``."""
+    min_sep, min_z, disagreement, max_share = params
     y = rec["y"]
+    classes = np.unique(y)
+    members = [np.flatnonzero(y == c) for c in classes]
     flags = np.zeros(len(y), bool)
     for name in use:
         mine = np.zeros(len(y), bool)
+        if name == "confident_label":  # its own decision, as it stands
+            flags |= rec["confident_label"]
+            continue
         if name == "knn_label":
             s = rec["knn"] >= disagreement
-            for label in np.unique(y):
-                m = y == label
-                if s[m].mean() <= 0.35:
-                    mine |= s & m
+            for rows in members:
+                if s[rows].mean() <= 0.35:
+                    mine[rows] = s[rows]
             flags |= _guarded(mine, y)
             continue
-        classes = rec["cluster"][name]
-        tested = [c for c, (d, _, _) in classes.items() if np.isfinite(d)]
-        z = dict(zip(tested, _leave_one_out_z(np.array([classes[c][0] for c in tested]), 0.25))) \
-            if len(tested) >= 5 and min_z is not None else {}
-        for label, (d, n, rows) in classes.items():
-            if rows is None or not np.isfinite(d) or d < max(min_sep, 2.95 + 130.0 / max(n, 1)):
-                continue
-            if z and z[label] < min_z:
-                continue
-            mine[rows] = True
+        scores = rec[name]
+        decisions = [separated_minority(scores[rows], max_share=max_share, min_separation=min_sep, min_rows=3)
+                     for rows in members]
+        separations = np.array([d.separation for d in decisions])
+        tested = np.isfinite(separations)
+        z = np.full(len(classes), np.inf)
+        if min_z is not None and tested.sum() >= 5:
+            z[tested] = _leave_one_out_z(separations[tested], 0.25)
+        for rows, decision, zc in zip(members, decisions, z):
+            if decision.suspicious and (min_z is None or zc >= min_z):
+                mine[rows] = scores[rows] > decision.threshold
         flags |= _guarded(mine, y)
     return flags
 
@@ -92,7 +105,7 @@ def _guarded(flags: np.ndarray, y: np.ndarray) -> np.ndarray:
 def score(recs, keys, params, use) -> dict:
     f1s, clean_worst, clean_share = [], 0.0, 0.0
     for key, rec in zip(keys, recs):
-        flags = replay(rec, *params, use)
+        flags = replay(rec, params, use)
         truth, y = rec["truth"], rec["y"]
         if truth.any():
             tp, fp, fn = np.sum(flags & truth), np.sum(flags & ~truth), np.sum(~flags & truth)
@@ -110,16 +123,18 @@ def main() -> None:
     with ProcessPoolExecutor(2) as pool:
         recs = list(pool.map(record, [p for _, p in work]))
     results = []
-    detector_sets = [("spectral", "activation_clustering", "spectre", "knn_label"), ("spectral", "activation_clustering", "spectre"),
-                     ("spectre", "knn_label"), ("spectral", "knn_label"), ("knn_label",), ("spectre",)]
+    label_sets = [(), ("knn_label",), ("confident_label",), ("knn_label", "confident_label")]
+    cluster_sets = [(), ("spectral", "activation_clustering", "spectre"), ("spectral",), ("spectre",),
+                    ("activation_clustering",), ("spectral", "spectre")]
+    detector_sets = [c + l for c in cluster_sets for l in label_sets if c + l]
     for use in detector_sets:
-        for params in itertools.product(SEPARATIONS, CLASS_Z, DISAGREEMENT):
+        for params in itertools.product(SEPARATIONS, CLASS_Z, DISAGREEMENT, MAX_SHARE):
             if "knn_label" not in use and params[2] != DISAGREEMENT[0]:
                 continue
-            if not any(n in CLUSTER for n in use) and (params[0], params[1]) != (SEPARATIONS[0], CLASS_Z[0]):
+            if not any(n in CLUSTER for n in use) and (params[0], params[1], params[3]) != (SEPARATIONS[0], CLASS_Z[0], MAX_SHARE[0]):
                 continue
             results.append({"detectors": use, "min_separation": params[0], "min_class_z": params[1],
-                            "min_disagreement": params[2], **score(recs, keys, params, use)})
+                            "min_disagreement": params[2], "max_share": params[3], **score(recs, keys, params, use)})
     feasible = [r for r in results if r["clean_share"] <= 0.005 and r["worst_class"] <= 0.02]
     feasible.sort(key=lambda r: -r["mean_f1"])
     print("feasible (clean controls <= 0.5%, worst class <= 2%), best first:")

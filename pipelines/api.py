@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from poisonguard.config import Config, load_config
-from poisonguard.names import QUARANTINE_REASONS, RUN_ID, is_added_column
+from poisonguard.names import QUARANTINE_REASONS, RUN_ID, SCREEN_ROW, is_added_column
 
 
 @dataclass
@@ -105,6 +105,7 @@ def screen(data, y=None, config: Config | str | dict | None = None, *, ids=None,
 
     cfg = _config(config, overrides)
     table = _as_table(data, y, ids, cfg)
+    table = table.append_column(SCREEN_ROW, pa.array(np.arange(table.num_rows, dtype=np.int64)))
     cols = cfg.columns
     with tempfile.TemporaryDirectory(prefix="poisonguard-screen-") as work:
         path = str(Path(work, "data.parquet"))
@@ -116,17 +117,16 @@ def screen(data, y=None, config: Config | str | dict | None = None, *, ids=None,
 
         def sink(file_index, first_row, clean, held):
             for part, flag in ((clean, False), (held, True)):
-                keep = [c for c in part.column_names if c in (cols.id, cols.label) or is_added_column(c)]
+                keep = [c for c in part.column_names if c in (cols.id, cols.label, SCREEN_ROW) or is_added_column(c)]
                 part = part.select(keep)
                 if not flag:
                     part = part.append_column(QUARANTINE_REASONS, pa.array([[]] * part.num_rows, pa.list_(pa.string())))
-                parts.append(part.select([c for c in part.column_names if c != RUN_ID])
-                             .append_column("_row", pa.array(np.arange(first_row, first_row + part.num_rows))))
+                parts.append(part.select([c for c in part.column_names if c != RUN_ID]))
 
         result, fitted = memory.run(Screener(cfg, plan, suite), "screen", sink, ROWS_PER_WORK_ITEM)
     rows = pa.concat_tables(parts, promote_options="default").to_pandas()
     rows["quarantined"] = rows[QUARANTINE_REASONS].map(len) > 0
-    rows = rows.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+    rows = rows.sort_values(SCREEN_ROW).drop(columns=SCREEN_ROW).reset_index(drop=True)  # the input's order
     rows = rows.rename(columns={QUARANTINE_REASONS: "reasons"})
     return Findings(rows, _class_table(result.fit), {"counts": result.counts, "detectors": result.fit})
 

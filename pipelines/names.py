@@ -14,6 +14,7 @@ RUN_ID = "run_id"
 REVIEW_STATUS = "review_status"  # "released" / "confirmed" where a logged review decided the row, else null
 DECISION_STATUS = {"release": "released", "confirm": "confirmed"}  # a review decision -> the row's status
 ADDED_COLUMNS = (REVIEW_STATUS, QUARANTINE_REASONS, RUN_ID)
+SCREEN_ROW = "_poisonguard_screen_row"  # poisonguard.screen(): each row's position in the caller's data
 RESERVED_PREFIXES = (SCORE_PREFIX,)
 
 

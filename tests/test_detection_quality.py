@@ -1,0 +1,123 @@
+"""Decisions that generalise: label flips by confident learning, random label noise told from a weak
+representation, natural sub-modes left alone, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from poisonguard.detectors import DEFAULT_DETECTORS, DETECTORS
+
+
+def _separated(n_per_class=300, classes=6, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=4.0, size=(classes, dim))
+    y = np.repeat(np.arange(classes), n_per_class)
+    return (centres[y] + rng.normal(size=(len(y), dim))).astype(np.float32), y
+
+
+def test_targeted_label_flips_are_found_by_confident_learning():
+    x, y = _separated()
+    rng = np.random.default_rng(1)
+    flipped = rng.choice(np.flatnonzero(y == 1), size=45, replace=False)  # 15% of class 1 labelled 0
+    y = y.copy()
+    y[flipped] = 0
+    truth = np.zeros(len(y), bool)
+    truth[flipped] = True
+    det = DETECTORS["confident_label"](random_state=0).fit(x, y)
+    flags = det.flag(x, y)
+    tp, fp = np.sum(flags & truth), np.sum(flags & ~truth)
+    assert tp >= 0.8 * truth.sum() and fp <= 2
+    assert det.decisions_[0].suspicious and not det.decisions_[3].suspicious
+
+
+def test_random_label_noise_is_not_mistaken_for_a_weak_representation():
+    """10% uniform label noise flags a share of every class; the evidence is crisp (the flagged rows
+    are confidently another class), so the mass-quarantine guard does not hold it back."""
+    x, y = _separated(classes=8)
+    rng = np.random.default_rng(2)
+    noisy = rng.choice(len(y), size=len(y) // 10, replace=False)
+    y = y.copy()
+    y[noisy] = (y[noisy] + rng.integers(1, 8, size=len(noisy))) % 8
+    truth = np.zeros(len(y), bool)
+    truth[noisy] = True
+    det = DETECTORS["confident_label"](random_state=0).fit(x, y)
+    flags = det.flag(x, y)
+    assert not det.mass_quarantine_["unreliable"]
+    assert det.mass_quarantine_["median_other_class_confidence"] >= 0.7
+    assert np.sum(flags & truth) >= 0.7 * truth.sum() and np.sum(flags & ~truth) <= 0.005 * (~truth).sum()
+
+
+def test_a_weak_representation_is_still_held_back():
+    """Classes that overlap everywhere: label disagreement is everywhere and unsure, so the guard holds."""
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(6), 300)
+    x = (rng.normal(size=(len(y), 16)) + 0.35 * np.eye(6, 16)[y]).astype(np.float32)
+    det = DETECTORS["confident_label"](random_state=0).fit(x, y)
+    flagged = det.flag(x, y).mean()
+    assert flagged <= 0.02 or det.mass_quarantine_["unreliable"]
+
+
+def test_confident_learning_is_a_default_and_deterministic():
+    assert "confident_label" in DEFAULT_DETECTORS
+    x, y = _separated(seed=4)
+    y = y.copy()
+    y[:30] = 2
+    a = DETECTORS["confident_label"](random_state=7).fit(x, y)
+    b = DETECTORS["confident_label"](random_state=7).fit(x, y)
+    assert np.array_equal(a.flag(x, y), b.flag(x, y))
+    assert np.array_equal(a.score_samples(x, y), b.score_samples(x, y), equal_nan=True)
+
+
+def _classes_with_modes(seed=5):
+    """8 well-separated classes; class 0 has two natural modes (70/30), 8 sd apart, each as diffuse as a class."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=6.0, size=(8, 16))
+    y = np.repeat(np.arange(8), 400)
+    x = centres[y] + rng.normal(size=(len(y), 16))
+    second = np.flatnonzero(y == 0)[:120]
+    direction = rng.normal(size=16)
+    x[second] += 8.0 * direction / np.linalg.norm(direction)
+    return x.astype(np.float32), y
+
+
+def test_a_class_with_two_natural_modes_is_not_flagged_by_the_defaults():
+    import poisonguard
+
+    x, y = _classes_with_modes()
+    found = poisonguard.screen(x, y).rows
+    assert not found["quarantined"].any(), found[found["quarantined"]]["reasons"].head()
+
+
+def test_a_tight_planted_cluster_of_2_percent_is_flagged_by_the_defaults():
+    import poisonguard
+
+    x, y = _classes_with_modes()
+    rng = np.random.default_rng(6)
+    target = np.flatnonzero(y == 3)
+    planted = target[:8]  # 2% of class 3: a tight cluster away from the class
+    x = x.copy()
+    x[planted] = x[target].mean(axis=0) + 6.0 + 0.1 * rng.normal(size=(len(planted), x.shape[1]))
+    found = poisonguard.screen(x, y).rows
+    flagged = found["quarantined"].to_numpy()
+    assert flagged[planted].all()
+    assert flagged.sum() <= len(planted) + 2
+
+
+def test_default_decisions_are_deterministic():
+    import poisonguard
+
+    x, y = _classes_with_modes(seed=9)
+    a, b = poisonguard.screen(x, y).rows, poisonguard.screen(x, y).rows
+    assert a.equals(b)
+
+
+def test_screen_returns_the_rows_in_the_callers_order():
+    import poisonguard
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 200)
+    x = (rng.normal(size=(800, 8)) + 8 * np.eye(4, 8)[y]).astype(np.float32)
+    x[5:12] += 30.0  # seven far rows in class 0, quarantined; the rest clean
+    rows = poisonguard.screen(x, y).rows
+    assert (rows["label"].to_numpy() == y).all() and (rows["id"].to_numpy() == np.arange(800)).all()
+    assert np.flatnonzero(rows["quarantined"].to_numpy()).tolist() == list(range(5, 12))
