@@ -29,9 +29,9 @@ from poisonguard.detectors import DETECTORS  # noqa: E402
 from poisonguard.detectors.calibration import _leave_one_out_z, separated_minority  # noqa: E402
 
 CLUSTER = ("spectral", "activation_clustering", "spectre")
-SEPARATIONS = (4.0, 5.0, 6.0, 8.0, 10.0, 14.0, 20.0)
-CLASS_Z = (None, 3.0, 5.0, 8.0, 12.0)
-DISAGREEMENT = (0.7, 0.9, 1.01)
+SEPARATIONS = (4.0, 5.0, 6.0, 8.0, 12.0)
+CLASS_Z = (None, 3.0, 6.0)
+DISAGREEMENT = (0.7, 0.9)
 MAX_SHARE = (0.35, 0.2, 0.12)
 
 
@@ -80,19 +80,32 @@ def replay(rec: dict, params: tuple, use: tuple) -> np.ndarray:
                     mine[rows] = s[rows]
             flags |= _guarded(mine, y)
             continue
-        scores = rec[name]
-        decisions = [separated_minority(scores[rows], max_share=max_share, min_separation=min_sep, min_rows=3)
-                     for rows in members]
-        separations = np.array([d.separation for d in decisions])
+        separations, critical, above = _splits(rec, name, max_share, members)
         tested = np.isfinite(separations)
         z = np.full(len(classes), np.inf)
         if min_z is not None and tested.sum() >= 5:
             z[tested] = _leave_one_out_z(separations[tested], 0.25)
-        for rows, decision, zc in zip(members, decisions, z):
-            if decision.suspicious and (min_z is None or zc >= min_z):
-                mine[rows] = scores[rows] > decision.threshold
+        passing = tested & (separations >= np.maximum(min_sep, critical)) & ((z >= min_z) if min_z is not None else True)
+        for k in np.flatnonzero(passing):
+            mine[members[k]] = above[k]
         flags |= _guarded(mine, y)
     return flags
+
+
+def _splits(rec: dict, name: str, max_share: float, members: list):
+    """Per class: Ashman's D of the best split, its small-class critical value, and which rows lie
+    beyond the split (independent of min_separation, so computed once per max_share)."""
+    key = ("_splits", name, max_share)
+    if key not in rec:
+        scores = rec[name]
+        out_d, out_crit, out_rows = [], [], []
+        for rows in members:
+            decision = separated_minority(scores[rows], max_share=max_share, min_separation=1e-9, min_rows=3)
+            out_d.append(decision.separation if decision.suspicious or np.isfinite(decision.separation) else np.nan)
+            out_crit.append(2.95 + 130.0 / max(decision.rows_tested, 1))
+            out_rows.append(scores[rows] > decision.threshold if decision.suspicious else np.zeros(len(rows), bool))
+        rec[key] = (np.array(out_d, float), np.array(out_crit), out_rows)
+    return rec[key]
 
 
 def _guarded(flags: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -123,9 +136,9 @@ def main() -> None:
     with ProcessPoolExecutor(2) as pool:
         recs = list(pool.map(record, [p for _, p in work]))
     results = []
-    label_sets = [(), ("knn_label",), ("confident_label",), ("knn_label", "confident_label")]
+    label_sets = [("knn_label",), ("confident_label",), ("knn_label", "confident_label")]
     cluster_sets = [(), ("spectral", "activation_clustering", "spectre"), ("spectral",), ("spectre",),
-                    ("activation_clustering",), ("spectral", "spectre")]
+                    ("activation_clustering",)]
     detector_sets = [c + l for c in cluster_sets for l in label_sets if c + l]
     for use in detector_sets:
         for params in itertools.product(SEPARATIONS, CLASS_Z, DISAGREEMENT, MAX_SHARE):

@@ -40,7 +40,7 @@ class Spectre(PoisonDetector):
 
     def __init__(self, *, max_components: int = 64, explained_variance: float = 0.95, alpha: float = 4.0,
                  max_iter: int = 20, max_share: float = 0.35, min_separation: float = 5.0, min_rows: int = 3,
-                 min_class_z: float | None = 3.0, expected_poison_rate: float | None = None,
+                 min_class_z: float | None = 6.0, expected_poison_rate: float | None = None,
                  max_fit_rows_per_class: int = 5000, random_state: int = 0,
                  accept_mass_quarantine: bool = False):
         store_params(self, locals())

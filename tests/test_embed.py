@@ -67,7 +67,7 @@ def test_torchscript_model_mode_reproduces_column_mode(tmp):
     assert sorted(held_col.column("id").to_pylist()) == sorted(held_model.column("id").to_pylist())
     a, b = held_col.sort_by("id"), held_model.sort_by("id")
     assert a.column("quarantine_reasons").to_pylist() == b.column("quarantine_reasons").to_pylist()
-    np.testing.assert_allclose(a.column("score_spectral").to_numpy(), b.column("score_spectral").to_numpy(), rtol=1e-4)
+    np.testing.assert_allclose(a.column("score_spectre").to_numpy(), b.column("score_spectre").to_numpy(), rtol=1e-4)
     summary = json.loads((tmp / "model" / "summary.json").read_text())
     assert summary["embedding"]["source"] == "model" and len(summary["embedding"]["model_file_sha256"]) == 64
 

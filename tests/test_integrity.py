@@ -280,11 +280,11 @@ def test_many_small_classes_are_fitted_in_bulk(tmp):
     code, _, stderr = run_cli("scan", write(table, tmp / "many.parquet"), "--out", tmp / "run", "--quiet")
     assert code == 0, stderr
     summary = json.loads((tmp / "run" / "summary.json").read_text())
-    spectral = summary["detectors"]["spectral"]
-    assert list(spectral["classes"]) == ["-1"]
-    assert spectral["untested_classes"] == {"fewer than 20 rows": 5700}
+    spectre = summary["detectors"]["spectre"]
+    assert list(spectre["classes"]) == ["-1"]
+    assert spectre["untested_classes"] == {"fewer than 20 rows": 5700}
     assert np.isnan(read_outputs(tmp / "run")[0].filter(pa.compute.equal(
-        read_outputs(tmp / "run")[0].column("label"), 5)).column("score_spectral").to_numpy()).all()
+        read_outputs(tmp / "run")[0].column("label"), 5)).column("score_spectre").to_numpy()).all()
 
 
 def test_cross_class_gate_of_thousands_of_classes_matches_the_exact_one_closely():

@@ -60,7 +60,7 @@ def test_each_builtin_check_and_suite_expectation_quarantines_exactly_its_rows(t
     assert clean.num_rows + held.num_rows == len(rows)
     # rows that could not be scored carry NaN scores
     nan_rows = [r for r in held.to_pylist() if r["quarantine_reasons"][0].startswith("validation:builtin:embedding")]
-    assert nan_rows and all(np.isnan(r["score_spectral"]) for r in nan_rows)
+    assert nan_rows and all(np.isnan(r["score_spectre"]) for r in nan_rows)
 
 
 def test_dataset_level_expectation_is_reported_not_row_quarantined(tmp):

@@ -143,7 +143,7 @@ def test_run_to_run_counts_and_released_rows_marked_in_clean(tmp):
     keep = pc.invert(pc.equal(table.column("id"), gone))
     second = table.filter(keep)
     x2 = np.asarray(second.column("embedding").combine_chunks().flatten()).reshape(-1, 6).copy()
-    x2[-1] += 25.0  # a row of class 4 newly far away
+    x2[-4:] += 25.0  # four rows of class 4 newly far away (2% of it)
     second = second.set_column(2, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(x2.ravel().astype(np.float32)), 6))
     code, _, stderr = run_cli("scan", write(second, tmp / "b.parquet"), "--out", runs / "two", "--state", state, "--quiet")
     assert code == 0, stderr
