@@ -14,9 +14,9 @@ DETECTORS: dict[str, type[PoisonDetector]] = {
 }
 # the detectors a config without a detectors list runs (chosen on the quality benchmark); confident_label
 # is opt-in until the held-out benchmark families decide
-# chosen on the development benchmark families (benchmarks/choose_defaults.py); spectral and
-# activation clustering stay available but added nothing there beyond SPECTRE
-DEFAULT_DETECTORS = ("spectre", "knn_label", "confident_label")
+# chosen on the development benchmark families (benchmarks/choose_defaults.py): every detector,
+# the cluster ones at min_separation 5 and cross-class z >= 6, k-NN at 0.9, confident learning
+DEFAULT_DETECTORS = ("spectral", "activation_clustering", "spectre", "knn_label", "confident_label")
 
 
 def make_detector(name: str, **params) -> PoisonDetector:

@@ -36,7 +36,7 @@ class ActivationClustering(PoisonDetector):
 
     def __init__(self, *, n_components: int = 10, reduce: Literal["pca", "ica"] = "pca", n_init: int = 3,
                  max_cluster_rows: int = 5000, max_share: float = 0.35, min_separation: float = 5.0,
-                 min_rows: int = 3, min_class_z: float | None = 3.0, expected_poison_rate: float | None = None,
+                 min_rows: int = 3, min_class_z: float | None = 6.0, expected_poison_rate: float | None = None,
                  max_fit_rows_per_class: int = 5000, random_state: int = 0,
                  accept_mass_quarantine: bool = False):
         store_params(self, locals())

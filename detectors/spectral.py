@@ -25,8 +25,8 @@ from poisonguard.detectors.stats import ClassState
 class SpectralSignatures(PoisonDetector):
     name = "spectral"
 
-    def __init__(self, *, max_share: float = 0.35, min_separation: float = 4.0, min_rows: int = 3,
-                 min_class_z: float | None = 3.0, expected_poison_rate: float | None = None,
+    def __init__(self, *, max_share: float = 0.35, min_separation: float = 5.0, min_rows: int = 3,
+                 min_class_z: float | None = 6.0, expected_poison_rate: float | None = None,
                  max_fit_rows_per_class: int = 5000, random_state: int = 0,
                  accept_mass_quarantine: bool = False):
         store_params(self, locals())

@@ -46,8 +46,8 @@ def test_output_json_is_the_last_stdout_line_and_quiet_exit_1_says_why(tmp):
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["exit_code"] == 1 and result["verdict"] == "over_fail_on"
     assert result["counts"]["in"] == 1797 and Path(result["paths"]["report"]).is_file()
-    assert result["reason"] == "over fail_on: 2.95% > 1.00%"
-    assert "poisonguard: over fail_on: 2.95% > 1.00%" in stderr.splitlines()
+    assert result["reason"] == "over fail_on: 2.73% > 1.00%"
+    assert "poisonguard: over fail_on: 2.73% > 1.00%" in stderr.splitlines()
     code, stdout, _ = run_cli("scan", tmp / "missing.parquet", "--out", tmp / "x", "--output", "json")
     assert code == 2 and json.loads(stdout.strip().splitlines()[-1])["exit_code"] == 2
 
