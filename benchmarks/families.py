@@ -229,12 +229,15 @@ def build(jobs: int) -> None:
             print(f"[{k}/{len(work)}] {line}", flush=True)
 
 
-def cases(split: str):
+LARGE_SOURCES = {"shapes"}  # 32,000 rows: k-NN and confident learning take ~30 s a case here
+
+
+def cases(split: str, large_seeds: int = len(SEEDS)):
     for source, model in families():
         if split != "all" and split_of(source, model) != split:
             continue
         for attack, rate in ATTACKS:
-            for seed in SEEDS:
+            for seed in SEEDS[:large_seeds] if source in LARGE_SOURCES else SEEDS:
                 path = cache_path(source, model, attack, rate, seed)
                 if path.exists():
                     yield (source, model, attack, rate, seed), path
@@ -253,10 +256,12 @@ def evaluate_case(key, path, art: bool) -> dict:
     import poisonguard
     from sklearn.metrics import roc_auc_score
 
+    from threadpoolctl import threadpool_limits
+
     data = np.load(path)
     e, y, truth = data["embedding"], data["label"], data["truth"]
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(1):  # one BLAS thread per worker process
         warnings.simplefilter("ignore")
         found = poisonguard.screen(e, y).rows
     seconds = time.perf_counter() - t0
@@ -295,8 +300,8 @@ def _within_class_rank(scores, y):
     return out
 
 
-def evaluate(split: str, art: bool, jobs: int) -> list[dict]:
-    work = list(cases(split))
+def evaluate(split: str, art: bool, jobs: int, large_seeds: int) -> list[dict]:
+    work = list(cases(split, large_seeds))
     out = []
     with ProcessPoolExecutor(jobs) as pool:
         futures = [pool.submit(evaluate_case, key, path, art) for key, path in work]
@@ -332,23 +337,91 @@ def table(rows: list[dict], split: str) -> str:
 
 ATTACK_ORDER = {a: k for k, a in enumerate(dict.fromkeys(a for a, _ in ATTACKS))}
 
+TARGETS = (  # issue 11's bars, per (source, model) family, mean over seeds
+    ("clean controls: <= 0.5% of rows flagged and no class losing > 2%",
+     lambda a, r: a == "clean", lambda g: g["clean_flagged"] <= 0.005 and g["worst_class_clean_loss"] <= 0.02),
+    ("patch >= 3%: F1 >= 0.9", lambda a, r: a == "patch" and r >= 0.03, lambda g: g["f1"] >= 0.9),
+    ("patch ~1%: F1 >= 0.5", lambda a, r: a == "patch" and r < 0.03, lambda g: g["f1"] >= 0.5),
+    ("blend 5-10%: F1 >= 0.7", lambda a, r: a == "blend", lambda g: g["f1"] >= 0.7),
+    ("label flips 5-20%: F1 >= 0.8", lambda a, r: a.startswith("flip"), lambda g: g["f1"] >= 0.8),
+    ("F1 above ART's best configuration", lambda a, r: a != "clean", lambda g: g.get("art_best_f1") is None
+     or g["f1"] > g["art_best_f1"]),
+)
+
+
+def _groups(rows, split):
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["split"] == split:
+            source, model, attack, rate, _ = r["key"]
+            groups.setdefault((source, model, attack, rate), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        g = {}
+        for k in ("recall", "clean_flagged", "worst_class_clean_loss", "precision", "f1", "art_best_f1"):
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            g[k] = float(np.mean(vals)) if vals else None
+        out[key] = g
+    return out
+
+
+def targets(rows, split) -> str:
+    groups = _groups(rows, split)
+    lines = ["| target | families meeting it | missed (family: value) |", "|---|---|---|"]
+    for name, applies, met in TARGETS:
+        cases = {k: g for k, g in groups.items() if applies(k[2], k[3])}
+        if name.startswith("F1 above ART") and not any(g.get("art_best_f1") is not None for g in cases.values()):
+            lines.append(f"| {name} | not measured (run with --art) | |")
+            continue
+        ok = [k for k, g in cases.items() if met(g)]
+        missed = sorted((k for k in cases if k not in ok), key=lambda k: (k[0], k[1], ATTACK_ORDER[k[2]], k[3]))
+        shown = ", ".join(f"{s}/{m} {a} {r:.0%}" for s, m, a, r in missed[:12]) + (" ..." if len(missed) > 12 else "")
+        lines.append(f"| {name} | {len(ok)} of {len(cases)} | {shown} |")
+    return "\n".join(lines)
+
+
+def markdown(rows) -> str:
+    seeds = sorted({r["key"][4] for r in rows})
+    parts = ["# Detection quality on the benchmark families (`benchmarks/families.py`)", "",
+             "Default config (`poisonguard.screen`, the scan's own core), no oracle rate. Rates are poisoned rows as a",
+             "share of the target class (backdoors) or of all rows / the source class (random / targeted flips).",
+             "'clean flagged' = clean rows flagged / clean rows; 'worst class loss' = the largest share of one class's",
+             "clean rows flagged. AUROC ranks each detector's scores within classes; the best detector is named, so",
+             "ranking (AUROC) and deciding (F1) can be told apart. Mean over seeds " + ", ".join(map(str, seeds)) + ".",
+             "Thresholds and defaults were chosen on the development families only (`benchmarks/choose_defaults.py`).",
+             "", "## Held-out families (never used to choose anything)", "", targets(rows, "heldout"), "",
+             table(rows, "heldout"), "", "## Development families", "", targets(rows, "dev"), "", table(rows, "dev"), ""]
+    return "\n".join(parts)
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build")
     b.add_argument("--jobs", type=int, default=2)
+    rp = sub.add_parser("report", help="write results/families.md from results/families.json")
+    rp.add_argument("--json", default=str(RESULTS / "families.json"))
     ev = sub.add_parser("eval")
     ev.add_argument("--split", choices=("dev", "heldout", "all"), default="all")
     ev.add_argument("--art", action="store_true", help="also IBM ART's configurations (pip install -e '.[bench]')")
     ev.add_argument("--jobs", type=int, default=2)
+    ev.add_argument("--large-seeds", type=int, default=1, help="seeds evaluated on the 32,000-row source (time)")
     ev.add_argument("--out", default=str(RESULTS / "families.json"))
     args = parser.parse_args()
     if args.command == "build":
         build(args.jobs)
+    elif args.command == "report":
+        rows = json.loads(Path(args.json).read_text())
+        art = RESULTS / "families_art.json"
+        if art.exists():  # ART's best F1 from the held-out run with --art (one seed on the large source)
+            best = {tuple(r["key"]): r.get("art_best_f1") for r in json.loads(art.read_text())}
+            for r in rows:
+                r["art_best_f1"] = best.get(tuple(r["key"]), r.get("art_best_f1"))
+        (RESULTS / "families.md").write_text(markdown(rows))
     else:
-        rows = evaluate(args.split, args.art, args.jobs)
+        rows = evaluate(args.split, args.art, args.jobs, args.large_seeds)
         Path(args.out).write_text(json.dumps(rows, indent=0, default=float))
+        (RESULTS / "families.md").write_text(markdown(rows))
         for split in ("dev", "heldout"):
             if any(r["split"] == split for r in rows):
                 print(f"\n## {split}\n\n" + table(rows, split))
