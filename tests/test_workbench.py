@@ -94,7 +94,8 @@ def test_review_csv_is_in_report_order_with_thresholds_links_and_earlier_decisio
     assert all(r["report_link"] == f"report.html#row-{quote(r['id'], safe='')}" for r in again)
     assert [r["decision"] for r in again[:5]] == ["confirm"] * 3 + ["release"] * 2
     assert all(r["decision"] == "" for r in again[5:])
-    assert again[0]["threshold_spectral"] and len(again[0]["score_spectral"].split(".")[-1]) <= 4
+    flagged_by = [c[len("threshold_"):] for c, v in again[0].items() if c.startswith("threshold_") and v]
+    assert flagged_by and all(len(again[0][f"score_{d}"].split(".")[-1]) <= 4 for d in flagged_by)
 
 
 def test_a_spreadsheet_saved_review_applies_once_and_a_contradiction_replaces(reviewed, tmp):
