@@ -280,7 +280,10 @@ def _review(args) -> int:
     if not state:
         raise InputError("no state folder: pass --state DIR (or set state in the scan's config)")
     log_path = args.provenance_log or summary.get("provenance", {}).get("log")
-    counts = apply_review(args.run_dir, args.decisions, args.reviewer, state, log_path)
+    from poisonguard.run.remote import mirrored
+
+    with mirrored(state, log_path) as (local_state, local_log):
+        counts = apply_review(args.run_dir, args.decisions, args.reviewer, local_state, local_log)
     print(f"recorded {counts['release']} release and {counts['confirm']} confirm decision(s) in {state}, "
           f"logged to {log_path}; {counts['unchanged']} already recorded; {counts['undecided']} quarantined "
           "row(s) still undecided")

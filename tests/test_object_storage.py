@@ -188,3 +188,26 @@ def test_an_s3_glob_reads_what_matches(s3, tmp):
     assert [i["path"] for i in inputs] == [f"s3://{bucket}/data/train/digits_poisoned.parquet"]
     code, _, stderr = run_cli("scan", f"s3://{bucket}/data/*/nothing_*.parquet", "--out", tmp / "run2")
     assert code == 2 and "no Parquet file found here" in stderr
+
+
+def test_review_with_state_and_log_on_s3_feeds_the_next_scan(s3, tmp):
+    from conftest import read_review, write_rows
+
+    client, bucket = s3
+    state, log = f"s3://{bucket}/pg/state", f"s3://{bucket}/pg/provenance.jsonl"
+    args = ("--config", DIGITS_CONFIG, "--state", state, "--provenance-log", log, "--quiet")
+    assert run_cli("scan", POISONED, "--out", tmp / "one", *args)[0] == 0
+    rows = read_review(tmp / "one" / "review.csv")
+    for row in rows[:2]:
+        row["decision"] = "release"
+    code, stdout, stderr = run_cli("review", tmp / "one", "--decisions", write_rows(tmp / "d.csv", rows[:2]),
+                                   "--reviewer", "ana")
+    assert code == 0, stderr
+    assert state in stdout and log in stdout
+    assert any(k.startswith("pg/state/decisions") for k in _objects(client, bucket, "pg/state/"))
+    assert run_cli("scan", POISONED, "--out", tmp / "two", *args)[0] == 0
+    clean = read_outputs(tmp / "two")[0]
+    released = [i for i, s in zip(clean.column("id").to_pylist(), clean.column("review_status").to_pylist())
+                if s == "released"]
+    assert sorted(released) == sorted(r["id"] for r in rows[:2])
+    assert run_cli("verify-log", log)[0] == 0

@@ -115,6 +115,22 @@ def _remote(inputs, run_dir, config, run_id, tmp: Path):
             state.push_or_warn()
 
 
+@contextlib.contextmanager
+def mirrored(state: str | None, log_path: str | None):
+    """``review`` with its state folder or log on object storage: local copies, written back when it
+    succeeds, the log first (only over the bytes it read) so a decision never lands unbacked."""
+    if not storage.is_remote(state) and not storage.is_remote(log_path):
+        yield state, log_path
+        return
+    with tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
+        log_copy = _Mirror(log_path, Path(tmp) / "log" / DEFAULT_LOG, True) if storage.is_remote(log_path) else None
+        state_copy = _Mirror(state, Path(tmp) / "state", False) if storage.is_remote(state) else None
+        yield (str(state_copy.local) if state_copy else state), (str(log_copy.local) if log_copy else log_path)
+        for copy in (log_copy, state_copy):
+            if copy:
+                copy.push()
+
+
 def _then(commit, mirrored_log):
     def both():
         commit()
