@@ -29,7 +29,7 @@ demo: venv
 	exit $$code
 
 test: venv browser
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 # The example DAG under `airflow dags test`, with Airflow in its own venv (not part of `make test`:
 # installing Airflow takes about 40 s here, the check itself about 20 s).
