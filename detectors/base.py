@@ -101,11 +101,11 @@ class PoisonDetector(BaseEstimator):
         return decision
 
     def _other_classes(self):
-        """(labels, means, mean squared radius tr(cov)) of the tested classes, built once per fit."""
+        """(states, means, mean squared radius tr(cov)) of the tested classes, built once per fit."""
         if self._centres is None:
-            tested = [(c, s) for c, s in self._states.items() if s.n >= MIN_CLASS_ROWS]
-            self._centres = ([c for c, _ in tested], np.array([s.mean for _, s in tested]),
-                             np.array([max(float(np.trace(s.covariance)), 1e-300) for _, s in tested]))
+            tested = [s for s in self._states.values() if s.n >= MIN_CLASS_ROWS]
+            self._centres = (tested, np.array([s.mean for s in tested]),
+                             np.array([max(float(np.trace(s.covariance)), 1e-300) for s in tested]))
         return self._centres
 
     def _fit_class(self, state: ClassState):
@@ -201,8 +201,8 @@ def natural_submode(decision: ClassDecision, state: ClassState, flagged: np.ndar
     spread = float(x[flagged].var(axis=0).sum() / max(x[~flagged].var(axis=0).sum(), 1e-300))
     if not SUBMODE_SPREAD[0] <= spread <= SUBMODE_SPREAD[1]:
         return decision
-    labels, means, radii = other_classes()
-    others = [k for k, c in enumerate(labels) if not np.array_equal(means[k], state.mean)]
+    states, means, radii = other_classes()
+    others = [k for k, other in enumerate(states) if other is not state]
     if others:
         group = x[flagged].mean(axis=0)
         if np.min(((means[others] - group) ** 2).sum(axis=1) / radii[others]) <= 1.0:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from poisonguard import storage
 from poisonguard.errors import InputError
+from poisonguard.io import sha256_file
 from poisonguard.names import DEFAULT_LOG, MANIFEST, SUCCESS, safe_name
 from poisonguard.run import rundir
 
@@ -219,7 +220,7 @@ def publish_remote(staging: str, out: str, attempt: str, run_id: str, commit) ->
     for path in sorted(p for p in Path(staging).rglob("*") if p.is_file()):
         rel = path.relative_to(staging).as_posix()
         storage.upload(str(path), storage.join(prefix, rel))
-        files.append({"path": rel, "bytes": path.stat().st_size, "sha256": _file_sha(path)})
+        files.append({"path": rel, "bytes": path.stat().st_size, "sha256": sha256_file(str(path))})
     manifest = json.dumps({"run_id": run_id, "attempt": attempt, "files": files}, indent=1).encode()
     storage.write_bytes(storage.join(prefix, MANIFEST), manifest)
     previous = storage.read_bytes(storage.join(out, SUCCESS))
@@ -244,14 +245,6 @@ def publish_remote(staging: str, out: str, attempt: str, run_id: str, commit) ->
 def _attempts(out: str) -> set[str]:
     found = (storage.relative(uri, out) for uri in storage.list_files(out))
     return {rel.split("/", 1)[0] for rel in found if "/" in rel}
-
-
-def _file_sha(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def published(out: str) -> dict:
