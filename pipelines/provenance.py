@@ -107,16 +107,19 @@ def as_lineage_event(record: dict):
     """A log record back as the client's typed RunEvent, chain facet included: ValueError,
     TypeError or KeyError if it is not one.  ``Serde.to_dict`` of it gives the record back."""
     run = record["run"]
-    facets = {k: {f: v for f, v in value.items() if f not in ("_producer", "_schemaURL")}
-              for k, value in run.get("facets", {}).items()}
+    facets = _bare(run.get("facets", {}))
     run_id = facets.pop(RUN)["run_id"]
     if lineage_run_id(run_id) != run["runId"]:
         raise ValueError("runId does not belong to the poisonguard run id")
-    strip = lambda datasets: [{**d, "facets": {k: {f: v for f, v in value.items() if not f.startswith("_")}
-                                               for k, value in d.get("facets", {}).items()}} for d in datasets]
-    return lineage_event(record["eventType"], run_id, job=record["job"]["name"],
-                         inputs=strip(record.get("inputs", [])), outputs=strip(record.get("outputs", [])),
-                         facets=facets, event_time=record["eventTime"])
+    datasets = lambda key: [{**d, "facets": _bare(d.get("facets", {}))} for d in record.get(key, [])]
+    return lineage_event(record["eventType"], run_id, job=record["job"]["name"], inputs=datasets("inputs"),
+                         outputs=datasets("outputs"), facets=facets, event_time=record["eventTime"])
+
+
+def _bare(facets: dict) -> dict:
+    """Facets without the ``_producer`` / ``_schemaURL`` the client stamps on again."""
+    return {name: {k: v for k, v in value.items() if k not in ("_producer", "_schemaURL")}
+            for name, value in facets.items()}
 
 
 def fail_event(run_id: str, inputs: list, error: BaseException) -> dict:

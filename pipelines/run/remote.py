@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,6 @@ class Locations:
     public_run_dir: str
     public_outputs: str  # where the output files are named (OUT/<attempt> on an object store)
     names: dict[str, str] = field(default_factory=dict)  # local input path -> the name it was given
-    public_log: str | None = None
     publish: object = rundir.publish
 
     def public(self, value):
@@ -91,17 +89,16 @@ def _remote(inputs, run_dir, config, run_id, tmp: Path):
         if mirror:
             setattr(config, key, str(mirror.local))
             names[str(mirror.local)] = storage.display(mirror.uri)
-    public_log = storage.display(log_uri) if mirrored_log else None
     if remote_out:
         attempt = f"{safe_name(run_id)}.{secrets.token_hex(4)}"
         local_run = str(tmp / "run" / "out")
         where = Locations(local_inputs, local_run, config, storage.display(run_dir),
-                          storage.display(storage.join(run_dir, attempt)), names, public_log)
+                          storage.display(storage.join(run_dir, attempt)), names)
         where.publish = lambda staging, _run, rid, commit: publish_remote(
             staging, run_dir, attempt, rid, _then(commit, mirrored_log))
     else:
         local = str(Path(run_dir).resolve())
-        where = Locations(local_inputs, run_dir, config, local, local, names, public_log)
+        where = Locations(local_inputs, run_dir, config, local, local, names)
         if mirrored_log:
             where.publish = lambda staging, run, rid, commit: rundir.publish(staging, run, rid,
                                                                                _then(commit, mirrored_log))
@@ -211,10 +208,7 @@ def _sha(data: bytes | None) -> str | None:
 
 def publish_remote(staging: str, out: str, attempt: str, run_id: str, commit) -> None:
     """Steps 1-4 of the commit protocol (module docstring)."""
-    from poisonguard.names import WORK
-
-    shutil.rmtree(os.path.join(staging, WORK), ignore_errors=True)
-    Path(staging, SUCCESS).write_text(run_id + "\n")
+    rundir.seal(staging, run_id)
     prefix = storage.join(out, attempt)
     files = []
     for path in sorted(p for p in Path(staging).rglob("*") if p.is_file()):

@@ -108,11 +108,16 @@ def staging_folder(run_dir: str, run_id: str):
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def seal(staging: str, run_id: str) -> None:
+    """What every publish does first: drop the scratch folder and mark the run complete."""
+    shutil.rmtree(os.path.join(staging, WORK), ignore_errors=True)
+    Path(staging, SUCCESS).write_text(run_id + "\n")
+
+
 def publish(staging: str, run_dir: str, run_id: str, commit) -> None:
     """Swap the staging folder into RUN_DIR, then ``commit()`` (the COMPLETE record): if that
     fails, the previous run is swapped back.  Readers see the old run or the new one, never neither."""
-    shutil.rmtree(os.path.join(staging, WORK), ignore_errors=True)
-    Path(staging, SUCCESS).write_text(run_id + "\n")
+    seal(staging, run_id)
     if not os.path.exists(run_dir):
         os.rename(staging, run_dir)
         _commit_or(commit, lambda: os.rename(run_dir, staging))
