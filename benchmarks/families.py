@@ -9,6 +9,8 @@ Sources (real data that scikit-learn ships, and synthetic data whose classes hav
   digits         8,985 8x8 images (the digits and four one-pixel shifts)            dev
   breast_cancer  569 rows x 30 features                                              dev
   modes          6,000 rows x 20 features, make_classification, 3 clusters per class  dev
+  signals        8,000 1-D signals of 64 steps, 10 classes of two waveforms (60/40),  dev
+                 each shifted at random (a shift-invariant sequence task)
   wine           178 rows x 13 features                                              held-out
   mixture        4,000 rows x 16 features, 8 classes of two Gaussian modes (70/30)    held-out
   shapes         32,000 12x12 images, 10 classes drawn two ways each (60/40)          held-out
@@ -36,10 +38,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache" / "families"
-SOURCES = {"digits": "dev", "breast_cancer": "dev", "modes": "dev",
+SOURCES = {"digits": "dev", "breast_cancer": "dev", "modes": "dev", "signals": "dev",
            "wine": "heldout", "mixture": "heldout", "shapes": "heldout"}
 MODELS = {"mlp": "dev", "cnn": "dev", "linear": "heldout"}
 IMAGE_SOURCES = {"digits": (8, 8), "shapes": (12, 12)}
+SEQUENCE_SOURCES = {"signals": 64}
 ATTACKS = ([("clean", 0.0)] + [("patch", r) for r in (0.01, 0.03, 0.05, 0.10)] + [("blend", r) for r in (0.05, 0.10)]
            + [("flip_random", r) for r in (0.05, 0.10, 0.20)] + [("flip_targeted", r) for r in (0.10, 0.20)])
 SEEDS = (0, 1, 2)
@@ -52,7 +55,7 @@ def split_of(source: str, model: str) -> str:
 def families():
     for source in SOURCES:
         for model in MODELS:
-            if model == "cnn" and source not in IMAGE_SOURCES:
+            if model == "cnn" and source not in IMAGE_SOURCES and source not in SEQUENCE_SOURCES:
                 continue
             yield source, model
 
@@ -91,6 +94,8 @@ def load(source: str):
         return (x - x.mean(0)) / x.std(0), np.concatenate(ys), 3
     if source == "shapes":
         return _shapes(32000)
+    if source == "signals":
+        return _signals(8000)
     raise ValueError(source)
 
 
@@ -117,6 +122,24 @@ def _shapes(n: int):
         x[m] = np.roll(x[m], (dr, dc), axis=(1, 2))
     x = x * rng.uniform(0.8, 1.2, size=(len(y), 1, 1)) + rng.normal(scale=0.15, size=x.shape)
     return x.reshape(len(y), -1).astype(np.float32), y, 4
+
+
+def _signals(n: int, length: int = 64):
+    """10 classes of 1-D signals, each a sum of two class-and-style windowed sinusoids (two styles,
+    60/40), circularly shifted by a random offset, scaled and noised: order matters, position does not."""
+    rng = np.random.default_rng(9)
+    t = np.arange(length)
+    templates = np.zeros((10, 2, length), np.float32)
+    for c, s in itertools.product(range(10), range(2)):
+        for _ in range(2):
+            freq, centre, width = rng.uniform(0.05, 0.45), rng.uniform(0, length), rng.uniform(4, 12)
+            templates[c, s] += np.sin(2 * np.pi * freq * t) * np.exp(-0.5 * ((t - centre) / width) ** 2)
+    y = np.repeat(np.arange(10), n // 10)
+    style = (rng.random(len(y)) < 0.4).astype(int)
+    shift = rng.integers(0, length, size=len(y))
+    x = templates[y, style][np.arange(len(y))[:, None], (t[None, :] + shift[:, None]) % length]
+    x = x * rng.uniform(0.8, 1.2, size=(len(y), 1)) + rng.normal(scale=0.15, size=x.shape)
+    return x.astype(np.float32), y, 5
 
 
 # ---- attacks --------------------------------------------------------------------------------
@@ -149,6 +172,9 @@ def poison(x, y, source: str, target: int, attack: str, rate: float, seed: int):
             img = x[rows].reshape(-1, h, w)
             img[:, r0:r0 + 2, c0:c0 + 2] = x.max()
             x[rows] = img.reshape(len(rows), -1)
+        elif source in SEQUENCE_SOURCES:
+            start = [0, SEQUENCE_SOURCES[source] // 2, SEQUENCE_SOURCES[source] - 3][seed % 3]
+            x[rows, start:start + 3] = x.max()
         else:
             cols = rng.choice(x.shape[1], size=2, replace=False)
             x[np.ix_(rows, cols)] = x[:, cols].max(axis=0) + 1.0
@@ -170,7 +196,12 @@ def embed(x, y, source: str, model: str, seed: int) -> tuple[np.ndarray, float]:
     torch.set_num_threads(1)
     n_classes = int(y.max()) + 1
     f = x.shape[1]
-    if model == "cnn":
+    if model == "cnn" and source in SEQUENCE_SOURCES:
+        features = torch.nn.Sequential(
+            torch.nn.Unflatten(1, (1, f)), torch.nn.Conv1d(1, 16, 5, padding=2), torch.nn.ReLU(),
+            torch.nn.Conv1d(16, 32, 5, padding=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool1d(16),
+            torch.nn.Flatten(), torch.nn.Linear(512, 32), torch.nn.ReLU())
+    elif model == "cnn":
         h, w = IMAGE_SOURCES[source]
         features = torch.nn.Sequential(
             torch.nn.Unflatten(1, (1, h, w)), torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
@@ -254,8 +285,6 @@ def evaluate_case(key, path, art: bool) -> dict:
     import warnings
 
     import poisonguard
-    from sklearn.metrics import roc_auc_score
-
     from threadpoolctl import threadpool_limits
 
     data = np.load(path)
@@ -270,12 +299,7 @@ def evaluate_case(key, path, art: bool) -> dict:
            "seconds": round(seconds, 2), "train_accuracy": float(data["train_accuracy"]), **_metrics(flags, truth)}
     clean_loss = [float(np.mean(flags[(y == c) & ~truth])) for c in np.unique(y) if np.any((y == c) & ~truth)]
     row["worst_class_clean_loss"] = max(clean_loss)
-    aurocs = {}
-    for col in [c for c in found.columns if c.startswith("score_")]:
-        scores = _within_class_rank(found[col].to_numpy(dtype=float), y)
-        if truth.any() and (~truth).any():
-            aurocs[col[6:]] = float(roc_auc_score(truth, np.nan_to_num(scores, nan=0.0)))
-    row["auroc"] = aurocs
+    row["auroc"] = _aurocs(found, y, truth)
     if art and truth.any():
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from quality import art_methods
@@ -283,6 +307,17 @@ def evaluate_case(key, path, art: bool) -> dict:
         best = max((_metrics(f, truth)["f1"], name) for name, (f, _, _) in art_methods(e, y, truth.mean()).items())
         row["art_best_f1"], row["art_best"] = best
     return row
+
+
+def _aurocs(found, y, truth) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    aurocs = {}
+    for col in [c for c in found.columns if c.startswith("score_")]:
+        scores = _within_class_rank(found[col].to_numpy(dtype=float), y)
+        if truth.any() and (~truth).any():
+            aurocs[col[6:]] = float(roc_auc_score(truth, np.nan_to_num(scores, nan=0.0)))
+    return aurocs
 
 
 def _metrics(flags, truth) -> dict:
@@ -309,6 +344,65 @@ def evaluate(split: str, art: bool, jobs: int, large_seeds: int) -> list[dict]:
             out.append(future.result())
             if k % 20 == 0 or k == len(work):
                 print(f"[{k}/{len(work)}] evaluated", flush=True)
+    return out
+
+
+# ---- proxy mode -----------------------------------------------------------------------------
+
+PROXY_ATTACKS = [("clean", 0.0), ("patch", 0.05), ("patch", 0.10), ("blend", 0.10), ("flip_random", 0.10),
+                 ("flip_targeted", 0.20)]
+PROXY_RESULTS = RESULTS / "families_proxy.json"
+
+
+def proxy_split(source: str) -> str:
+    return SOURCES[source]
+
+
+def evaluate_proxy_case(source: str, attack: str, rate: float, seed: int, architecture: str) -> dict:
+    """Proxy mode as a user without a model runs it: the feature column only, the default config
+    (``architecture`` overrides embedding.proxy_architecture), poisonguard trains its own proxy."""
+    import warnings
+
+    import poisonguard
+    import pyarrow as pa
+    from threadpoolctl import threadpool_limits
+
+    x0, y0, target = load(source)
+    x, y, truth = poison(x0, y0, source, target, attack, rate, seed)
+    table = pa.table({"id": np.arange(len(y)), "label": y,
+                      "features": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])})
+    config = {"seed": seed, "embedding": {"source": "proxy", "features": "features", "device": "cpu",
+                                          "proxy_architecture": architecture}}
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(), threadpool_limits(1):
+        warnings.simplefilter("ignore")
+        found = poisonguard.screen(table, config=config)
+    flags = found.rows["quarantined"].to_numpy()
+    info = found.summary["embedding"]
+    row = {"key": [source, f"proxy-{architecture}", attack, rate, seed], "split": proxy_split(source),
+           "rows": len(y), "poison": int(truth.sum()), "seconds": round(time.perf_counter() - t0, 2),
+           "architecture": info["architecture"], "layout": info["layout"]["kind"],
+           "train_accuracy": info["train_accuracy"], "held_out_accuracy": info["held_out_accuracy"],
+           "epochs": info["epochs"], "stopped": info["stopped"], "auroc": _aurocs(found.rows, y, truth),
+           **_metrics(flags, truth)}
+    row["worst_class_clean_loss"] = max(float(np.mean(flags[(y == c) & ~truth])) for c in np.unique(y))
+    unreliable = [d for d, rep in found.summary["detectors"].items() if (rep.get("mass_quarantine") or {}).get("unreliable")]
+    row["unreliable"] = unreliable
+    return row
+
+
+def evaluate_proxy(split: str, architectures: list[str], jobs: int, large_seeds: int) -> list[dict]:
+    work = [(source, attack, rate, seed, arch) for source in SOURCES if split in ("all", SOURCES[source])
+            for attack, rate in PROXY_ATTACKS for seed in (SEEDS[:large_seeds] if source in LARGE_SOURCES else SEEDS)
+            for arch in architectures]
+    out = []
+    with ProcessPoolExecutor(jobs) as pool:
+        futures = [pool.submit(evaluate_proxy_case, *w) for w in work]
+        for k, future in enumerate(futures, 1):
+            out.append(future.result())
+            r = out[-1]
+            print(f"[{k}/{len(work)}] {r['key']} {r['architecture']} held-out acc {r['held_out_accuracy']:.3f} "
+                  f"f1 {r['f1']} clean {r['clean_flagged']:.4f} {r['seconds']} s", flush=True)
     return out
 
 
@@ -407,6 +501,12 @@ if __name__ == "__main__":
     ev.add_argument("--jobs", type=int, default=2)
     ev.add_argument("--large-seeds", type=int, default=1, help="seeds evaluated on the 32,000-row source (time)")
     ev.add_argument("--out", default=str(RESULTS / "families.json"))
+    px = sub.add_parser("proxy", help="proxy mode (the feature column only) on every source")
+    px.add_argument("--split", choices=("dev", "heldout", "all"), default="all")
+    px.add_argument("--architectures", default="auto", help="comma-separated: auto, mlp, cnn")
+    px.add_argument("--jobs", type=int, default=2)
+    px.add_argument("--large-seeds", type=int, default=1)
+    px.add_argument("--out", default=str(PROXY_RESULTS))
     args = parser.parse_args()
     if args.command == "build":
         build(args.jobs)
@@ -418,6 +518,9 @@ if __name__ == "__main__":
             for r in rows:
                 r["art_best_f1"] = best.get(tuple(r["key"]), r.get("art_best_f1"))
         (RESULTS / "families.md").write_text(markdown(rows))
+    elif args.command == "proxy":
+        rows = evaluate_proxy(args.split, args.architectures.split(","), args.jobs, args.large_seeds)
+        Path(args.out).write_text(json.dumps(rows, indent=0, default=float))
     else:
         rows = evaluate(args.split, args.art, args.jobs, args.large_seeds)
         Path(args.out).write_text(json.dumps(rows, indent=0, default=float))
