@@ -19,6 +19,10 @@ of its own:
    n ~ 125 on.
 3. The threshold is the middle of the gap between the two groups; in a class that does not
    pass the test it is +inf, so nothing in that class is flagged.
+4. A best split pinned at the ``max_share`` limit says the upper group wants to be larger than
+   any minority an attack plants (a second way of writing a class, 40% of it): not flagged.  On
+   the development families no poisoned split reached the limit (the largest held 12.5% of its
+   class) while 10 of the 18 clean class splits that passed the other tests were pinned there.
 
 ``expected_poison_rate`` replaces the test by the rule of Tran et al. (2018): in every class,
 flag the 1.5 * epsilon * n highest scores.  It is kept as a mode for comparison with the papers.
@@ -40,10 +44,11 @@ class ClassDecision:
     rows_tested: int
     why: str
     class_z: float = float("nan")
+    spread_ratio: float = float("nan")  # tr(cov) of the flagged group over the rest's (detectors.base)
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        for key in ("threshold", "separation", "minority_share", "class_z"):
+        for key in ("threshold", "separation", "minority_share", "class_z", "spread_ratio"):
             out[key] = _finite_or_none(out[key])
         return out
 
@@ -64,7 +69,11 @@ def separated_minority(
     min_separation: float = 4.0,
     min_rows: int = 3,
     min_class_rows: int = MIN_CLASS_ROWS,
+    candidate_separation: float | None = None,
 ) -> ClassDecision:
+    """The best split's decision.  With ``candidate_separation`` (below ``min_separation``), a split
+    that reaches only that is returned as a *candidate*: not suspicious, but with its finite
+    threshold, for a caller that has more evidence to weigh (``detectors.base.diffuse_minority``)."""
     values = np.sort(np.asarray(scores, dtype=np.float64))
     values = values[np.isfinite(values)]
     n = len(values)
@@ -94,9 +103,18 @@ def separated_minority(
     separation = float(gap / pooled) if pooled > 0 else float("inf")
     share = len(upper) / n
     threshold = float((values[k - 1] + values[k]) / 2.0)
+    if best == 0 and lo_i > 1 and separation >= 2.95 + 130.0 / n:
+        return ClassDecision(False, float("inf"), separation, share, n, PINNED)
     if separation >= max(min_separation, 2.95 + 130.0 / n):
         return ClassDecision(True, threshold, separation, share, n, "separated minority")
+    if candidate_separation is not None and separation >= max(candidate_separation, 2.95 + 130.0 / n):
+        return ClassDecision(False, threshold, separation, share, n, CANDIDATE)
     return ClassDecision(False, float("inf"), separation, share, n, "no separated minority")
+
+
+CANDIDATE = "candidate: separated less than min_separation"
+PINNED = ("a sub-population larger than max_share of the class (the best split is pinned at that limit): "
+          "a natural sub-mode, not an attack's minority")
 
 
 def gate_by_other_classes(decisions: dict, *, min_class_z: float, min_classes: int = 5,
@@ -117,12 +135,15 @@ def gate_by_other_classes(decisions: dict, *, min_class_z: float, min_classes: i
     out = dict(decisions)
     for label, zc in zip(tested, z.tolist()):
         decision = decisions[label]
-        if decision.suspicious and zc < min_class_z:
+        if decision.suspicious and zc < min_class_z and not decision.why.startswith(DIFFUSE):
             out[label] = replace(decision, suspicious=False, threshold=float("inf"), class_z=zc,
                                  why=f"separated minority, but not an outlier among classes (z={zc:.1f})")
         else:
             out[label] = replace(decision, class_z=zc)
     return out
+
+
+DIFFUSE = "a diffuse separated minority"
 
 
 def _leave_one_out_z(values: np.ndarray, min_spread: float) -> np.ndarray:

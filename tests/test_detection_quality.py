@@ -103,6 +103,43 @@ def test_a_tight_planted_cluster_of_2_percent_is_flagged_by_the_defaults():
     assert flagged.sum() <= len(planted) + 2
 
 
+def _diffuse_group(x, y, offset=6.0, spread=2.0, seed=6):
+    """6% of class 3 replaced by rows spread twice as wide as the class, ``offset`` sd away: the shape
+    of dirty-label poison, which keeps its source classes' variation in the poisoned representation."""
+    rng = np.random.default_rng(seed)
+    target = np.flatnonzero(y == 3)
+    planted = target[:24]
+    u = rng.normal(size=x.shape[1])
+    x = x.copy()
+    x[planted] = x[target].mean(axis=0) + offset * u / np.linalg.norm(u) + spread * rng.normal(size=(24, x.shape[1]))
+    return x, planted
+
+
+def test_a_diffuse_group_below_the_separation_floor_is_flagged_and_says_why():
+    import poisonguard
+
+    x, y = _classes_with_modes()
+    x, planted = _diffuse_group(x, y)
+    found = poisonguard.screen(x, y)
+    flagged = found.rows["quarantined"].to_numpy()
+    assert flagged[planted].mean() >= 0.8 and flagged.sum() - flagged[planted].sum() == 0
+    decisions = found.classes[found.classes["suspicious"]]
+    assert (decisions["class"].astype(str) == "3").all() and (decisions["separation"] < 5).any()
+    diffuse = decisions[decisions["why"].str.startswith("a diffuse separated minority")]
+    assert len(diffuse) and diffuse["spread_ratio"].between(1.3, 6.0).all()
+
+
+def test_a_tight_group_at_the_same_separation_is_left_to_the_separation_test():
+    """The same group, as narrow as the class's own rows: no wider than its class, so only the
+    ordinary separation test (D >= 5 and a cross-class outlier) could flag it, and no diffuse decision is made."""
+    import poisonguard
+
+    x, y = _classes_with_modes()
+    x, planted = _diffuse_group(x, y, spread=0.7)
+    found = poisonguard.screen(x, y)
+    assert not found.classes["why"].str.startswith("a diffuse separated minority").any()
+
+
 def test_default_decisions_are_deterministic():
     import poisonguard
 
