@@ -360,7 +360,8 @@ def proxy_split(source: str) -> str:
 
 def evaluate_proxy_case(source: str, attack: str, rate: float, seed: int, architecture: str) -> dict:
     """Proxy mode as a user without a model runs it: the feature column only, the default config
-    (``architecture`` overrides embedding.proxy_architecture), poisonguard trains its own proxy."""
+    (``architecture``, "ARCH[+STOP]", overrides embedding.proxy_architecture and proxy_stop),
+    poisonguard trains its own proxy."""
     import warnings
 
     import poisonguard
@@ -371,8 +372,9 @@ def evaluate_proxy_case(source: str, attack: str, rate: float, seed: int, archit
     x, y, truth = poison(x0, y0, source, target, attack, rate, seed)
     table = pa.table({"id": np.arange(len(y)), "label": y,
                       "features": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])})
+    arch, _, stop = architecture.partition("+")  # e.g. "auto", "mlp+held_out"
     config = {"seed": seed, "embedding": {"source": "proxy", "features": "features", "device": "cpu",
-                                          "proxy_architecture": architecture}}
+                                          "proxy_architecture": arch, **({"proxy_stop": stop} if stop else {})}}
     t0 = time.perf_counter()
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore")
@@ -391,8 +393,9 @@ def evaluate_proxy_case(source: str, attack: str, rate: float, seed: int, archit
     return row
 
 
-def evaluate_proxy(split: str, architectures: list[str], jobs: int, large_seeds: int) -> list[dict]:
+def evaluate_proxy(split: str, architectures: list[str], jobs: int, large_seeds: int, sources=()) -> list[dict]:
     work = [(source, attack, rate, seed, arch) for source in SOURCES if split in ("all", SOURCES[source])
+            and (not sources or source in sources)
             for attack, rate in PROXY_ATTACKS for seed in (SEEDS[:large_seeds] if source in LARGE_SOURCES else SEEDS)
             for arch in architectures]
     out = []
@@ -503,7 +506,9 @@ if __name__ == "__main__":
     ev.add_argument("--out", default=str(RESULTS / "families.json"))
     px = sub.add_parser("proxy", help="proxy mode (the feature column only) on every source")
     px.add_argument("--split", choices=("dev", "heldout", "all"), default="all")
-    px.add_argument("--architectures", default="auto", help="comma-separated: auto, mlp, cnn")
+    px.add_argument("--architectures", default="auto", help="comma-separated ARCH[+STOP]: auto, mlp, cnn; "
+                    "+train_loss, +held_out")
+    px.add_argument("--sources", default="", help="comma-separated; default: every source of the split")
     px.add_argument("--jobs", type=int, default=2)
     px.add_argument("--large-seeds", type=int, default=1)
     px.add_argument("--out", default=str(PROXY_RESULTS))
@@ -519,7 +524,8 @@ if __name__ == "__main__":
                 r["art_best_f1"] = best.get(tuple(r["key"]), r.get("art_best_f1"))
         (RESULTS / "families.md").write_text(markdown(rows))
     elif args.command == "proxy":
-        rows = evaluate_proxy(args.split, args.architectures.split(","), args.jobs, args.large_seeds)
+        rows = evaluate_proxy(args.split, args.architectures.split(","), args.jobs, args.large_seeds,
+                              [s for s in args.sources.split(",") if s])
         Path(args.out).write_text(json.dumps(rows, indent=0, default=float))
     else:
         rows = evaluate(args.split, args.art, args.jobs, args.large_seeds)

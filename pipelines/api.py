@@ -112,7 +112,7 @@ def screen(data, y=None, config: Config | str | dict | None = None, *, ids=None,
         pq.write_table(table, path)
         plan = plan_inputs([path], cfg)
         suite = load_suite(cfg, plan.schema)
-        plan, _ = resolve_embedding(plan, cfg, work)
+        plan, embedding = resolve_embedding(plan, cfg, work)
         parts: list[pa.Table] = []
 
         def sink(file_index, first_row, clean, held):
@@ -128,7 +128,8 @@ def screen(data, y=None, config: Config | str | dict | None = None, *, ids=None,
     rows["quarantined"] = rows[QUARANTINE_REASONS].map(len) > 0
     rows = rows.sort_values(SCREEN_ROW).drop(columns=SCREEN_ROW).reset_index(drop=True)  # the input's order
     rows = rows.rename(columns={QUARANTINE_REASONS: "reasons"})
-    return Findings(rows, _class_table(result.fit), {"counts": result.counts, "detectors": result.fit})
+    return Findings(rows, _class_table(result.fit), {"counts": result.counts, "detectors": result.fit,
+                                                     "embedding": embedding})
 
 
 def _as_table(data, y, ids, cfg: Config) -> pa.Table:

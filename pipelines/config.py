@@ -52,8 +52,17 @@ class EmbeddingConfig(_Strict):
     layer: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     inference_batch_size: int = Field(default=4096, ge=1)
-    proxy_architecture: Literal["mlp", "cnn"] = "mlp"
-    proxy_epochs: int = Field(default=600, ge=1, le=100000)
+    proxy_architecture: Literal["auto", "mlp", "cnn"] = Field(
+        default="auto", description="auto: the MLP (it beat the CNN on the development families' images and "
+                                    "sequences); cnn: convolutions over the inferred or declared features_shape")
+    proxy_epochs: int = Field(default=300, ge=1, le=100000, description="at most this many epochs")
+    proxy_batch_size: int = Field(default=256, ge=1)
+    proxy_target_loss: float = Field(default=0.01, ge=0, description="converged: the epoch's mean loss is below it")
+    proxy_patience: int = Field(default=5, ge=1, description="converged: no 1% better epoch in this many")
+    proxy_stop: Literal["auto", "train_loss", "held_out"] = Field(
+        default="auto", description="train_loss: to near-zero training loss; held_out: early stopping on the "
+                                    "held-out rows; auto: held_out for images and sequences, train_loss for tables")
+    proxy_holdout: float = Field(default=0.1, ge=0, lt=0.5, description="share of the sample held out to measure fit")
     proxy_max_rows: int = Field(default=50000, ge=10)
     proxy_lr: float = Field(default=3e-3, gt=0)
     spill: bool = Field(default=True, description="model/proxy mode: keep pass 1's embeddings for pass 2 (disk) "
@@ -63,8 +72,8 @@ class EmbeddingConfig(_Strict):
     def _sources(self):
         if self.source in ("model", "proxy") and not self.features:
             raise ValueError(f"embedding.source {self.source} needs embedding.features (the feature column)")
-        if self.source == "proxy" and self.proxy_architecture == "cnn" and len(self.features_shape or []) != 3:
-            raise ValueError("embedding.proxy_architecture cnn needs embedding.features_shape [channels, height, width]")
+        if self.features_shape is not None and not 1 <= len(self.features_shape) <= 3:
+            raise ValueError("embedding.features_shape is [length], [channels, length] or [channels, height, width]")
         if self.source == "model" and not self.model:
             raise ValueError("embedding.source model needs embedding.model (a TorchScript or state-dict file)")
         return self
@@ -94,7 +103,11 @@ class CanaryConfig(_Strict):
     rate: float = Field(default=0.05, gt=0, le=0.5, description="proxy mode: canaries per target class, share of it")
     sizes: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1], min_length=1, max_length=10,
                                description="embedding mode: planted cluster sizes as shares of the class")
-    separation: float = Field(default=6.0, gt=0, le=100, description="planted cluster distance, in class SDs")
+    distance: float = Field(default=1.33, gt=0, le=100,
+                            description="embedding mode: planted group's centre from the class mean, in class radii "
+                                        "sqrt(tr cov); the median of real backdoors on the development families")
+    spread: float = Field(default=1.8, gt=0, le=100,
+                          description="embedding mode: planted group's covariance over the class's (the same median)")
     max_classes: int = Field(default=20, ge=1, le=1000, description="classes tested (the largest)")
     min_recall: float | None = Field(default=None, ge=0, le=1, description="exit 1 when the measured recall is lower")
 

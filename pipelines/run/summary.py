@@ -87,6 +87,18 @@ VERDICTS = {"within_policy": "within policy", "over_fail_on": "over fail_on: tra
             "canary_recall_below_min": "canary recall below canaries.min_recall: training should wait"}
 
 
+def proxy_line(info: dict) -> str:
+    """What proxy was trained and how well it fits, in one line ('' outside proxy mode)."""
+    if info.get("source") != "proxy" or "architecture" not in info:
+        return ""
+    layout, held = info.get("layout") or {}, info.get("held_out_accuracy")
+    fit = f"training accuracy {info['train_accuracy']:.3f}" + (f", held-out {held:.3f}" if held is not None else "")
+    state = f"converged ({info['stopped']})" if info.get("converged") else "not converged: stopped at proxy_epochs"
+    kept = f", weights of epoch {info['kept_epoch']} kept" if info.get("stop_rule") == "held_out" else ""
+    return (f"proxy: {info['architecture']} for {layout.get('kind', 'features')} data ({layout.get('why', '')}); "
+            f"{fit}; {info['epochs']} epochs by the {info.get('stop_rule', 'train_loss')} rule, {state}{kept}")
+
+
 def console_summary(summary: dict, run_dir: str) -> str:
     counts = summary["counts"]
     lines = [
@@ -103,6 +115,9 @@ def console_summary(summary: dict, run_dir: str) -> str:
     lines += [f"    {c}: {v['rows']} / {v['quarantined']}" for c, v in sorted(summary["per_class"].items())]
     if not flagged:
         lines.append("    (no class has quarantined rows)")
+    proxy = proxy_line(summary.get("embedding") or {})
+    if proxy:
+        lines.append(f"  {proxy}")
     for name, report in summary["detectors"].items():
         separation = (report.get("representation") or {}).get("knn_accuracy")
         if separation is not None and separation < WEAK_REPRESENTATION:
