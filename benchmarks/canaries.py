@@ -1,85 +1,144 @@
-"""Does the canary self-test predict the real attack's recall?  On the quality benchmark's families
-(scikit-learn's digits, breast cancer and wine; an MLP trained on the poisoned data, its penultimate
-activations as embeddings; patch and blended triggers at several rates), for each case:
+"""Does the canary self-test predict the real attack's recall?  On the benchmark families
+(``benchmarks/families.py``: data source x embedding model x attack x rate x seed, each model trained
+on the poisoned data), for every backdoor case (patch and blended triggers, 1-10% of the target class):
 
   - real: the share of the real poisoned rows the default detectors quarantine;
-  - canary: the embedding-mode power analysis on the same embeddings, planting one cluster of the
-    real attack's size in the target class (``canaries.separation`` 6 class SDs, the default).
+  - canary: the embedding-mode power analysis (``poisonguard.canaries.power_of``) on the same
+    embeddings, planting one group of the real attack's size in the target class.
 
-Writes the table into benchmarks/results/quality.md (section "Canary recall beside the real attack's").
+The canaries' shape (``canaries.distance`` and ``canaries.spread``) is the median shape of the real
+backdoors on the *development* families, printed by ``shape``; the held-out families report how well
+the self-test then predicts recall on data it was not calibrated on.
 
-    python benchmarks/canaries.py [--seeds 1]
+    python benchmarks/canaries.py shape            # the development medians behind the defaults
+    python benchmarks/canaries.py eval [--jobs 2]  # writes results/canaries.json and a section of quality.md
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from quality import RESULTS, embed, load, poison  # noqa: E402
+import families as F  # noqa: E402
 
-from poisonguard.canaries import power_of  # noqa: E402
-from poisonguard.config import Config  # noqa: E402
-from poisonguard.core.screening import fit_detectors  # noqa: E402
-from poisonguard.detectors.stats import default_keys, states_by_class  # noqa: E402
-
-CASES = [("digits", "patch", r) for r in (0.01, 0.03, 0.05, 0.10)] + [("digits", "blend", r) for r in (0.05, 0.10)] \
-    + [("breast_cancer", "patch", r) for r in (0.03, 0.10)] + [("breast_cancer", "blend", 0.10)] \
-    + [("wine", "patch", r) for r in (0.05, 0.10)]
+RESULTS = ROOT / "benchmarks" / "results"
 HEADER = "## Canary recall beside the real attack's"
+BACKDOORS = ("patch", "blend")
 
 
-def one(dataset: str, attack: str, rate: float, seed: int) -> tuple[float, float, int]:
-    x, y, target, image = load(dataset)
-    rng = np.random.default_rng(seed)
-    xp, yp, truth = poison(x, y, target, image, attack, rate, rng)
-    e = embed(xp, yp, seed)
-    config = Config(seed=seed)
-    keys = default_keys(len(yp), seed)
-    states = states_by_class(e, yp, keys, config.max_fit_rows_per_class)
-    detectors = fit_detectors(states, config)
-    flags = np.zeros(len(yp), dtype=bool)
-    for detector in detectors.values():
-        flags |= detector.flag(e, yp, keys)
-    real = float(flags[truth].mean())
-    share = truth.sum() / max(int((yp == target).sum()), 1)
-    config.canaries.sizes = [float(min(share, 0.5))]
-    power = power_of(states, config, classes=[target])
-    return real, power["recall"], int(truth.sum())
+def _backdoor_cases(split: str):
+    return [(key, path) for key, path in F.cases(split, large_seeds=1) if key[2] in BACKDOORS]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, default=1)
-    args = parser.parse_args()
-    rows = []
-    for dataset, attack, rate in CASES:
-        started = time.perf_counter()
-        results = [one(dataset, attack, rate, seed) for seed in range(args.seeds)]
-        real, canary = float(np.mean([r[0] for r in results])), float(np.mean([r[1] for r in results]))
-        rows.append((f"{dataset} {attack} {rate:.0%}", results[0][2], real, canary))
-        print(f"{rows[-1][0]}: {rows[-1][1]} poisoned rows, real recall {real:.3f}, canary recall {canary:.3f} "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
-    real, canary = np.array([r[2] for r in rows]), np.array([r[3] for r in rows])
+def _radius_sq(z: np.ndarray) -> float:
+    return float(((z - z.mean(axis=0)) ** 2).sum(axis=1).mean())
+
+
+def shape(split: str = "dev") -> dict:
+    """The real poison's centre distance from its target class's clean rows (in class radii,
+    sqrt(tr cov)) and its spread (tr cov(poison) / tr cov(class)): medians and quartiles."""
+    gaps, spreads = [], []
+    for _, path in _backdoor_cases(split):
+        data = np.load(path)
+        e, y, truth = data["embedding"].astype(np.float64), data["label"], data["truth"]
+        clean, poison = e[(y == int(data["target"])) & ~truth], e[truth]
+        if len(poison) < 3:
+            continue
+        gaps.append(np.linalg.norm(poison.mean(0) - clean.mean(0)) / np.sqrt(_radius_sq(clean)))
+        spreads.append(_radius_sq(poison) / _radius_sq(clean))
+    q = lambda v: [round(float(x), 3) for x in np.percentile(v, [25, 50, 75])]
+    return {"cases": len(gaps), "distance_quartiles": q(gaps), "spread_quartiles": q(spreads)}
+
+
+def one(key, path) -> dict:
+    from threadpoolctl import threadpool_limits
+
+    from poisonguard.canaries import power_of
+    from poisonguard.config import Config
+    from poisonguard.core.screening import fit_detectors
+    from poisonguard.detectors.stats import default_keys, states_by_class
+
+    data = np.load(path)
+    e, y, truth, target = data["embedding"], data["label"], data["truth"], int(data["target"])
+    config = Config(seed=key[4])
+    keys = default_keys(len(y), config.seed)
+    with threadpool_limits(1):
+        states = states_by_class(e, y, keys, config.max_fit_rows_per_class)
+        flags = np.zeros(len(y), dtype=bool)
+        for detector in fit_detectors(states, config).values():
+            flags |= detector.flag(e, y, keys)
+        share = truth.sum() / max(int((y == target).sum()), 1)
+        config.canaries.sizes = [float(min(share, 0.5))]
+        power = power_of(states, config, classes=[target])
+    return {"key": list(key), "split": F.split_of(key[0], key[1]), "poison": int(truth.sum()),
+            "real_recall": float(flags[truth].mean()), "canary_recall": float(power["recall"])}
+
+
+def evaluate(jobs: int) -> list[dict]:
+    work = _backdoor_cases("all")
+    out = []
+    with ProcessPoolExecutor(jobs) as pool:
+        for k, row in enumerate(pool.map(one, *zip(*work)), 1):
+            out.append(row)
+            if k % 20 == 0 or k == len(work):
+                print(f"[{k}/{len(work)}]", flush=True)
+    return out
+
+
+def _summary(rows: list[dict]) -> str:
+    real, canary = np.array([r["real_recall"] for r in rows]), np.array([r["canary_recall"] for r in rows])
     agree = float(np.mean((real >= 0.5) == (canary >= 0.5)))
     corr = float(np.corrcoef(real, canary)[0, 1]) if real.std() and canary.std() else float("nan")
-    lines = [HEADER, "", f"`python benchmarks/canaries.py --seeds {args.seeds}`: the default detectors on the real "
-             "attack, and the embedding-mode canary power analysis on the same embeddings with one planted cluster "
-             "of the real attack's size in the target class.", "",
-             "| case | poisoned rows | real recall | canary recall |", "|---|---|---|---|"]
-    lines += [f"| {case} | {n} | {r:.3f} | {c:.3f} |" for case, n, r, c in rows]
-    lines += ["", f"Agreement on 'caught' (recall >= 0.5): {agree:.0%} of cases; Pearson correlation {corr:.2f}.", ""]
-    text = RESULTS.read_text() if RESULTS.exists() else ""
-    text = text.split(HEADER)[0].rstrip() + "\n\n" + "\n".join(lines)
-    RESULTS.write_text(text)
-    print("\n".join(lines))
+    mae = float(np.mean(np.abs(real - canary)))
+    return f"{len(rows)} cases: agreement on caught (recall >= 0.5) {agree:.0%}, Pearson {corr:.2f}, mean |difference| {mae:.2f}"
+
+
+def markdown(rows: list[dict], dev_shape: dict) -> str:
+    lines = [HEADER, "",
+             "`python benchmarks/canaries.py eval`: on every backdoor case of the benchmark families, the default "
+             "detectors' recall on the real attack beside the embedding-mode canary power analysis on the same "
+             "embeddings (one planted group of the real attack's size in the target class). The canaries' shape is "
+             f"the development families' median: distance {dev_shape['distance_quartiles'][1]} class radii "
+             f"(quartiles {dev_shape['distance_quartiles'][0]}-{dev_shape['distance_quartiles'][2]}), spread "
+             f"{dev_shape['spread_quartiles'][1]} (quartiles {dev_shape['spread_quartiles'][0]}-"
+             f"{dev_shape['spread_quartiles'][2]}), over {dev_shape['cases']} cases. Mean over seeds (one on shapes).", ""]
+    for split, title in (("heldout", "Held-out families"), ("dev", "Development families")):
+        part = [r for r in rows if r["split"] == split]
+        if not part:
+            continue
+        lines += [f"### {title}", "", _summary(part) + ".", "",
+                  "| family | attack | rate | seeds | poisoned rows | real recall | canary recall |", "|---|---|---|---|---|---|---|"]
+        groups: dict = {}
+        for r in part:
+            groups.setdefault(tuple(r["key"][:4]), []).append(r)
+        for (source, model, attack, rate), rs in sorted(groups.items()):
+            lines.append(f"| {source}/{model} | {attack} | {rate:.0%} | {len(rs)} | {np.mean([r['poison'] for r in rs]):.0f} "
+                         f"| {np.mean([r['real_recall'] for r in rs]):.3f} | {np.mean([r['canary_recall'] for r in rs]):.3f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("shape")
+    ev = sub.add_parser("eval")
+    ev.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    if args.command == "shape":
+        print(json.dumps({split: shape(split) for split in ("dev", "heldout")}, indent=1))
+    else:
+        rows = evaluate(args.jobs)
+        (RESULTS / "canaries.json").write_text(json.dumps(rows, indent=0))
+        quality = RESULTS / "quality.md"
+        text = quality.read_text() if quality.exists() else ""
+        section = markdown(rows, shape("dev"))
+        quality.write_text(text.split(HEADER)[0].rstrip() + "\n\n" + section)
+        print(section)

@@ -9,11 +9,14 @@ rows, scores and reasons are the same with and without it.
   fitted on that proxy's embeddings of the sample and the canaries, and the canaries they flag are
   counted: "3 of 3 canaries found in class 7".
 * **Column and model mode** (the model cannot be retrained): a power analysis in embedding space.
-  For each class, tight clusters of ``sizes`` (shares of the class, at least 3 rows) are planted
-  ``separation`` class standard deviations from the class mean, built from the class's own mean and
-  spread (a backdoor collapses into a tight cluster in a poisoned model's representation); the
-  detectors are refitted with each planted cluster and the smallest one caught (90 % of its rows
-  flagged) is reported: "a backdoor of >= 12 rows in class 7 would have been caught".
+  For each class, groups of ``sizes`` (shares of the class, at least 3 rows) are planted with the
+  shape real backdoors take in a poisoned model's representation, measured on the development
+  families (``benchmarks/canaries.py``): the group's centre ``distance`` class radii (sqrt(tr cov))
+  from the class mean in a random direction, its rows drawn with the class's own covariance times
+  ``spread`` (medians 1.33 and 1.8: dirty-label rows are wider than the class they were put into,
+  not a tight cluster).  The detectors are refitted with each planted group and the smallest one
+  caught (90 % of its rows flagged) is reported: "a backdoor of >= 12 rows in class 7 would have
+  been caught".
 
 Canary ids carry the reserved prefix ``names.CANARY_PREFIX``; an input row using it is quarantined.
 """
@@ -69,14 +72,16 @@ def power_of(states: dict, config: Config, classes: list | None = None) -> dict:
     for label in classes if classes is not None else _eligible({c: s.n for c, s in states.items()},
                                                                settings.max_classes):
         state = states[label]
-        sigma = float(np.sqrt(max(np.trace(state.covariance) / state.dim, 1e-24)))
+        values, vectors = np.linalg.eigh(np.asarray(state.covariance, dtype=np.float64))
+        shape = vectors * np.sqrt(np.maximum(values, 0.0) * settings.spread)  # rows ~ N(0, spread * cov)
+        radius = float(np.sqrt(max(np.sum(np.maximum(values, 0.0)), 1e-24)))
         direction = rng.normal(size=state.dim)
         direction /= np.linalg.norm(direction)
         trials = []
         for share in settings.sizes:
             k = max(3, int(round(share * state.n)))
-            centre = state.mean + settings.separation * sigma * direction
-            rows = (centre + 0.1 * sigma * rng.normal(size=(k, state.dim))).astype(np.float32)
+            centre = state.mean + settings.distance * radius * direction
+            rows = (centre + rng.normal(size=(k, state.dim)) @ shape.T).astype(np.float32)
             keys = rng.integers(0, np.iinfo(np.uint64).max, size=k, dtype=np.uint64, endpoint=True)
             trial = dict(states)
             trial[label] = state.merge(ClassState.from_block(rows, keys, state.capacity))
@@ -88,16 +93,24 @@ def power_of(states: dict, config: Config, classes: list | None = None) -> dict:
             "rows": int(state.n), "trials": trials, "smallest_caught_rows": smallest,
             "finding": (f"a backdoor of >= {smallest} rows in class {label} would have been caught" if smallest
                         else f"no planted cluster of up to {trials[-1]['rows']} rows in class {label} was caught")}
-    return {"mode": "embedding", "separation_sd": settings.separation, "planted": planted, "caught": caught,
+    return {"mode": "embedding", "distance_radii": settings.distance, "spread": settings.spread,
+            "planted": planted, "caught": caught,
             "recall": caught / planted if planted else float("nan"), "per_class": per_class}
 
 
 def _stamp(x: np.ndarray, target_index: int, shape: list[int], rng: np.random.Generator) -> np.ndarray:
     """A distinct trigger per target class: a 2x2 patch at its own place of an image (a grid of
-    places, then a second value), else a few fixed feature positions."""
+    places, then a second value), a 3-step burst at its own place of a sequence, else a few fixed
+    feature positions."""
     span = float(x.max() - x.min()) or 1.0
     out = x.copy()
-    if len(shape) >= 2:
+    if len(shape) == 2:
+        seq = out.reshape(len(out), *shape)
+        places = max(1, shape[-1] // 3)
+        start, level = 3 * (target_index % places), target_index // places
+        seq[..., start:start + 3] = float(x.max()) + (0.5 + 0.5 * level) * span
+        return seq.reshape(len(out), -1)
+    if len(shape) == 3:
         img = out.reshape(len(out), *shape)
         h, w = shape[-2], shape[-1]
         places = max(1, (h // 2) * (w // 2))
@@ -114,13 +127,14 @@ def _stamp(x: np.ndarray, target_index: int, shape: list[int], rng: np.random.Ge
 def proxy_canaries(plan, config: Config) -> dict:
     import torch
 
+    from poisonguard.layout import infer_layout
     from poisonguard.proxy import fit_proxy, read_training_sample
 
     x, labels = read_training_sample(plan, config)
     rng = np.random.default_rng(config.seed)
     classes, counts = np.unique(labels, return_counts=True)
     sizes = dict(zip(classes.tolist(), counts.tolist()))
-    shape = list(config.embedding.features_shape or [x.shape[1]])
+    shape = infer_layout(x, config.embedding.features_shape).shape  # as the proxy will read it
     cx, cy = [], []
     targets = _eligible(sizes, config.canaries.max_classes)
     for i, target in enumerate(targets):

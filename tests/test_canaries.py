@@ -47,7 +47,8 @@ def test_embedding_power_analysis_reports_the_smallest_cluster_caught(tmp):
     data = _separable(tmp)
     settings = ["--set", "canaries.sizes=[0.005, 0.05]", "--set", "canaries.max_classes=2",
                 "--set", "detectors=[{name: spectral}, {name: spectre}]"]
-    code, stdout, stderr = run_cli("scan", data, "--out", tmp / "run", "--canaries", *settings)
+    code, stdout, stderr = run_cli("scan", data, "--out", tmp / "run", "--canaries", *settings,
+                                   "--set", "canaries.distance=3")
     assert code == 0, stderr
     canaries = json.loads((tmp / "run" / "summary.json").read_text())["canaries"]
     assert canaries["mode"] == "embedding" and len(canaries["per_class"]) == 2
@@ -57,7 +58,7 @@ def test_embedding_power_analysis_reports_the_smallest_cluster_caught(tmp):
     assert "canaries (embedding mode)" in stdout
     code, stdout, _ = run_cli("scan", data, "--out", tmp / "strict", "--canaries", *settings,
                               "--set", "canaries.min_recall=1.0", "--set", "canaries.sizes=[0.005]",
-                              "--set", "canaries.separation=0.5")
+                              "--set", "canaries.distance=0.05")
     summary = json.loads((tmp / "strict" / "summary.json").read_text())
     assert code == 1 and summary["verdict"] == "canary_recall_below_min" and not summary["canaries"]["passed"]
     assert "canary recall below canaries.min_recall" in stdout
