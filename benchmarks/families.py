@@ -477,6 +477,52 @@ def targets(rows, split) -> str:
     return "\n".join(lines)
 
 
+KIND = {**{s: "image" for s in IMAGE_SOURCES}, **{s: "sequence" for s in SEQUENCE_SOURCES}}
+PROXY_TARGETS = (  # issue 17's bars, per source, mean over seeds
+    ("clean controls: <= 0.5% of rows flagged", lambda s, a, r: a == "clean", lambda g: g["clean_flagged"] <= 0.005),
+    ("images and sequences, backdoors >= 5%: recall >= 0.9 at <= 1% of clean rows flagged",
+     lambda s, a, r: KIND.get(s) and a in ("patch", "blend") and r >= 0.05,
+     lambda g: g["recall"] >= 0.9 and g["clean_flagged"] <= 0.01),
+    ("tables, label flips 10-20%: F1 >= 0.8", lambda s, a, r: s not in KIND and a.startswith("flip"),
+     lambda g: g["f1"] >= 0.8),
+)
+
+
+def proxy_section(rows) -> str:
+    groups = {}
+    for r in rows:
+        source, _, attack, rate, _ = r["key"]
+        groups.setdefault((source, attack, rate), []).append(r)
+    mean = lambda rs, k: float(np.mean([r[k] for r in rs if r.get(k) is not None])) if any(
+        r.get(k) is not None for r in rs) else None
+    fmt = lambda v, p="{:.3f}": "-" if v is None else p.format(v)
+    lines = ["## Proxy mode (the feature column only; poisonguard trains its own proxy)", "",
+             "`python benchmarks/families.py proxy`: the default config with `embedding.source: proxy` on every "
+             "source's raw features (the proxy's architecture and stop rule were chosen on the development sources; "
+             "wine, mixture and shapes are held out). Mean over seeds (one on shapes).", "",
+             "| target | sources meeting it | missed (source: value) |", "|---|---|---|"]
+    for name, applies, met in PROXY_TARGETS:
+        cases = {k: {m: mean(rs, m) for m in ("clean_flagged", "recall", "f1")} for k, rs in groups.items() if applies(*k)}
+        ok = [k for k, g in cases.items() if met(g)]
+        missed = ", ".join(f"{s} {a} {r:.0%}" for s, a, r in sorted(k for k in cases if k not in ok))
+        lines.append(f"| {name} | {len(ok)} of {len(cases)} | {missed} |")
+    lines += ["", "| source | split | layout | proxy | attack | rate | seeds | recall | clean flagged | worst class loss "
+              "| F1 | best AUROC (detector) | held-out accuracy | epochs | seconds |", "|" + "---|" * 15]
+    for (source, attack, rate), rs in sorted(groups.items(), key=lambda kv: (SOURCES[kv[0][0]] != "heldout", kv[0][0],
+                                                                                ATTACK_ORDER[kv[0][1]], kv[0][2])):
+        best = "-"
+        if rs[0]["auroc"]:
+            by_det = {d: np.mean([r["auroc"][d] for r in rs]) for d in rs[0]["auroc"]}
+            det = max(by_det, key=by_det.get)
+            best = f"{by_det[det]:.3f} ({det})"
+        lines.append(f"| {source} | {SOURCES[source]} | {rs[0]['layout']} | {rs[0]['architecture'].split('(')[0]} "
+                     f"| {attack} | {rate:.0%} | {len(rs)} | {fmt(mean(rs, 'recall'))} "
+                     f"| {fmt(mean(rs, 'clean_flagged'), '{:.2%}')} | {fmt(mean(rs, 'worst_class_clean_loss'), '{:.2%}')} "
+                     f"| {fmt(mean(rs, 'f1'))} | {best} | {fmt(mean(rs, 'held_out_accuracy'))} | {mean(rs, 'epochs'):.0f} "
+                     f"| {mean(rs, 'seconds'):.1f} |")
+    return "\n".join(lines)
+
+
 def markdown(rows) -> str:
     seeds = sorted({r["key"][4] for r in rows})
     parts = ["# Detection quality on the benchmark families (`benchmarks/families.py`)", "",
@@ -488,6 +534,8 @@ def markdown(rows) -> str:
              "Thresholds and defaults were chosen on the development families only (`benchmarks/choose_defaults.py`).",
              "", "## Held-out families (never used to choose anything)", "", targets(rows, "heldout"), "",
              table(rows, "heldout"), "", "## Development families", "", targets(rows, "dev"), "", table(rows, "dev"), ""]
+    if PROXY_RESULTS.exists():
+        parts += [proxy_section(json.loads(PROXY_RESULTS.read_text())), ""]
     return "\n".join(parts)
 
 
