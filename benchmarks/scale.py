@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "scale.md"
+from poisonguard.detectors import DEFAULT_DETECTORS  # noqa: E402
 CLASSES, TARGET, SHARE, FEATURES = 10, 3, 0.05, 128
 ROW_GROUP = 131072
 
@@ -146,7 +147,7 @@ def run(sizes: list[tuple[int, int]], workdir: Path, scan_args: list[str]) -> st
     lines = ["# Scale: poisonguard scan vs the in-memory numpy floor", "",
              f"Machine: {os.cpu_count()} cores. Rows carry id, label, the embedding and a {FEATURES}-float "
              f"feature column; 10 classes, 5% planted in class {TARGET}. The default detectors "
-             "(spectral, activation_clustering, spectre, knn_label), default config. "
+             f"({', '.join(DEFAULT_DETECTORS)}), default config. "
              f"Scan flags: `{' '.join(scan_args) or '(none: DirectRunner in-process)'}`.", "",
              "The floor is the in-memory engine (same core, no Beam); the reference is a plain numpy screen (read the "
              "Parquet, per-class spectral signature and activation clustering, nothing else).", "",

@@ -104,7 +104,7 @@ class KnnLabel(PoisonDetector):
             return np.full(len(X), np.nan)
         return self._scores(X, np.asarray(y, dtype=object), sample_keys)
 
-    def _scores(self, X, y, keys, block: int = 256):
+    def _scores(self, X, y, keys, block: int = 4096):
         from sklearn import config_context
 
         out = np.empty(len(X), dtype=np.float64)

@@ -64,6 +64,17 @@ def test_pure_gaussian_classes_stay_under_one_percent(name, seed):
     assert flags.mean() < 0.01
 
 
+def test_knn_label_scores_do_not_depend_on_the_scoring_block():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 5, 3000)
+    x = (rng.normal(size=(3000, 16)) + y[:, None] * 0.8).astype(np.float32)
+    det = KnnLabel(reference_size=1500).fit(x, y)
+    keys = np.arange(3000, dtype=np.uint64)
+    one = det._scores(x, y.astype(object), keys, block=97)
+    assert np.array_equal(one, det._scores(x, y.astype(object), keys, block=4096))
+    assert np.array_equal(one, det.score_samples(x, y, keys))
+
+
 def test_knn_label_finds_flipped_labels_in_separated_clusters():
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(4, 8)) * 20
