@@ -12,6 +12,7 @@ the self-test then predicts recall on data it was not calibrated on.
 
     python benchmarks/canaries.py shape            # the development medians behind the defaults
     python benchmarks/canaries.py eval [--jobs 2]  # writes results/canaries.json and a section of quality.md
+    python benchmarks/canaries.py report           # the section again, from results/canaries.json
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def _radius_sq(z: np.ndarray) -> float:
 
 
 def shape(split: str = "dev") -> dict:
-    """The real poison's centre distance from its target class's clean rows (in class radii,
-    sqrt(tr cov)) and its spread (tr cov(poison) / tr cov(class)): medians and quartiles."""
+    """The real poison's centre distance from its target class's clean rows (in the class's standard
+    deviations along the displacement) and its spread (tr cov(poison) / tr cov(class)): quartiles."""
     gaps, spreads = [], []
     for _, path in _backdoor_cases(split):
         data = np.load(path)
@@ -51,7 +52,9 @@ def shape(split: str = "dev") -> dict:
         clean, poison = e[(y == int(data["target"])) & ~truth], e[truth]
         if len(poison) < 3:
             continue
-        gaps.append(np.linalg.norm(poison.mean(0) - clean.mean(0)) / np.sqrt(_radius_sq(clean)))
+        delta = poison.mean(0) - clean.mean(0)
+        u = delta / np.linalg.norm(delta)
+        gaps.append(np.linalg.norm(delta) / np.sqrt(max(float(u @ np.cov(clean.T) @ u), 1e-24)))
         spreads.append(_radius_sq(poison) / _radius_sq(clean))
     q = lambda v: [round(float(x), 3) for x in np.percentile(v, [25, 50, 75])]
     return {"cases": len(gaps), "distance_quartiles": q(gaps), "spread_quartiles": q(spreads)}
@@ -97,7 +100,13 @@ def _summary(rows: list[dict]) -> str:
     agree = float(np.mean((real >= 0.5) == (canary >= 0.5)))
     corr = float(np.corrcoef(real, canary)[0, 1]) if real.std() and canary.std() else float("nan")
     mae = float(np.mean(np.abs(real - canary)))
-    return f"{len(rows)} cases: agreement on caught (recall >= 0.5) {agree:.0%}, Pearson {corr:.2f}, mean |difference| {mae:.2f}"
+    families: dict = {}
+    for r in rows:
+        families.setdefault(tuple(r["key"][:2]), []).append((r["real_recall"], r["canary_recall"]))
+    means = np.array([np.mean(v, axis=0) for v in families.values()])
+    family_corr = float(np.corrcoef(means[:, 0], means[:, 1])[0, 1]) if len(means) > 2 else float("nan")
+    return (f"{len(rows)} cases: agreement on caught (recall >= 0.5) {agree:.0%}, Pearson {corr:.2f}, mean |difference| "
+            f"{mae:.2f}; per family (mean over its backdoor cases, {len(means)} families) Pearson {family_corr:.2f}")
 
 
 def markdown(rows: list[dict], dev_shape: dict) -> str:
@@ -105,7 +114,7 @@ def markdown(rows: list[dict], dev_shape: dict) -> str:
              "`python benchmarks/canaries.py eval`: on every backdoor case of the benchmark families, the default "
              "detectors' recall on the real attack beside the embedding-mode canary power analysis on the same "
              "embeddings (one planted group of the real attack's size in the target class). The canaries' shape is "
-             f"the development families' median: distance {dev_shape['distance_quartiles'][1]} class radii "
+             f"the development families' median: distance {dev_shape['distance_quartiles'][1]} class SDs along its direction "
              f"(quartiles {dev_shape['distance_quartiles'][0]}-{dev_shape['distance_quartiles'][2]}), spread "
              f"{dev_shape['spread_quartiles'][1]} (quartiles {dev_shape['spread_quartiles'][0]}-"
              f"{dev_shape['spread_quartiles'][2]}), over {dev_shape['cases']} cases. Mean over seeds (one on shapes).", ""]
@@ -129,14 +138,18 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("shape")
+    sub.add_parser("report", help="rewrite the quality.md section from results/canaries.json")
     ev = sub.add_parser("eval")
     ev.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
     if args.command == "shape":
         print(json.dumps({split: shape(split) for split in ("dev", "heldout")}, indent=1))
     else:
-        rows = evaluate(args.jobs)
-        (RESULTS / "canaries.json").write_text(json.dumps(rows, indent=0))
+        if args.command == "report":
+            rows = json.loads((RESULTS / "canaries.json").read_text())
+        else:
+            rows = evaluate(args.jobs)
+            (RESULTS / "canaries.json").write_text(json.dumps(rows, indent=0))
         quality = RESULTS / "quality.md"
         text = quality.read_text() if quality.exists() else ""
         section = markdown(rows, shape("dev"))

@@ -11,10 +11,11 @@ rows, scores and reasons are the same with and without it.
 * **Column and model mode** (the model cannot be retrained): a power analysis in embedding space.
   For each class, groups of ``sizes`` (shares of the class, at least 3 rows) are planted with the
   shape real backdoors take in a poisoned model's representation, measured on the development
-  families (``benchmarks/canaries.py``): the group's centre ``distance`` class radii (sqrt(tr cov))
-  from the class mean in a random direction, its rows drawn with the class's own covariance times
-  ``spread`` (medians 1.33 and 1.8: dirty-label rows are wider than the class they were put into,
-  not a tight cluster).  The detectors are refitted with each planted group and the smallest one
+  families (``benchmarks/canaries.py shape``): the group's centre ``distance`` class standard
+  deviations from the class mean, measured along its direction, which is drawn from the class's own
+  covariance (real poison moves along directions of 3-4 times the class's average variance); its
+  rows drawn with the class's covariance times ``spread`` (medians 3.95 and 1.8: dirty-label rows
+  are wider than the class they were put into, not a tight cluster).  The detectors are refitted with each planted group and the smallest one
   caught (90 % of its rows flagged) is reported: "a backdoor of >= 12 rows in class 7 would have
   been caught".
 
@@ -73,14 +74,15 @@ def power_of(states: dict, config: Config, classes: list | None = None) -> dict:
                                                                settings.max_classes):
         state = states[label]
         values, vectors = np.linalg.eigh(np.asarray(state.covariance, dtype=np.float64))
-        shape = vectors * np.sqrt(np.maximum(values, 0.0) * settings.spread)  # rows ~ N(0, spread * cov)
-        radius = float(np.sqrt(max(np.sum(np.maximum(values, 0.0)), 1e-24)))
-        direction = rng.normal(size=state.dim)
-        direction /= np.linalg.norm(direction)
+        root = vectors * np.sqrt(np.maximum(values, 0.0))  # cov = root @ root.T
+        direction = root @ rng.normal(size=state.dim)  # along the class's own variation, as real poison moves
+        direction /= max(np.linalg.norm(direction), 1e-300)
+        sd_along = float(np.sqrt(max(direction @ state.covariance @ direction, 1e-24)))
+        shape = root * np.sqrt(settings.spread)  # rows ~ N(0, spread * cov)
         trials = []
         for share in settings.sizes:
             k = max(3, int(round(share * state.n)))
-            centre = state.mean + settings.distance * radius * direction
+            centre = state.mean + settings.distance * sd_along * direction
             rows = (centre + rng.normal(size=(k, state.dim)) @ shape.T).astype(np.float32)
             keys = rng.integers(0, np.iinfo(np.uint64).max, size=k, dtype=np.uint64, endpoint=True)
             trial = dict(states)
@@ -93,7 +95,7 @@ def power_of(states: dict, config: Config, classes: list | None = None) -> dict:
             "rows": int(state.n), "trials": trials, "smallest_caught_rows": smallest,
             "finding": (f"a backdoor of >= {smallest} rows in class {label} would have been caught" if smallest
                         else f"no planted cluster of up to {trials[-1]['rows']} rows in class {label} was caught")}
-    return {"mode": "embedding", "distance_radii": settings.distance, "spread": settings.spread,
+    return {"mode": "embedding", "distance_sd": settings.distance, "spread": settings.spread,
             "planted": planted, "caught": caught,
             "recall": caught / planted if planted else float("nan"), "per_class": per_class}
 

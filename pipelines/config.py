@@ -103,9 +103,9 @@ class CanaryConfig(_Strict):
     rate: float = Field(default=0.05, gt=0, le=0.5, description="proxy mode: canaries per target class, share of it")
     sizes: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1], min_length=1, max_length=10,
                                description="embedding mode: planted cluster sizes as shares of the class")
-    distance: float = Field(default=1.33, gt=0, le=100,
-                            description="embedding mode: planted group's centre from the class mean, in class radii "
-                                        "sqrt(tr cov); the median of real backdoors on the development families")
+    distance: float = Field(default=3.95, gt=0, le=100,
+                            description="embedding mode: planted group's centre from the class mean, in class SDs "
+                                        "along its direction; the median of real backdoors on the development families")
     spread: float = Field(default=1.8, gt=0, le=100,
                           description="embedding mode: planted group's covariance over the class's (the same median)")
     max_classes: int = Field(default=20, ge=1, le=1000, description="classes tested (the largest)")
