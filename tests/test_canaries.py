@@ -48,7 +48,7 @@ def test_embedding_power_analysis_reports_the_smallest_cluster_caught(tmp):
     settings = ["--set", "canaries.sizes=[0.005, 0.05]", "--set", "canaries.max_classes=2",
                 "--set", "detectors=[{name: spectral}, {name: spectre}]"]
     code, stdout, stderr = run_cli("scan", data, "--out", tmp / "run", "--canaries", *settings,
-                                   "--set", "canaries.distance=3")
+                                   "--set", "canaries.distance=12")
     assert code == 0, stderr
     canaries = json.loads((tmp / "run" / "summary.json").read_text())["canaries"]
     assert canaries["mode"] == "embedding" and len(canaries["per_class"]) == 2
