@@ -166,12 +166,12 @@ def _held_out(n: int, share: float, seed: int) -> np.ndarray:
 def _train(model, xt, yt, train, test, emb, stop_rule: str) -> dict:
     """Adam on shuffled minibatches of the training rows, epoch by epoch, until a stop rule holds.
 
-    ``train_loss``: the epoch's mean training loss is under ``proxy_target_loss``, or no
-    better than 0.99 x its best for ``proxy_patience`` epochs.  ``held_out``: the loss on
-    the held-out rows is no better than 0.99 x its best for ``proxy_patience`` epochs, and the
-    weights of the best held-out epoch are kept (early stopping: a network learns the easy,
-    consistent features, a backdoor's trigger among them, before it memorises labels that
-    contradict their features, as flipped ones do).  Either way at most ``proxy_epochs`` epochs.
+    ``train_loss``: the epoch's mean training loss is under ``proxy_target_loss``, or no better
+    than 0.99 x its best for ``proxy_patience`` epochs.  ``held_out``: the same on the loss of the
+    held-out rows, and on a plateau the weights of the best held-out epoch are kept (early
+    stopping: a network learns the easy, consistent features, a backdoor's trigger among them,
+    before it memorises labels that contradict their features, as flipped ones do).  Either way at
+    most ``proxy_epochs`` epochs.
     """
     opt = torch.optim.Adam(model.parameters(), lr=emb.proxy_lr)
     generator = torch.Generator().manual_seed(0)
@@ -195,8 +195,8 @@ def _train(model, xt, yt, train, test, emb, stop_rule: str) -> dict:
         if time.monotonic() - last >= 5:
             last = time.monotonic()
             log.info("proxy: epoch %d/%d, training loss %.4f, %.0f s", epoch, emb.proxy_epochs, mean_loss, last - started)
-        if not by_held_out and mean_loss < emb.proxy_target_loss:
-            stop, best_epoch = "target_loss", epoch
+        if watched < emb.proxy_target_loss:  # nothing left to learn, on the rows the rule watches
+            stop, best_epoch, best_state = "target_loss", epoch, None
             break
         if watched < 0.99 * best:
             best, best_epoch, since = watched, epoch, 0
