@@ -1,9 +1,9 @@
 """The proxy model: a small network trained on the dataset's own features and labels.
 
 Backdoors show in the representation of a model trained on the poisoned data, so for users who
-bring no model poisonguard trains one on a bounded, seeded sample, deterministically on CPU: a small
-CNN for images and sequences, an MLP for tables (``fit_proxy``).  Its penultimate activations are
-the embeddings.  It is exported as TorchScript and then used exactly like a user's model.
+bring no model poisonguard trains one on a bounded, seeded sample, deterministically on CPU: an
+MLP, early-stopped for images and sequences (``fit_proxy`` says why; a CNN on request).  Its
+penultimate activations are the embeddings.  It is exported as TorchScript and then used exactly like a user's model.
 """
 
 from __future__ import annotations
