@@ -144,7 +144,7 @@ def fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config):
         arch = f"mlp(hidden={list(emb.hidden)})"
     log.info("proxy: %s, stopping by %s, for %s (%s)", arch, stop, layout.kind, layout.why)
     test = torch.from_numpy(np.flatnonzero(held))
-    fit = _train(model, xt, yt, train, test, emb, stop)
+    fit = _train(model, xt, yt, train, test, emb, stop, config.seed)
     model.eval()
     with torch.no_grad():
         predicted = torch.cat([model(xt[i:i + 8192]).argmax(1) for i in range(0, len(xt), 8192)]) == yt
@@ -163,7 +163,7 @@ def _held_out(n: int, share: float, seed: int) -> np.ndarray:
     return held
 
 
-def _train(model, xt, yt, train, test, emb, stop_rule: str) -> dict:
+def _train(model, xt, yt, train, test, emb, stop_rule: str, seed: int) -> dict:
     """Adam on shuffled minibatches of the training rows, epoch by epoch, until a stop rule holds.
 
     ``train_loss``: the epoch's mean training loss is under ``proxy_target_loss``, or no better
@@ -174,7 +174,7 @@ def _train(model, xt, yt, train, test, emb, stop_rule: str) -> dict:
     most ``proxy_epochs`` epochs.
     """
     opt = torch.optim.Adam(model.parameters(), lr=emb.proxy_lr)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     batch = min(emb.proxy_batch_size, len(train))
     by_held_out = stop_rule == "held_out" and len(test) > 0
     best, best_epoch, best_state, since, stop = float("inf"), 0, None, 0, "max_epochs"
