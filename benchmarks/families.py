@@ -297,8 +297,7 @@ def evaluate_case(key, path, art: bool) -> dict:
     flags = found["quarantined"].to_numpy()
     row = {"key": list(key), "split": split_of(key[0], key[1]), "rows": len(y), "poison": int(truth.sum()),
            "seconds": round(seconds, 2), "train_accuracy": float(data["train_accuracy"]), **_metrics(flags, truth)}
-    clean_loss = [float(np.mean(flags[(y == c) & ~truth])) for c in np.unique(y) if np.any((y == c) & ~truth)]
-    row["worst_class_clean_loss"] = max(clean_loss)
+    row["worst_class_clean_loss"] = _worst_class_loss(flags, y, truth)
     row["auroc"] = _aurocs(found, y, truth)
     if art and truth.any():
         sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -307,6 +306,11 @@ def evaluate_case(key, path, art: bool) -> dict:
         best = max((_metrics(f, truth)["f1"], name) for name, (f, _, _) in art_methods(e, y, truth.mean()).items())
         row["art_best_f1"], row["art_best"] = best
     return row
+
+
+def _worst_class_loss(flags, y, truth) -> float:
+    """The largest share of one class's clean rows flagged."""
+    return max(float(np.mean(flags[(y == c) & ~truth])) for c in np.unique(y) if np.any((y == c) & ~truth))
 
 
 def _aurocs(found, y, truth) -> dict:
@@ -387,7 +391,7 @@ def evaluate_proxy_case(source: str, attack: str, rate: float, seed: int, archit
            "train_accuracy": info["train_accuracy"], "held_out_accuracy": info["held_out_accuracy"],
            "epochs": info["epochs"], "stopped": info["stopped"], "auroc": _aurocs(found.rows, y, truth),
            **_metrics(flags, truth)}
-    row["worst_class_clean_loss"] = max(float(np.mean(flags[(y == c) & ~truth])) for c in np.unique(y))
+    row["worst_class_clean_loss"] = _worst_class_loss(flags, y, truth)
     unreliable = [d for d, rep in found.summary["detectors"].items() if (rep.get("mass_quarantine") or {}).get("unreliable")]
     row["unreliable"] = unreliable
     return row

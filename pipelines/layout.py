@@ -54,7 +54,7 @@ def infer_layout(x: np.ndarray, declared: list[int] | None) -> Layout:
         return Layout("sequence", list(declared), "declared features_shape [C, L]")
     if n_features < MIN_SEQUENCE:
         return Layout("table", [n_features], f"{n_features} values: too few for a sequence")
-    z = _standardised(x[: SAMPLE_ROWS])
+    z = _standardised(x[:: max(1, len(x) // SAMPLE_ROWS)])  # spread over the sample, whatever its order
     rng = np.random.default_rng(0)  # a fixed baseline: the layout is a property of the data, not of the seed
     baseline = float(np.mean([_autocorrelation(z[:, rng.permutation(n_features)], 1) for _ in range(SHUFFLES)]))
     lag1 = _autocorrelation(z, 1)
@@ -80,18 +80,22 @@ def _standardised(x: np.ndarray) -> np.ndarray:
     return z
 
 
-def _autocorrelation(z: np.ndarray, lag: int) -> float:
+def _rows_as_series(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row centred, and its energy sum_j u_j^2 (1 where a row is constant)."""
     u = z - z.mean(axis=1, keepdims=True)
     energy = np.einsum("ij,ij->i", u, u)
-    a = np.einsum("ij,ij->i", u[:, :-lag], u[:, lag:]) / np.where(energy > 0, energy, 1.0)
-    return float(np.mean(np.abs(a)))
+    return u, np.where(energy > 0, energy, 1.0)
+
+
+def _autocorrelation(z: np.ndarray, lag: int) -> float:
+    u, energy = _rows_as_series(z)
+    return float(np.mean(np.abs(np.einsum("ij,ij->i", u[:, :-lag], u[:, lag:]) / energy)))
 
 
 def _seam_ratio(z: np.ndarray, side: int) -> float:
     """Mean |lag-1 product| across image-row ends over the same within rows."""
-    u = z - z.mean(axis=1, keepdims=True)
-    energy = np.einsum("ij,ij->i", u, u)
-    products = np.abs(np.mean(u[:, :-1] * u[:, 1:] / np.where(energy > 0, energy, 1.0)[:, None], axis=0))
+    u, energy = _rows_as_series(z)
+    products = np.abs(np.mean(u[:, :-1] * u[:, 1:] / energy[:, None], axis=0))
     seam = np.arange(z.shape[1] - 1) % side == side - 1
     within = float(products[~seam].mean())
     return float(products[seam].mean()) / within if within > 0 else float("inf")
