@@ -53,3 +53,30 @@ def test_gate_needs_enough_classes_for_a_reference():
     decisions = {c: separated_minority(np.concatenate([rng.normal(size=300), rng.normal(loc=8, size=20)]))
                  for c in range(3)}
     assert gate_by_other_classes(decisions, min_class_z=3.0) == decisions
+
+
+def test_a_split_pinned_at_the_share_limit_is_a_sub_mode_not_a_minority():
+    """Two well-separated groups of 60% and 40%: the best split wants the whole 40% group, more than
+    max_share (35%) allows, so it is pinned at the limit and not flagged; the same gap with a 10%
+    group is."""
+    from poisonguard.detectors.calibration import PINNED
+
+    rng = np.random.default_rng(0)
+    large = np.r_[rng.normal(size=600), 10 + rng.normal(size=400)]
+    decision = separated_minority(large, max_share=0.35, min_separation=4.0)
+    assert not decision.suspicious and decision.why == PINNED and decision.threshold == np.inf
+    assert decision.separation >= 4.0 and abs(decision.minority_share - 0.35) < 0.01
+    small = np.r_[rng.normal(size=900), 10 + rng.normal(size=100)]
+    assert separated_minority(small, max_share=0.35, min_separation=4.0).suspicious
+
+
+def test_a_candidate_split_keeps_its_threshold_but_is_not_flagged():
+    from poisonguard.detectors.calibration import CANDIDATE
+
+    rng = np.random.default_rng(1)
+    scores = np.r_[rng.normal(size=950), 5.0 + rng.normal(size=50)]  # D about 4.6
+    plain = separated_minority(scores, max_share=0.35, min_separation=5.0)
+    candidate = separated_minority(scores, max_share=0.35, min_separation=5.0, candidate_separation=3.5)
+    assert not plain.suspicious and plain.threshold == np.inf
+    assert 3.5 <= candidate.separation < 5.0 and candidate.why == CANDIDATE and not candidate.suspicious
+    assert np.isfinite(candidate.threshold) and 1.0 < candidate.threshold < 4.0
