@@ -5,8 +5,9 @@ Otherwise the order of the values is tested on the training sample.  In a table 
 order carries no meaning, so neighbouring columns are no more alike than columns picked at random;
 in a signal or a flattened image neighbours are alike, wherever the pattern sits in the row.  So
 each row (columns standardised) is read as a series u, and its autocorrelation at lag k,
-a_k = sum_j u_j u_{j+k} / sum_j u_j^2, is compared with the same row's under a fixed random
-permutations of the columns (the order-free baseline, averaged over 16).  With |a_k| averaged over rows:
+a_k = sum_j u_j u_{j+k} / sum_j u_j^2, is compared with the same row's under fixed random
+permutations of the columns (the order-free baseline, averaged over 16).  With |a_k| averaged
+over rows:
 
 * an image [1, s, s] when the length is a square s*s (s >= 4), |a_s| (the pixel below) is at
   least ``MIN_ORDER_RATIO`` times the baseline, and the row ends break the order: the lag-1
@@ -18,7 +19,8 @@ permutations of the columns (the order-free baseline, averaged over 16).  With |
 
 The ratio is 1.6: on the development sources tables give 0.8-1.25 (the baseline is about
 1/sqrt(L), high for short rows) and ordered data 2.2-3.8.  The seam ratio is 0.6: images 0.03-0.4
-(digits, the shapes source, patches of scikit-learn's sample photographs), sequences 0.9-1.3.  The evidence is recorded with the choice.
+(digits, the shapes source, patches of scikit-learn's sample photographs), sequences 0.9-1.3.
+The evidence is recorded with the choice.
 """
 
 from __future__ import annotations
