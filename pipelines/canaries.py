@@ -15,9 +15,9 @@ rows, scores and reasons are the same with and without it.
   deviations from the class mean, measured along its direction, which is drawn from the class's own
   covariance (real poison moves along directions of 3-4 times the class's average variance); its
   rows drawn with the class's covariance times ``spread`` (medians 3.95 and 1.8: dirty-label rows
-  are wider than the class they were put into, not a tight cluster).  The detectors are refitted with each planted group and the smallest one
-  caught (90 % of its rows flagged) is reported: "a backdoor of >= 12 rows in class 7 would have
-  been caught".
+  are wider than the class they were put into, not a tight cluster).  The detectors are refitted
+  with each planted group and the smallest one caught (90 % of its rows flagged) is reported: "a
+  backdoor of >= 12 rows in class 7 would have been caught".
 
 Canary ids carry the reserved prefix ``names.CANARY_PREFIX``; an input row using it is quarantined.
 """
@@ -136,7 +136,8 @@ def proxy_canaries(plan, config: Config) -> dict:
     rng = np.random.default_rng(config.seed)
     classes, counts = np.unique(labels, return_counts=True)
     sizes = dict(zip(classes.tolist(), counts.tolist()))
-    shape = infer_layout(x, config.embedding.features_shape).shape  # as the proxy will read it
+    layout = infer_layout(x, config.embedding.features_shape)
+    shape = layout.shape
     cx, cy = [], []
     targets = _eligible(sizes, config.canaries.max_classes)
     for i, target in enumerate(targets):
@@ -150,7 +151,8 @@ def proxy_canaries(plan, config: Config) -> dict:
     if not cx:
         return {"mode": "proxy", "planted": 0, "caught": 0, "recall": float("nan"), "per_class": {}}
     canary_x, canary_y = np.concatenate(cx), np.concatenate(cy)
-    model, info = fit_proxy(np.concatenate([x, canary_x]), np.concatenate([labels, canary_y]), plan, config)
+    model, info = fit_proxy(np.concatenate([x, canary_x]), np.concatenate([labels, canary_y]), plan, config,
+                            layout)  # the layout the triggers were stamped in
     with torch.inference_mode():
         embed = model.embed
         rows = np.concatenate([x, canary_x])

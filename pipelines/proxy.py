@@ -101,7 +101,7 @@ def train_proxy(plan, config, out_path: str) -> dict:
     return info
 
 
-def fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config):
+def fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config, layout=None):
     """A proxy network trained on (x, labels), seeded: (model in eval mode, record of how it was
     chosen, trained and how well it fits).
 
@@ -115,7 +115,7 @@ def fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config):
     but flagged 0.6-1.1% of clean rows, so tables keep the training-loss rule.
     ``proxy_holdout`` of the sample (seeded) is never trained on and measures the held-out
     accuracy.  Training runs until a stop rule holds (``_train``; the record says which, and after
-    how many epochs).
+    how many epochs).  ``layout``: one already inferred for these features (else inferred here).
     """
     from poisonguard.layout import infer_layout
 
@@ -123,7 +123,7 @@ def fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config):
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     classes, y = np.unique(labels, return_inverse=True)
-    layout = infer_layout(x, emb.features_shape)
+    layout = layout or infer_layout(x, emb.features_shape)
     kind = "mlp" if emb.proxy_architecture == "auto" else emb.proxy_architecture
     stop = emb.proxy_stop if emb.proxy_stop != "auto" else "held_out" if layout.kind in ("image", "sequence") \
         else "train_loss"
