@@ -15,7 +15,8 @@ Sources (real data that scikit-learn ships, and synthetic data whose classes hav
   mixture        4,000 rows x 16 features, 8 classes of two Gaussian modes (70/30)    held-out
   shapes         32,000 12x12 images, 10 classes drawn two ways each (60/40)          held-out
 Models, each trained on the poisoned data; the embedding is the last hidden layer:
-  mlp (dev), cnn (dev; images only), linear (held-out: a linear bottleneck and a linear head).
+  mlp (dev), cnn (dev; images and sequences), random (dev: random ReLU features, frozen, and a trained
+  linear head: a weak representation), linear (held-out: a linear bottleneck and a linear head).
 A family is held out when its source or its model is.
 Attacks (dirty label: rows of other classes, relabelled to the target class): patch triggers at a
 seed-chosen position, 1-10% of the target class; blended triggers 5-10%; label flips, random
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache" / "families"
 SOURCES = {"digits": "dev", "breast_cancer": "dev", "modes": "dev", "signals": "dev",
            "wine": "heldout", "mixture": "heldout", "shapes": "heldout"}
-MODELS = {"mlp": "dev", "cnn": "dev", "linear": "heldout"}
+MODELS = {"mlp": "dev", "cnn": "dev", "random": "dev", "linear": "heldout"}
 IMAGE_SOURCES = {"digits": (8, 8), "shapes": (12, 12)}
 SEQUENCE_SOURCES = {"signals": 64}
 ATTACKS = ([("clean", 0.0)] + [("patch", r) for r in (0.01, 0.03, 0.05, 0.10)] + [("blend", r) for r in (0.05, 0.10)]
@@ -211,6 +212,9 @@ def embed(x, y, source: str, model: str, seed: int) -> tuple[np.ndarray, float]:
         hidden = 128 if f > 32 else 64
         features = torch.nn.Sequential(torch.nn.Linear(f, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 32),
                                        torch.nn.ReLU())
+    elif model == "random":
+        features = torch.nn.Sequential(torch.nn.Linear(f, 32), torch.nn.ReLU())
+        features.requires_grad_(False)
     else:
         features = torch.nn.Sequential(torch.nn.Linear(f, 32))
     head = torch.nn.Linear(32, n_classes)

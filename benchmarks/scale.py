@@ -3,7 +3,8 @@
 Each dataset has 10 classes, a planted 5% sub-population in class 3 (shifted 8 sigma along a random
 direction), an embedding column and a 128-float feature column.  For each size it runs, as separate
 processes so that peak RSS (whole process tree, sampled every 50 ms) is measured for each:
-  - `poisonguard scan` with the default detectors (and any extra flags given with --scan-args);
+  - `poisonguard scan` with the default detectors and engine (and any extra flags given with --scan-args,
+    e.g. `--engine beam` or a runner's);
   - the floor: the in-memory engine on the same Parquet (the same screening core and batches, no
     Beam, no run lifecycle, report or provenance), writing the same clean/quarantine Parquet.
 Prints wall time, rows/s, peak RSS, the ratio to the floor and recall/FPR; writes
@@ -148,7 +149,7 @@ def run(sizes: list[tuple[int, int]], workdir: Path, scan_args: list[str]) -> st
              f"Machine: {os.cpu_count()} cores. Rows carry id, label, the embedding and a {FEATURES}-float "
              f"feature column; 10 classes, 5% planted in class {TARGET}. The default detectors "
              f"({', '.join(DEFAULT_DETECTORS)}), default config. "
-             f"Scan flags: `{' '.join(scan_args) or '(none: DirectRunner in-process)'}`.", "",
+             f"Scan flags: `{' '.join(scan_args) or '(none: the default engine, in memory, in process)'}`.", "",
              "The floor is the in-memory engine (same core, no Beam); the reference is a plain numpy screen (read the "
              "Parquet, per-class spectral signature and activation clustering, nothing else).", "",
              "| rows x dim | file MiB | scan s | scan rows/s | scan peak RSS MiB | floor s | floor peak RSS MiB | "
@@ -161,7 +162,7 @@ def run(sizes: list[tuple[int, int]], workdir: Path, scan_args: list[str]) -> st
         mib = data.stat().st_size / 2**20
         print(f"generated {n}x{dim}: {mib:.0f} MiB", file=sys.stderr, flush=True)
         scan_out, floor_out = workdir / f"scan-{n}x{dim}", workdir / f"floor-{n}x{dim}"
-        scan_s, scan_rss, code = measure([exe, "scan", str(data), "--out", str(scan_out), "--quiet", "--engine", "beam",
+        scan_s, scan_rss, code = measure([exe, "scan", str(data), "--out", str(scan_out), "--quiet",
                                           "--provenance-log", str(workdir / "prov.jsonl"), *scan_args])
         assert code in (0, 1), f"scan failed with {code}"
         floor_s, floor_rss, code = measure([sys.executable, __file__, "--floor", str(data), str(floor_out)])

@@ -71,7 +71,7 @@ class Spectre(PoisonDetector):
 
     def _score_class(self, model, X):
         y = (((X.astype(np.float64) - model["mean"]) @ model["basis"]) - model["mu"]) @ model["whitener"]
-        return np.einsum("ij,jk,ik->i", y, model["q"], y)
+        return np.einsum("ij,ij->i", y @ model["q"], y)  # the three-operand einsum was 15x slower
 
     @staticmethod
     def _test_transform(scores):

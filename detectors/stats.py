@@ -81,11 +81,7 @@ class ClassState:
         n = self.n + other.n
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.n / n)
-        keys, xs = _bottom_k(
-            np.concatenate([self.sample_keys, other.sample_keys]),
-            np.concatenate([self.sample_x, other.sample_x]),
-            self.capacity,
-        )
+        keys, xs = _merge_samples(self.sample_keys, self.sample_x, other.sample_keys, other.sample_x, self.capacity)
         if self.exact and other.exact and n <= self.capacity:
             mean = xs.astype(np.float64).mean(axis=0)  # exact, whatever the merge order
             return ClassState(self.dim, self.capacity, n, mean, None, keys, xs)
@@ -106,9 +102,25 @@ def _bottom_k(keys: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.n
         cut = np.partition(keys, k - 1)[k - 1]
         keep = keys <= cut
         keys, x = keys[keep], x[keep]
-    row_tiebreak = np.ascontiguousarray(x).view(np.uint8).reshape(len(x), -1).sum(axis=1)
-    order = np.lexsort((row_tiebreak, keys))[:k]
+    order = np.argsort(keys, kind="stable")
+    if len(keys) > 1 and np.any(keys[order[1:]] == keys[order[:-1]]):  # equal keys: break ties by the row
+        row_tiebreak = np.ascontiguousarray(x).view(np.uint8).reshape(len(x), -1).sum(axis=1)
+        order = np.lexsort((row_tiebreak, keys))
+    order = order[:k]
     return keys[order], x[order]
+
+
+def _merge_samples(keys_a, x_a, keys_b, x_b, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bottom-k of the union of two bottom-k samples.  Rows of one sample whose keys lie above a
+    full other sample's largest key cannot enter it, so they are dropped before concatenating: once
+    a class's sample is full, most of a new block's rows are."""
+    if len(keys_a) >= k and len(keys_b):
+        keep = keys_b <= keys_a[-1]
+        keys_b, x_b = keys_b[keep], x_b[keep]
+    if len(keys_b) >= k and len(keys_a):
+        keep = keys_a <= keys_b[-1]
+        keys_a, x_a = keys_a[keep], x_a[keep]
+    return _bottom_k(np.concatenate([keys_a, keys_b]), np.concatenate([x_a, x_b]), k)
 
 
 def merge_states(states) -> ClassState | None:

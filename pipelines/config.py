@@ -142,8 +142,8 @@ class Config(_Strict):
     seed: int = Field(default=0, ge=0, lt=2**32)
     batch_size: int = Field(default=8192, ge=1, le=1_000_000)
     engine: Literal["auto", "memory", "beam"] = "auto"
-    memory_engine_max_rows: int = Field(default=200_000, ge=0,
-                                        description="auto engine: in memory up to this many rows, Beam above")
+    memory_engine_max_rows: int | None = Field(
+        default=None, ge=0, description="auto engine: in memory up to this many rows (None: any), Beam above")
     provenance_log: str | None = None
     state: str | None = None
     drift: DriftConfig = Field(default_factory=DriftConfig)

@@ -77,7 +77,7 @@ def test_knn_label_scores_do_not_depend_on_the_scoring_block():
 
 def test_knn_label_in_a_pca_space_finds_the_same_flips():
     """Class structure in 6 of 96 dimensions: neighbours searched among the top 8 principal components
-    of the reference are the same ones, at a twelfth of the distance work."""
+    of the reference are the same ones, at a twelfth of the distance work; the default searches 16."""
     rng = np.random.default_rng(5)
     y_true = np.repeat(np.arange(4), 400)
     x = rng.normal(scale=0.05, size=(1600, 96))
@@ -86,11 +86,13 @@ def test_knn_label_in_a_pca_space_finds_the_same_flips():
     flipped = rng.choice(1600, 60, replace=False)
     y[flipped] = (y[flipped] + 1) % 4
     x = x.astype(np.float32)
-    full = KnnLabel().fit(x, y)
+    full = KnnLabel(n_components=None).fit(x, y)
     reduced = KnnLabel(n_components=8).fit(x, y)
     assert reduced.projection_[1].shape == (96, 8) and full.projection_ is None
     assert np.array_equal(full.flag(x, y), reduced.flag(x, y))
     assert reduced.flag(x, y)[flipped].mean() >= 0.7  # the strict default (9 of 10 neighbours)
+    assert KnnLabel().fit(x, y).projection_[1].shape == (96, 16)
+    assert KnnLabel().fit(x[:, :12], y).projection_ is None  # narrower than 16: the embedding itself
 
 
 def test_knn_label_finds_flipped_labels_in_separated_clusters():
