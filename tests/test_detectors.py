@@ -213,3 +213,19 @@ def test_confident_learning_finds_label_flips_across_well_separated_classes(tmp)
     held = set(read_outputs(tmp / "run")[1].column("id").to_pylist())
     planted = {f"r{i}" for i in np.flatnonzero(flipped)}
     assert len(held & planted) >= 0.4 * len(planted) and len(held - planted) <= 0.01 * (len(y) - len(planted))
+
+
+def test_knn_label_flags_a_row_whose_neighbours_name_one_other_class_not_a_mix():
+    """Two rows labelled 0: one sits inside class 1 (its neighbours name one other class: flagged),
+    one midway between classes 1 and 2, whose neighbours split between them (not flagged, though
+    every neighbour disagrees with its label)."""
+    rng = np.random.default_rng(2)
+    centres = np.array([[0.0, 0.0], [20.0, 0.0], [20.0, 0.6]])
+    y = np.repeat(np.arange(3), 200)
+    x = centres[y] + rng.normal(scale=[3.0, 0.2], size=(600, 2))
+    x = np.vstack([x, [[20.0, 0.0], [20.0, 0.3]]]).astype(np.float32)
+    y = np.r_[y, 0, 0]
+    det = KnnLabel(n_neighbors=10).fit(x, y)
+    scores = det.score_samples(x[-2:], y[-2:])
+    assert scores[0] >= 0.9 and scores[1] < 0.9
+    assert det.flag(x, y)[-2:].tolist() == [True, False]
