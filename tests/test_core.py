@@ -161,3 +161,56 @@ def test_drift_reports_share_and_mean_shifts():
 def test_csv_cells_are_neutralised_and_read_back_exactly(value):
     cell = csv_cell(value)
     assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")) and csv_value(cell) == value
+
+
+def test_auto_engine_runs_in_memory_unless_beam_is_asked_for():
+    """Both engines stream the input; in one process the in-memory one is the faster, so ``auto``
+    picks it at any size unless a Beam flag names a runner or its options (or a cap is set)."""
+    from poisonguard.orchestrator import choose_engine
+
+    assert choose_engine(Config(), 3_000_000, []) == "memory"
+    assert choose_engine(Config(), 1_000, ["--runner=PortableRunner"]) == "beam"
+    capped = Config(memory_engine_max_rows=100_000)
+    assert choose_engine(capped, 100_000, []) == "memory" and choose_engine(capped, 100_001, []) == "beam"
+    assert choose_engine(Config(engine="beam"), 10, []) == "beam"
+
+
+def test_sample_merges_keep_the_bottom_k_whatever_the_order():
+    """Merging class samples drops rows that cannot enter a full sample before sorting; the result
+    is still the k smallest keys of the union, whichever way the blocks were merged."""
+    from poisonguard.detectors.stats import ClassState
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5000, 4)).astype(np.float32)
+    keys = rng.integers(0, 2**63, size=5000, dtype=np.uint64)
+    parts = [ClassState.from_block(x[i:i + 700], keys[i:i + 700], 300) for i in range(0, 5000, 700)]
+    forward = parts[0]
+    for part in parts[1:]:
+        forward = forward.merge(part)
+    backward = parts[-1]
+    for part in parts[-2::-1]:
+        backward = part.merge(backward)
+    expected = np.sort(keys)[:300]
+    assert np.array_equal(forward.sample_keys, expected) and np.array_equal(backward.sample_keys, expected)
+    assert np.array_equal(forward.sample_x, backward.sample_x)
+    assert np.allclose(forward.mean, x.mean(axis=0), atol=1e-5)
+
+
+def test_parts_skip_dictionaries_on_float_columns(tmp):
+    """Embeddings, features and scores rarely repeat: writing them without trying a dictionary first
+    is what keeps the write cheap; ids and labels keep theirs."""
+    import pyarrow.parquet as pq
+
+    from poisonguard.engines.outputs import write_block
+
+    table = pa.table({"id": ["a", "b", "c"], "label": [1, 1, 2], "embedding": embedding_array(np.eye(3)),
+                      "score_spectral": [0.1, 0.2, 0.3]})
+    os.makedirs(tmp / "clean")
+    os.makedirs(tmp / "quarantine")
+    write_block(str(tmp), 0, 0, table, table.slice(0, 0))
+    (part,) = list((tmp / "clean").iterdir())
+    meta = pq.ParquetFile(part).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+    dictionary = {name for name, enc in encodings.items() if any("DICTIONARY" in e for e in enc)}
+    assert dictionary == {"id", "label"}
+    assert pq.read_table(part).equals(table)
