@@ -529,7 +529,11 @@ def proxy_section(rows) -> str:
     for name, applies, met in PROXY_TARGETS:
         cases = {k: {m: mean(rs, m) for m in ("clean_flagged", "recall", "f1")} for k, rs in groups.items() if applies(*k)}
         ok = [k for k, g in cases.items() if met(g)]
-        missed = ", ".join(f"{s} {a} {r:.0%}" for s, a, r in sorted(k for k in cases if k not in ok))
+        shown = lambda g, a: (f"{g['clean_flagged']:.2%}" if a == "clean" else
+                              f"recall {fmt(g['recall'], '{:.2f}')}, {fmt(g['clean_flagged'], '{:.2%}')} clean flagged"
+                              if a in ("patch", "blend") else f"F1 {fmt(g['f1'], '{:.2f}')}")
+        missed = ", ".join(f"{s} {_case(a, r)}: {shown(cases[(s, a, r)], a)}"
+                           for s, a, r in sorted(k for k in cases if k not in ok))
         lines.append(f"| {name} | {len(ok)} of {len(cases)} | {missed} |")
     lines += ["", "| source | split | layout | proxy | attack | rate | seeds | recall | clean flagged | worst class loss "
               "| F1 | best AUROC (detector) | held-out accuracy | epochs | seconds |", "|" + "---|" * 15]
