@@ -118,7 +118,7 @@ def check_run_id(run_id: str) -> None:
 
 
 def choose_engine(config: Config, rows: int, beam_args: list[str]) -> str:
-    """``auto``: in memory (it streams too, and is the faster in one process) unless Beam is asked for."""
+    """``auto``: in memory (it streams, and is faster in one process) unless Beam flags or a row cap say Beam."""
     limit = config.memory_engine_max_rows
     small = limit is None or rows <= limit
     return config.engine if config.engine != "auto" else "memory" if small and not beam_args else "beam"
