@@ -18,9 +18,17 @@ prune-and-retrain), so it does not learn the flipped rows' labels back.
 Score, for every row in the second pass: s(x) = t_y - p(y | x) from the model refitted on the whole
 training sample (higher = more suspicious), O(d x classes) per row, against k-NN's O(reference x d).
 A row is flagged where s > 0, another class is confident, and its class is suspicious.
+
+Memory is bounded: the model trains on at most ``max_train_rows`` sample rows (20,000: the 2,000 per
+class of 10 classes; fewer per class when there are more classes), and with more than
+``max_classes`` classes (1,000) confident learning is not run at all (its probabilities cost rows x
+classes: 10,000 classes would need 75 GB of out-of-fold probabilities for 1M rows); the summary
+counts those classes as untested, and ``knn_label`` still checks their labels.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -35,9 +43,11 @@ class ConfidentLabel(PoisonDetector):
     name = "confident_label"
 
     _parameter_bounds = {**COMMON_BOUNDS, "n_folds": {"ge": 2, "le": 20}, "C": {"gt": 0.0, "le": 1e6},
-                         "max_train_rows_per_class": {"ge": 10, "le": 1_000_000}}
+                         "max_train_rows_per_class": {"ge": 10, "le": 1_000_000},
+                         "max_train_rows": {"ge": 100, "le": 10_000_000}, "max_classes": {"ge": 2, "le": 100_000}}
 
     def __init__(self, *, n_folds: int = 5, C: float = 0.01, max_train_rows_per_class: int = 2000,
+                 max_train_rows: int = 20000, max_classes: int = 1000,
                  max_share: float = 0.35, min_separation: float = 4.0, min_rows: int = 1,
                  min_class_z: float | None = 3.0, expected_poison_rate: float | None = None,
                  max_fit_rows_per_class: int = 5000, random_state: int = 0,
@@ -53,9 +63,14 @@ class ConfidentLabel(PoisonDetector):
         self.class_models_ = {label: None for label in states}
         self.model_ = self.mass_quarantine_ = None
         labels = [c for c, s in states.items() if len(s.sample_x) >= self.n_folds]
+        if len(labels) > self.max_classes:  # probabilities cost rows x classes: 10^4 classes would need GBs
+            why = f"not run: more than max_classes ({self.max_classes}) classes; knn_label checks the labels"
+            self.decisions_ = {label: replace(NOT_TESTED, why=why) for label in states}
+            return self
         if len(labels) < 2:
             return self
-        counts = [min(len(states[c].sample_x), self.max_train_rows_per_class) for c in labels]
+        per_class = max(self.n_folds, min(self.max_train_rows_per_class, self.max_train_rows // len(labels)))
+        counts = [min(len(states[c].sample_x), per_class) for c in labels]
         x = np.concatenate([states[c].sample_x[:m] for c, m in zip(labels, counts)]).astype(np.float64)
         y = np.repeat(np.arange(len(labels)), counts)
         self.mean_, self.scale_ = x.mean(axis=0), x.std(axis=0) + 1e-12

@@ -229,3 +229,18 @@ def test_knn_label_flags_a_row_whose_neighbours_name_one_other_class_not_a_mix()
     scores = det.score_samples(x[-2:], y[-2:])
     assert scores[0] >= 0.9 and scores[1] < 0.9
     assert det.flag(x, y)[-2:].tolist() == [True, False]
+
+
+def test_confident_label_bounds_its_memory_with_many_classes():
+    """Past max_classes it does not run (every class untested, with the reason); below, the training
+    rows are capped in total, so out-of-fold probabilities stay rows x classes within the bound."""
+    from poisonguard.detectors import ConfidentLabel
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(60), 30)
+    x = (rng.normal(size=(len(y), 8)) + 6 * rng.normal(size=(60, 8))[y]).astype(np.float32)
+    skipped = ConfidentLabel(max_classes=50).fit(x, y)
+    assert skipped.model_ is None and not skipped.flag(x, y).any()
+    assert all(d.why.startswith("not run: more than max_classes") for d in skipped.decisions_.values())
+    capped = ConfidentLabel(max_train_rows=600).fit(x, y)
+    assert capped.model_ is not None and {d.rows_tested for d in capped.decisions_.values()} == {10}
