@@ -41,6 +41,14 @@ class ActivationClustering(PoisonDetector):
                  accept_mass_quarantine: bool = False):
         store_params(self, locals())
 
+    def fit_states(self, states):
+        from threadpoolctl import threadpool_limits
+
+        # one limit around every class's k-means: OpenMP threads spin against busy cores and other
+        # workers, and entering the limit scans the loaded libraries (3.5 ms: 35 s at 10^4 classes)
+        with threadpool_limits(1):
+            return super().fit_states(states)
+
     def _fit_class(self, state: ClassState):
         from sklearn.cluster import KMeans
 
@@ -64,12 +72,9 @@ class ActivationClustering(PoisonDetector):
         reduced = (sample - mean) @ basis
         if len(np.unique(reduced.round(12), axis=0)) < 2:
             return None
-        from threadpoolctl import threadpool_limits
-
         # the sample is in seeded-hash order, so its first rows are a uniform subsample
-        with threadpool_limits(1):  # OpenMP threads spin against busy cores and other workers
-            km = KMeans(n_clusters=2, n_init=self.n_init, random_state=self.random_state)
-            km.fit(reduced[: self.max_cluster_rows])
+        km = KMeans(n_clusters=2, n_init=self.n_init, random_state=self.random_state)
+        km.fit(reduced[: self.max_cluster_rows])
         labels = km.predict(reduced)
         sizes = np.bincount(labels, minlength=2)
         small = int(np.argmin(sizes)) if sizes[0] != sizes[1] else 1
