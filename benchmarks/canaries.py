@@ -110,14 +110,21 @@ def _summary(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict], dev_shape: dict) -> str:
+    from poisonguard.config import CanaryConfig
+
+    defaults = CanaryConfig()
     lines = [HEADER, "",
              "`python benchmarks/canaries.py eval`: on every backdoor case of the benchmark families, the default "
              "detectors' recall on the real attack beside the embedding-mode canary power analysis on the same "
              "embeddings (one planted group of the real attack's size in the target class). The canaries' shape is "
-             f"the development families' median: distance {dev_shape['distance_quartiles'][1]} class SDs along its direction "
-             f"(quartiles {dev_shape['distance_quartiles'][0]}-{dev_shape['distance_quartiles'][2]}), spread "
-             f"{dev_shape['spread_quartiles'][1]} (quartiles {dev_shape['spread_quartiles'][0]}-"
-             f"{dev_shape['spread_quartiles'][2]}), over {dev_shape['cases']} cases. Mean over seeds (one on shapes).", ""]
+             f"the configured default: distance {defaults.distance} class SDs along its direction, spread "
+             f"{defaults.spread}, the median of the real backdoors on the MLP and CNN development families. With the "
+             "random-feature development families added the median is distance "
+             f"{dev_shape['distance_quartiles'][1]} (quartiles {dev_shape['distance_quartiles'][0]}-"
+             f"{dev_shape['distance_quartiles'][2]}), spread {dev_shape['spread_quartiles'][1]} (quartiles "
+             f"{dev_shape['spread_quartiles'][0]}-{dev_shape['spread_quartiles'][2]}), over {dev_shape['cases']} cases; "
+             "that shape predicted worse on the development families (agreement 56% against 58%, per-family Pearson "
+             "0.48 against 0.60), so the default stays. Mean over seeds (one on shapes).", ""]
     for split, title in (("heldout", "Held-out families"), ("dev", "Development families")):
         part = [r for r in rows if r["split"] == split]
         if not part:
