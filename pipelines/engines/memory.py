@@ -24,9 +24,12 @@ from poisonguard.state import class_moments
 Sink = Callable[[int, int, pa.Table, pa.Table], None]
 
 
-def _batches(screener: Screener, columns: list[str] | None, rows_per_item: int):
+FIT_BATCH_ROWS = 32768  # the fit pass reads three columns: bigger batches, fewer per-class merges
+
+
+def _batches(screener: Screener, columns: list[str] | None, rows_per_item: int, batch_size: int | None = None):
     for item in work_items(screener.plan, rows_per_item):
-        for first_row, table in read_batches(item, columns, screener.config.batch_size):
+        for first_row, table in read_batches(item, columns, batch_size or screener.config.batch_size):
             yield item.file_index, first_row, table
 
 
@@ -35,7 +38,10 @@ def fit_pass(screener: Screener, rows_per_item: int):
     cols, config = screener.config.columns, screener.config
     progress = Progress("fit pass", screener.plan.total_rows)
     states, hashes = {}, []
-    for file_index, first_row, table in _batches(screener, [cols.id, cols.label, config.vector_column], rows_per_item):
+    # (model and proxy mode keep pass 1's batches: their spilled embeddings are keyed by them)
+    fit_rows = config.batch_size if screener.spill_dir else max(config.batch_size, FIT_BATCH_ROWS)
+    for file_index, first_row, table in _batches(screener, [cols.id, cols.label, config.vector_column], rows_per_item,
+                                                 fit_rows):
         part = screener.fit_part(screener.make_block(table, file_index, first_row))
         merge_class_states(states, part.states)
         hashes.append(part.id_hashes)
