@@ -1,9 +1,10 @@
 """The in-memory engine: the screening core run over the batches in this process.
 
-The same two passes as the Beam graph, over the same batches (work items of row groups, then
-``batch_size`` rows), calling the same ``Screener``; so the same inputs give the same part files.
-It runs small scans without Beam's start-up cost, the tests, notebooks (``poisonguard.screen``)
-and the benchmarks' reference.
+The same two passes as the Beam graph, calling the same ``Screener``: the score pass over the same
+batches (work items of row groups, then ``batch_size`` rows), so the same inputs give the same part
+files; in column mode the fit pass reads larger batches (its class states merge the same whatever
+the batching).  It runs every scan that names no Beam runner, the tests, notebooks
+(``poisonguard.screen``) and the benchmarks' floor.
 """
 
 from __future__ import annotations
