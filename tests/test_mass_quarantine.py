@@ -47,7 +47,8 @@ def test_weakly_separated_classes_leave_the_label_checks_quiet_and_say_so(tmp):
     assert code == 0, stderr
     summary = json.loads((tmp / "run" / "summary.json").read_text())
     assert summary["detectors"]["knn_label"]["representation"]["knn_accuracy"] < 0.9
-    assert "separates the labels weakly" in stdout
+    assert "separates the labels weakly" in stdout and "label checks are weakened here" in stdout
+    assert "They are weakened here" in (tmp / "run" / "report.html").read_text()
     assert summary["per_reason"].get("detector:knn_label", 0) <= 0.015 * table.num_rows
 
 

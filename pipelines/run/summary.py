@@ -122,7 +122,8 @@ def console_summary(summary: dict, run_dir: str) -> str:
         separation = (report.get("representation") or {}).get("knn_accuracy")
         if separation is not None and separation < WEAK_REPRESENTATION:
             lines.append(f"  {name}: the embedding separates the labels weakly (k-NN accuracy {separation:.2f} on the "
-                         "class samples): label checks read it with caution")
+                         "class samples): label checks are weakened here (only rows whose neighbours name one other "
+                         "class are flagged; a check flagging most classes is held back)")
         guard = report.get("mass_quarantine") or {}
         if guard.get("unreliable"):
             lines.append(f"  {name}: unreliable here: it would flag {guard['mean_share_flagged']:.0%} of the rows in "
