@@ -50,6 +50,9 @@ from poisonguard.detectors.calibration import NOT_TESTED, ClassDecision, guard_m
 from poisonguard.detectors.stats import ClassState
 
 
+WEAK_REPRESENTATION = 0.9  # k-NN accuracy below which the run says the label checks read a weak representation
+
+
 class KnnLabel(PoisonDetector):
     name = "knn_label"
 
@@ -103,7 +106,9 @@ class KnnLabel(PoisonDetector):
         y = np.asarray(labels, dtype=object)[np.repeat(np.arange(len(labels)), counts)]
         scores, own = self._scores(x, y, keys, own_share=True)
         # how well the embedding separates the labels: leave-self-out k-NN accuracy on the class samples
-        self.representation_ = {"knn_accuracy": float(np.mean(own > 0.5)), "rows": int(len(scores))}
+        accuracy = float(np.mean(own > 0.5))
+        self.representation_ = {"knn_accuracy": accuracy, "rows": int(len(scores)),
+                                "weak": accuracy < WEAK_REPRESENTATION}
         starts = np.concatenate([[0], np.cumsum(counts)])
         threshold = float(np.nextafter(self.min_disagreement, -np.inf))
         hits = np.add.reduceat(scores > threshold, starts[:-1]) if len(scores) else np.zeros(len(labels), int)

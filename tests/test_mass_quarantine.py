@@ -46,7 +46,8 @@ def test_weakly_separated_classes_leave_the_label_checks_quiet_and_say_so(tmp):
                                    "--set", "detectors=[{name: knn_label}]")
     assert code == 0, stderr
     summary = json.loads((tmp / "run" / "summary.json").read_text())
-    assert summary["detectors"]["knn_label"]["representation"]["knn_accuracy"] < 0.9
+    representation = summary["detectors"]["knn_label"]["representation"]
+    assert representation["knn_accuracy"] < 0.9 and representation["weak"]
     assert "separates the labels weakly" in stdout and "label checks are weakened here" in stdout
     assert "They are weakened here" in (tmp / "run" / "report.html").read_text()
     assert summary["per_reason"].get("detector:knn_label", 0) <= 0.015 * table.num_rows
@@ -77,6 +78,7 @@ def test_a_real_20_percent_label_flip_in_one_class_is_still_quarantined(tmp):
     summary = json.loads((tmp / "run" / "summary.json").read_text())
     assert not summary["detectors"]["knn_label"]["mass_quarantine"]["unreliable"]
     assert summary["detectors"]["knn_label"]["representation"]["knn_accuracy"] > 0.9
+    assert not summary["detectors"]["knn_label"]["representation"]["weak"]
     held = set(read_outputs(tmp / "run")[1].column("id").to_pylist())
     ids = np.array(table.column("id").to_pylist())
     assert set(ids[flipped]) <= held

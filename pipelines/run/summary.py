@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from poisonguard.config import Config
 from poisonguard.core.screening import output_schemas
+from poisonguard.detectors.knn_label import WEAK_REPRESENTATION
 from poisonguard.engines.outputs import EngineResult
 from poisonguard.errors import IntegrityError
 from poisonguard.io import InputPlan, sha256_file
@@ -82,7 +83,6 @@ def write_json(path: str, value) -> None:
         handle.write("\n")
 
 
-WEAK_REPRESENTATION = 0.9  # k-NN accuracy of the embedding below which the run says label checks are weak
 VERDICTS = {"within_policy": "within policy", "over_fail_on": "over fail_on: training should wait",
             "canary_recall_below_min": "canary recall below canaries.min_recall: training should wait"}
 
