@@ -72,16 +72,14 @@ class KnnLabel(PoisonDetector):
 
         self._start_fit(states)
         total = sum(state.n for state in states.values())
-        xs, labels, keys = [], [], []
-        for label, state in states.items():
+        xs, keys = [], []
+        for state in states.values():
             m = int(np.ceil(self.reference_size * state.n / max(total, 1)))
             xs.append(state.sample_x[:m])
             keys.append(state.sample_keys[:m])
-            labels.extend([label] * min(m, len(state.sample_x)))
         self.reference_x_ = np.concatenate(xs) if xs else np.zeros((0, self.n_features_in_), np.float32)
-        self.reference_y_ = np.asarray(labels, dtype=object)
         self.classes_ = pd.Index(list(states), dtype=object)
-        self.reference_codes_ = self.classes_.get_indexer(self.reference_y_)
+        self.reference_codes_ = np.repeat(np.arange(len(xs)), [len(x) for x in xs])  # positions in classes_
         self.reference_keys_ = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
         self.k_ = min(self.n_neighbors, max(len(self.reference_x_) - 1, 0))
         self.index_ = self.projection_ = None
