@@ -47,10 +47,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params
 from poisonguard.detectors.calibration import NOT_TESTED, ClassDecision, guard_mass_quarantine
+from poisonguard.detectors.probe import LabelProbe, fit_probe
 from poisonguard.detectors.stats import ClassState
-
-
-WEAK_REPRESENTATION = 0.9  # k-NN accuracy below which the run says the label checks read a weak representation
 
 
 class KnnLabel(PoisonDetector):
@@ -58,19 +56,28 @@ class KnnLabel(PoisonDetector):
 
     _parameter_bounds = {**COMMON_BOUNDS, "n_neighbors": {"ge": 1, "le": 1000},
                          "min_disagreement": {"gt": 0.0, "le": 1.0}, "reference_size": {"ge": 10, "le": 1_000_000},
-                         "max_decision_rows": {"ge": 10, "le": 1_000_000}, "n_components": {"ge": 1, "le": 16384}}
+                         "max_decision_rows": {"ge": 10, "le": 1_000_000}, "n_components": {"ge": 1, "le": 16384},
+                         "weak_min_disagreement": {"gt": 0.0, "le": 1.0}}
 
     def __init__(self, *, n_neighbors: int = 10, min_disagreement: float = 0.9, reference_size: int = 10000,
                  max_decision_rows: int = 5000, max_share: float = 0.35, min_separation: float = 4.0,
                  min_rows: int = 1, min_class_z: float | None = 3.0, expected_poison_rate: float | None = None,
                  max_fit_rows_per_class: int = 5000, random_state: int = 0,
-                 accept_mass_quarantine: bool = False, n_components: int | None = 16):
+                 accept_mass_quarantine: bool = False, n_components: int | None = 16,
+                 weak_min_disagreement: float | None = 1.0):
         store_params(self, locals())
 
-    def fit_states(self, states: dict[object, ClassState]):
+    def fit_states(self, states: dict[object, ClassState], probe: LabelProbe | None = None):
+        """``probe``: the scan's shared linear probe (``detectors.probe``); fitted here when not given
+        and ``weak_min_disagreement`` is set.  Where it finds the representation weak, a row needs
+        ``weak_min_disagreement`` of its neighbours on one other label instead of ``min_disagreement``."""
         from sklearn.neighbors import NearestNeighbors
 
         self._start_fit(states)
+        if probe is None and self.weak_min_disagreement is not None:
+            probe = fit_probe(states, random_state=self.random_state)
+        weak = probe is not None and self.weak_min_disagreement is not None and probe.weak
+        self.min_disagreement_ = max(self.min_disagreement, self.weak_min_disagreement) if weak else self.min_disagreement
         total = sum(state.n for state in states.values())
         xs, keys = [], []
         for state in states.values():
@@ -105,10 +112,13 @@ class KnnLabel(PoisonDetector):
         scores, own = self._scores(x, y, keys, own_share=True)
         # how well the embedding separates the labels: leave-self-out k-NN accuracy on the class samples
         accuracy = float(np.mean(own > 0.5))
-        self.representation_ = {"knn_accuracy": accuracy, "rows": int(len(scores)),
-                                "weak": accuracy < WEAK_REPRESENTATION}
+        self.representation_ = {**(probe.representation if probe is not None else {}),
+                                "knn_accuracy": round(accuracy, 4), "rows": int(len(scores)), "weak": weak}
+        if weak:
+            self.representation_["why"] += (f"; a row is flagged only where {self.min_disagreement_:.0%} of its "
+                                            "neighbours carry one other label")
         starts = np.concatenate([[0], np.cumsum(counts)])
-        threshold = float(np.nextafter(self.min_disagreement, -np.inf))
+        threshold = float(np.nextafter(self.min_disagreement_, -np.inf))
         hits = np.add.reduceat(scores > threshold, starts[:-1]) if len(scores) else np.zeros(len(labels), int)
         for i, label in enumerate(labels):
             if counts[i]:

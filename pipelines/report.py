@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from poisonguard import plots
-from poisonguard.run.summary import WEAK_REPRESENTATION, proxy_line
+from poisonguard.run.summary import proxy_line
 from poisonguard.names import CLEAN, DETECTOR, PROXY_MODEL, QUARANTINE, QUARANTINE_REASONS, REPORT, REVIEW_CONFIRMED, \
     SUMMARY, detector_reason, part_source, score_column
 
@@ -116,7 +116,7 @@ def render_report(run_dir: str, table: dict | None = None, summary: dict | None 
     page = env.get_template("report.html.j2").render(
         summary=summary, counts=summary["counts"], sections=sections, detectors=detectors,
         drift=summary.get("drift") or {}, overview=_overview_plot(summary),
-        hidden_classes=max(0, len(classes) - len(sections)), table=table, weak_representation=WEAK_REPRESENTATION,
+        hidden_classes=max(0, len(classes) - len(sections)), table=table,
         proxy_line=proxy_line(summary.get("embedding") or {}),
         run_to_run=summary.get("run_to_run") or {})
     path = os.path.join(run_dir, REPORT)

@@ -172,8 +172,26 @@ def fit_detectors(states: dict[object, ClassState], config: Config) -> dict[str,
         raise InputError(f"the data has {len(states)} classes, more than max_classes={config.max_classes}",
                          column=config.columns.label)
     ordered = dict(sorted(states.items(), key=lambda kv: (str(type(kv[0])), kv[0])))
-    return {det.name: make_detector(det.name, **config.detector_params(det)).fit_states(ordered)
-            for det in config.detectors}
+    detectors = {det.name: make_detector(det.name, **config.detector_params(det)) for det in config.detectors}
+    probe = shared_probe(ordered, detectors)
+    return {name: detector.fit_states(ordered, probe=probe) if name in PROBE_USERS else detector.fit_states(ordered)
+            for name, detector in detectors.items()}
+
+
+PROBE_USERS = ("confident_label", "knn_label")
+
+
+def shared_probe(states: dict[object, ClassState], detectors: dict[str, PoisonDetector]):
+    """The label checks' linear probe (``detectors.probe``), fitted once for both, with confident
+    learning's parameters where it runs; None where no label check runs or the probe cannot."""
+    from poisonguard.detectors.probe import fit_probe
+
+    users = [detectors[name] for name in PROBE_USERS if name in detectors]
+    if not users:
+        return None
+    if "confident_label" in detectors:
+        return fit_probe(states, **detectors["confident_label"].probe_params())
+    return fit_probe(states, random_state=users[0].random_state)
 
 
 def duplicate_hashes(hashes: np.ndarray) -> np.ndarray:

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 
 from poisonguard.config import Config
 from poisonguard.core.screening import output_schemas
-from poisonguard.detectors.knn_label import WEAK_REPRESENTATION
 from poisonguard.engines.outputs import EngineResult
 from poisonguard.errors import IntegrityError
 from poisonguard.io import InputPlan, sha256_file
@@ -119,11 +118,10 @@ def console_summary(summary: dict, run_dir: str) -> str:
     if proxy:
         lines.append(f"  {proxy}")
     for name, report in summary["detectors"].items():
-        separation = (report.get("representation") or {}).get("knn_accuracy")
-        if separation is not None and separation < WEAK_REPRESENTATION:
-            lines.append(f"  {name}: the embedding separates the labels weakly (k-NN accuracy {separation:.2f} on the "
-                         "class samples): label checks are weakened here (only rows whose neighbours name one other "
-                         "class are flagged; a check flagging most classes is held back)")
+        representation = report.get("representation") or {}
+        if representation.get("weak"):
+            effect = "its flags are withheld" if name == "confident_label" else "weakened"
+            lines.append(f"  {name}: {effect}: {representation['why']}")
         guard = report.get("mass_quarantine") or {}
         if guard.get("unreliable"):
             lines.append(f"  {name}: unreliable here: it would flag {guard['mean_share_flagged']:.0%} of the rows in "

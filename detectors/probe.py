@@ -1,0 +1,119 @@
+"""A linear probe of the embedding, shared by the label checks: confident learning's out-of-fold
+probabilities and the verdict on whether the representation can support label checks at all.
+
+Fit on the bounded per-class samples (Northcutt, Jiang, Chuang, JAIR 2021, "Confident Learning"):
+
+1. out-of-fold probabilities p(k | x) of a multinomial logistic regression on the standardised
+   embeddings (``n_folds`` folds, seeded);
+2. per-class self-confidence thresholds t_j = mean of p(j | x) over the sample rows labelled j;
+3. label issues: p(y | x) < t_y while another class reaches its own threshold, p(k | x) >= t_k;
+4. the model refitted without the issues (prune and retrain), which scores every row.
+
+**Is the representation strong enough for label checks?**  The probe's out-of-fold errors are of
+two kinds.  A flipped label in a representation that separates the classes is a *confident*
+error: the row sits inside another class, and step 3 names it.  A row on a boundary the
+representation cannot draw is an *unsure* error that step 3 does not explain.  So
+
+    unexplained error = share of sample rows misclassified out of fold and not a label issue
+
+estimates how much the classes overlap in this embedding, whatever the label noise: flips move
+errors into the explained kind, overlap adds unexplained ones.  Above ``WEAK_UNEXPLAINED`` the
+representation is weak: the confident issues there are mostly boundary rows, not flipped labels,
+and the label checks are weakened (``confident_label`` withholds its flags, ``knn_label`` asks for
+a unanimous neighbourhood).  On the development benchmark families (``benchmarks/families.py``,
+seed 0) every family where confident learning found flips had an unexplained error of at most
+0.115 (modes and signals on an MLP, 20% random flips), and every weak one (the random-feature
+models on digits, modes and signals, where it flagged 16-57% of clean rows) at least 0.162; the
+threshold is the round value just above the former, the side of the gap that keeps clean data clean.
+
+The probe also reports how sure its issues are: the median probability of another class, under
+the pruned model, over the issue rows (``issue_confidence``).  The pruned model never saw them, so
+this is an exclusionary reclassification (Chen et al. 2018): flipped rows come out at 0.68-0.96 on
+the development families, a weak representation's boundary rows at 0.31-0.58.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from poisonguard.detectors.stats import ClassState
+
+WEAK_UNEXPLAINED = 0.12  # unexplained out-of-fold error above which label checks read a weak representation
+
+
+@dataclass
+class LabelProbe:
+    labels: list
+    counts: np.ndarray  # sample rows per label, in ``labels`` order
+    mean: np.ndarray
+    scale: np.ndarray
+    thresholds: np.ndarray
+    issues: np.ndarray  # out-of-fold label issues over the stacked training rows
+    oof: np.ndarray
+    y: np.ndarray
+    model: object
+    representation: dict
+
+    @property
+    def weak(self) -> bool:
+        return bool(self.representation["weak"])
+
+    def proba(self, X: np.ndarray) -> np.ndarray:
+        z = (np.asarray(X, dtype=np.float64) - self.mean) / self.scale
+        return self.model.predict_proba(z)
+
+    def label_issues(self, proba: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        return label_issues(proba, codes, self.thresholds)
+
+
+def label_issues(proba: np.ndarray, y: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    rows = np.arange(len(y))
+    own = proba[rows, y]
+    other = proba - thresholds[None, :]
+    other[rows, y] = -np.inf
+    return (own < thresholds[y]) & (other.max(axis=1) >= 0)
+
+
+def fit_probe(states: dict[object, ClassState], *, n_folds: int = 5, C: float = 0.01,
+              max_train_rows_per_class: int = 2000, max_train_rows: int = 20000, max_classes: int = 1000,
+              random_state: int = 0) -> LabelProbe | None:
+    """The probe, or None where it cannot run (fewer than two classes with ``n_folds`` sample rows,
+    or more than ``max_classes`` classes: its probabilities cost rows x classes)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = [c for c, s in states.items() if len(s.sample_x) >= n_folds]
+    if len(labels) < 2 or len(labels) > max_classes:
+        return None
+    per_class = max(n_folds, min(max_train_rows_per_class, max_train_rows // len(labels)))
+    counts = np.array([min(len(states[c].sample_x), per_class) for c in labels])
+    x = np.concatenate([states[c].sample_x[:m] for c, m in zip(labels, counts)]).astype(np.float64)
+    y = np.repeat(np.arange(len(labels)), counts)
+    mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-12
+    z = (x - mean) / scale
+    oof = np.zeros((len(z), len(labels)))
+    for train, test in StratifiedKFold(n_folds, shuffle=True, random_state=random_state).split(z, y):
+        fold = LogisticRegression(C=C, max_iter=300).fit(z[train], y[train])
+        oof[np.ix_(test, fold.classes_)] = fold.predict_proba(z[test])
+    thresholds = np.array([oof[y == j, j].mean() for j in range(len(labels))])
+    issues = label_issues(oof, y, thresholds)
+    keep = ~issues if len(np.unique(y[~issues])) == len(labels) else np.ones(len(y), bool)
+    model = LogisticRegression(C=C, max_iter=300).fit(z[keep], y[keep])  # pruned, then retrained
+    wrong = oof.argmax(axis=1) != y
+    unexplained = float(np.mean(wrong & ~issues))
+    confidence = None
+    if issues.any():
+        pruned = model.predict_proba(z[issues])
+        pruned[np.arange(int(issues.sum())), y[issues]] = -np.inf
+        confidence = round(float(np.median(pruned.max(axis=1))), 4)
+    weak = unexplained > WEAK_UNEXPLAINED
+    representation = {
+        "probe_accuracy": round(float(np.mean(~wrong)), 4), "unexplained_error": round(unexplained, 4),
+        "issue_confidence": confidence, "rows": int(len(y)), "weak": weak,
+        "why": (f"the embedding separates the labels weakly: out of fold, a linear probe misclassifies {unexplained:.1%} "
+                f"of the class samples beyond its confident label issues (more than {WEAK_UNEXPLAINED:.0%})")
+        if weak else "",
+    }
+    return LabelProbe(labels, counts, mean, scale, thresholds, issues, oof, y, model, representation)
