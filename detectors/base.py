@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from poisonguard.detectors.calibration import CANDIDATE, DIFFUSE, MIN_CLASS_ROWS, NOT_TESTED, ClassDecision, \
+from poisonguard.detectors.calibration import CANDIDATE, DIFFUSE, MIN_CLASS_ROWS, NOT_TESTED, SMALL_SAMPLE, ClassDecision, \
     gate_by_other_classes, guard_mass_quarantine, separated_minority, too_small, top_fraction
 from poisonguard.detectors.params import validate_params
 from poisonguard.detectors.stats import ClassState, default_keys, states_by_class
@@ -45,6 +45,7 @@ class PoisonDetector(BaseEstimator):
 
     name = "base"
     _parameter_bounds = COMMON_BOUNDS
+    _small_sample = SMALL_SAMPLE  # c in the small-class critical value 2.95 + c / n (detectors.calibration)
 
     def _validate_params(self) -> None:
         validate_params(type(self), self.get_params(deep=False))
@@ -95,6 +96,7 @@ class PoisonDetector(BaseEstimator):
             min_separation=self.min_separation,
             min_rows=self.min_rows,
             candidate_separation=DIFFUSE_SEPARATION if DIFFUSE_SEPARATION < self.min_separation else None,
+            small_sample=self._small_sample,
         )
         if decision.why == CANDIDATE:
             threshold = float(self._untransform(decision.threshold))

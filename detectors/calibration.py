@@ -53,6 +53,7 @@ class ClassDecision:
         return out
 
 
+SMALL_SAMPLE = 130.0  # the null's 99.9% quantile on half-normal scores: 2.95 + 130 / n (module docstring)
 NOT_TESTED = ClassDecision(False, float("inf"), float("nan"), 0.0, 0, "not tested")
 MIN_CLASS_ROWS = 20  # below this no split can be told from noise; such classes are skipped in bulk
 EXACT_GATE_CLASSES = 2000
@@ -70,10 +71,13 @@ def separated_minority(
     min_rows: int = 3,
     min_class_rows: int = MIN_CLASS_ROWS,
     candidate_separation: float | None = None,
+    small_sample: float = SMALL_SAMPLE,
 ) -> ClassDecision:
     """The best split's decision.  With ``candidate_separation`` (below ``min_separation``), a split
     that reaches only that is returned as a *candidate*: not suspicious, but with its finite
-    threshold, for a caller that has more evidence to weigh (``detectors.base.diffuse_minority``)."""
+    threshold, for a caller that has more evidence to weigh (``detectors.base.diffuse_minority``).
+    ``small_sample``: the c of the small-class critical value 2.95 + c / n (a detector whose own
+    null is heavier on small classes passes a larger c)."""
     values = np.sort(np.asarray(scores, dtype=np.float64))
     values = values[np.isfinite(values)]
     n = len(values)
@@ -103,11 +107,11 @@ def separated_minority(
     separation = float(gap / pooled) if pooled > 0 else float("inf")
     share = len(upper) / n
     threshold = float((values[k - 1] + values[k]) / 2.0)
-    if best == 0 and lo_i > 1 and separation >= 2.95 + 130.0 / n:
+    if best == 0 and lo_i > 1 and separation >= 2.95 + small_sample / n:
         return ClassDecision(False, float("inf"), separation, share, n, PINNED)
-    if separation >= max(min_separation, 2.95 + 130.0 / n):
+    if separation >= max(min_separation, 2.95 + small_sample / n):
         return ClassDecision(True, threshold, separation, share, n, "separated minority")
-    if candidate_separation is not None and separation >= max(candidate_separation, 2.95 + 130.0 / n):
+    if candidate_separation is not None and separation >= max(candidate_separation, 2.95 + small_sample / n):
         return ClassDecision(False, threshold, separation, share, n, CANDIDATE)
     return ClassDecision(False, float("inf"), separation, share, n, "no separated minority")
 
