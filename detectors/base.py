@@ -176,13 +176,20 @@ class PoisonDetector(BaseEstimator):
             return np.nan_to_num(scores, nan=-np.inf) > self.thresholds_for(y)
 
     def thresholds_for(self, y: np.ndarray) -> np.ndarray:
+        """Each row's class threshold (+inf where its class is not suspicious or unknown), by one
+        index lookup over a table built once per fit."""
+        import pandas as pd
+
         check_is_fitted(self, "decisions_")
-        thresholds = np.full(len(y), np.inf)
-        for label, rows in rows_by_label(y):
-            decision = self.decisions_.get(label)
-            if decision is not None and decision.suspicious:
-                thresholds[rows] = decision.threshold
-        return thresholds
+        table = getattr(self, "_threshold_table", None)
+        if table is None or table[0] is not self.decisions_:
+            values = np.array([d.threshold if d.suspicious else np.inf for d in self.decisions_.values()] + [np.inf])
+            table = (self.decisions_, pd.Index(list(self.decisions_), dtype=object), values)
+            self._threshold_table = table
+        if not len(y):
+            return np.zeros(0)
+        codes = table[1].get_indexer(np.asarray(y))
+        return table[2][codes]  # -1 (unknown label) reads the trailing +inf
 
 
 DIFFUSE_SEPARATION = 3.5  # a split this separated (and past the small-class critical value) ...
@@ -258,6 +265,16 @@ def project(X: np.ndarray, w: np.ndarray, b) -> np.ndarray:
     per-class decision and the batch scoring use, so a threshold set on one holds bit for bit on the other."""
     X = np.asarray(X, dtype=np.float64)
     return np.einsum("ij,ij->i", X, np.broadcast_to(w, X.shape)) + b
+
+
+def label_codes(y: np.ndarray) -> tuple[list, np.ndarray]:
+    """(the labels present, as Python values, in first-seen order for objects and sorted otherwise;
+    each row's position in that list)."""
+    if y.dtype == object:
+        codes, uniques = _factorize(y)
+    else:
+        uniques, codes = np.unique(y, return_inverse=True)
+    return [u.item() if isinstance(u, np.generic) else u for u in uniques], codes.astype(np.int64)
 
 
 def rows_by_label(y: np.ndarray):

@@ -214,3 +214,30 @@ def test_parts_skip_dictionaries_on_float_columns(tmp):
     dictionary = {name for name, enc in encodings.items() if any("DICTIONARY" in e for e in enc)}
     assert dictionary == {"id", "label"}
     assert pq.read_table(part).equals(table)
+
+
+def test_block_states_are_the_per_class_states_built_in_one_sort():
+    """states_of_block (one sort for all classes) gives what ClassState.from_block gives class by
+    class: counts, means, scatter past the capacity, and the same bottom-k sample, ties included."""
+    from poisonguard.detectors.stats import ClassState, states_of_block
+
+    rng = np.random.default_rng(3)
+    n, capacity = 3000, 50
+    codes = rng.integers(0, 40, size=n)
+    codes[codes == 7] = 8  # a class with no rows in this block
+    codes[:200] = 0  # one class past the capacity
+    keys = rng.integers(0, 2**63, size=n, dtype=np.uint64)
+    keys[10:14] = keys[9]  # equal keys within class 0: broken by the row
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    states = states_of_block(x, codes, 40, keys, capacity)
+    for c in range(40):
+        expected = ClassState.from_block(x[codes == c], keys[codes == c], capacity)
+        got = states[c]
+        assert got.n == expected.n
+        assert np.array_equal(got.sample_keys, expected.sample_keys)
+        assert np.array_equal(got.sample_x, expected.sample_x)
+        if expected.n:
+            assert np.allclose(got.mean, expected.mean, rtol=0, atol=1e-12)
+            assert (got.m2 is None) == (expected.m2 is None)
+            assert got.m2 is None or np.allclose(got.m2, expected.m2, rtol=1e-12, atol=1e-9)
+    assert states[7].n == 0 and states[0].m2 is not None

@@ -158,3 +158,20 @@ def test_screen_returns_the_rows_in_the_callers_order():
     rows = poisonguard.screen(x, y).rows
     assert (rows["label"].to_numpy() == y).all() and (rows["id"].to_numpy() == np.arange(800)).all()
     assert np.flatnonzero(rows["quarantined"].to_numpy()).tolist() == list(range(5, 12))
+
+
+def test_a_probe_that_underfits_refits_before_calling_the_representation_weak():
+    """Ten well-separated classes strung along one line: the strongly regularised probe underfits
+    them (16% unexplained), the refit at C = 1 does not, so the label checks stay on; classes that
+    overlap stay weak at either C."""
+    from poisonguard.detectors.probe import REFIT_C, fit_probe
+    from poisonguard.detectors.stats import default_keys, states_by_class
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), 300)
+    x = (rng.normal(size=(3000, 8)) + y[:, None] * 3.0).astype(np.float32)
+    probe = fit_probe(states_by_class(x, y, default_keys(len(y), 0), 5000))
+    assert probe.representation["probe_C"] == REFIT_C and not probe.weak
+    overlapping = (rng.normal(size=(3000, 8)) + 0.3 * np.eye(10, 8)[y]).astype(np.float32)
+    weak = fit_probe(states_by_class(overlapping, y, default_keys(len(y), 0), 5000))
+    assert weak.weak and weak.representation["unexplained_error"] > 0.12

@@ -21,7 +21,8 @@ import pyarrow as pa
 from poisonguard.config import Config
 from poisonguard.core.block import RowBlock, builtin_block
 from poisonguard.detectors import ClassState, PoisonDetector, make_detector
-from poisonguard.detectors.base import rows_by_label
+from poisonguard.detectors.base import label_codes
+from poisonguard.detectors.stats import states_of_block
 from poisonguard.detectors.calibration import MIN_CLASS_ROWS
 from poisonguard.io import InputPlan
 from poisonguard.names import DECISION_STATUS, ID_DUPLICATE, ID_MISSING, LABEL_MISSING, QUARANTINE_REASONS, REVIEW_CONFIRMED, \
@@ -149,13 +150,12 @@ class Screener:
 
 
 def class_states(block: RowBlock, capacity: int) -> list[tuple[object, ClassState]]:
-    """Per-class mergeable state of one batch's scorable rows."""
+    """Per-class mergeable state of one batch's scorable rows (all classes in one sort)."""
     ok = np.flatnonzero(block.scorable)
-    labels = block.labels[ok]
-    return [
-        (label, ClassState.from_block(block.x[ok[rows]], block.sample_keys[ok[rows]], capacity))
-        for label, rows in rows_by_label(labels)
-    ]
+    if not len(ok):
+        return []
+    labels, codes = label_codes(block.labels[ok])
+    return list(zip(labels, states_of_block(block.x[ok], codes, len(labels), block.sample_keys[ok], capacity)))
 
 
 def merge_class_states(into: dict[object, ClassState], states) -> dict[object, ClassState]:
