@@ -175,6 +175,10 @@ class PoisonDetector(BaseEstimator):
         with np.errstate(invalid="ignore"):
             return np.nan_to_num(scores, nan=-np.inf) > self.thresholds_for(y)
 
+    @staticmethod
+    def _threshold_of(decision: ClassDecision) -> float:
+        return decision.threshold if decision.suspicious else np.inf
+
     def thresholds_for(self, y: np.ndarray) -> np.ndarray:
         """Each row's class threshold (+inf where its class is not suspicious or unknown), by one
         index lookup over a table built once per fit."""
@@ -183,7 +187,7 @@ class PoisonDetector(BaseEstimator):
         check_is_fitted(self, "decisions_")
         table = getattr(self, "_threshold_table", None)
         if table is None or table[0] is not self.decisions_:
-            values = np.array([d.threshold if d.suspicious else np.inf for d in self.decisions_.values()] + [np.inf])
+            values = np.array([self._threshold_of(d) for d in self.decisions_.values()] + [np.inf])
             table = (self.decisions_, pd.Index(list(self.decisions_), dtype=object), values)
             self._threshold_table = table
         if not len(y):

@@ -175,3 +175,22 @@ def test_a_probe_that_underfits_refits_before_calling_the_representation_weak():
     overlapping = (rng.normal(size=(3000, 8)) + 0.3 * np.eye(10, 8)[y]).astype(np.float32)
     weak = fit_probe(states_by_class(overlapping, y, default_keys(len(y), 0), 5000))
     assert weak.weak and weak.representation["unexplained_error"] > 0.12
+
+
+def test_knn_label_bounds_its_decision_rows_and_still_flags_rows_outside_them():
+    """With many classes the fit scores at most max_decision_total rows (20 a class at least), and a
+    class with no hit among its decision rows still has its flipped rows flagged in the score pass."""
+    from poisonguard.detectors import KnnLabel
+
+    rng = np.random.default_rng(11)
+    classes, per = 100, 60
+    centres = rng.normal(scale=10.0, size=(classes, 16))
+    y = np.repeat(np.arange(classes), per)
+    x = (centres[y] + rng.normal(size=(len(y), 16))).astype(np.float32)
+    flipped = np.array([c * per + 7 for c in range(0, classes, 10)])  # one row of every tenth class
+    noisy = y.copy()
+    noisy[flipped] = (y[flipped] + 1) % classes
+    det = KnnLabel(max_decision_total=1000, weak_min_disagreement=None).fit(x, noisy)
+    assert det.representation_["rows"] == classes * 20
+    flags = det.flag(x, noisy)
+    assert flags[flipped].all() and flags.sum() == len(flipped)
