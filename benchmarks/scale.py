@@ -8,7 +8,8 @@ processes so that peak RSS (whole process tree, sampled every 50 ms) is measured
   - the floor: the in-memory engine on the same Parquet (the same screening core and batches, no
     Beam, no run lifecycle, report or provenance), writing the same clean/quarantine Parquet.
 Prints wall time, rows/s, peak RSS, the ratio to the floor and recall/FPR; writes
-benchmarks/results/scale.md.
+benchmarks/results/scale.md.  Where torch sees a CUDA device it runs every size again with the
+score pass on the GPU (``scoring_device: cuda``) and adds those rows.
 
     python benchmarks/scale.py [--sizes 100000x128,1000000x128,3000000x128,1000000x512] [--workdir DIR]
 """
@@ -201,6 +202,14 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="poisonguard-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
     text = run(sizes, workdir, args.scan_args.split())
+    import torch
+
+    if torch.cuda.is_available():  # the same sizes with the score pass (and any model) on the GPU
+        cuda = run(sizes, workdir, args.scan_args.split() + ["--set", "scoring_device=cuda",
+                                                              "--set", "embedding.device=cuda"])
+        text += "\n## With `scoring_device: cuda`\n\n" + cuda.split("\n", 2)[2]
+    else:
+        text += "\nNo CUDA device on this machine: on a GPU machine the same command adds the cuda rows.\n"
     print(text)
     Path(args.out).write_text(text)
 

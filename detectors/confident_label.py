@@ -109,36 +109,32 @@ class ConfidentLabel(PoisonDetector):
     def _issues(self, proba: np.ndarray, y: np.ndarray) -> np.ndarray:
         return label_issues(proba, y, self.thresholds_)
 
-    def _proba(self, X, y):
-        """(probabilities, class codes, rows with a known class) of X under the refitted model."""
+    def _proba(self, X, y, proba_fn=None):
+        """(probabilities, class codes, rows with a known class) of X under the refitted model;
+        ``proba_fn`` (standardised rows -> probabilities) replaces the model's own, e.g. on a GPU."""
         codes = self.index_.get_indexer(y) if len(y) else np.zeros(0, int)
         known = codes >= 0
         proba = np.zeros((len(X), len(self.labels_)))
         if known.any():
             z = (np.asarray(X, dtype=np.float64)[known] - self.mean_) / self.scale_
-            proba[known] = self.model_.predict_proba(z)
+            proba[known] = (proba_fn or self.model_.predict_proba)(z)
         return proba, codes, known
 
-    def score_samples(self, X, y, sample_keys=None):
+    def score_and_flag(self, X, y, sample_keys=None, proba_fn=None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and flags from one computation of the probabilities."""
         check_is_fitted(self, "decisions_")
-        scores = np.full(len(X), np.nan)
+        scores, flags = np.full(len(X), np.nan), np.zeros(len(X), dtype=bool)
         if self.model_ is None:
-            return scores
-        proba, codes, known = self._proba(X, np.asarray(y, dtype=object))
+            return scores, flags
+        proba, codes, known = self._proba(X, np.asarray(y, dtype=object), proba_fn)
         rows = np.flatnonzero(known)
         scores[rows] = self.thresholds_[codes[rows]] - proba[rows, codes[rows]]
-        return scores
+        suspicious = np.array([self.decisions_[c].suspicious for c in self.labels_])
+        flags[rows] = self._issues(proba[rows], codes[rows]) & suspicious[codes[rows]]
+        return scores, flags
+
+    def score_samples(self, X, y, sample_keys=None):
+        return self.score_and_flag(X, y, sample_keys)[0]
 
     def flag(self, X, y, sample_keys=None, scores=None):
-        check_is_fitted(self, "decisions_")
-        y = np.asarray(y, dtype=object)
-        out = np.zeros(len(X), dtype=bool)
-        if self.model_ is None:
-            return out
-        proba, codes, known = self._proba(X, y)
-        rows = np.flatnonzero(known)
-        issues = np.zeros(len(X), dtype=bool)
-        issues[rows] = self._issues(proba[rows], codes[rows])
-        suspicious = np.array([self.decisions_[c].suspicious for c in self.labels_])
-        out[rows] = issues[rows] & suspicious[codes[rows]]
-        return out
+        return self.score_and_flag(X, y, sample_keys)[1]

@@ -160,14 +160,13 @@ class KnnLabel(PoisonDetector):
             return np.full(len(X), np.nan)
         return self._scores(X, np.asarray(y, dtype=object), sample_keys)
 
-    def _scores(self, X, y, keys, block: int = 4096, own_share: bool = False):
-        from sklearn import config_context
-
+    def _scores(self, X, y, keys, block: int = 4096, own_share: bool = False, neighbours_fn=None):
+        """``neighbours_fn`` (rows -> (distances, reference positions) of their k + 1 nearest) replaces
+        the scikit-learn search, e.g. on a GPU."""
         out, own_out = np.empty(len(X), dtype=np.float64), np.empty(len(X) if own_share else 0, dtype=np.float64)
         for start in range(0, len(X), block):
             stop = min(start + block, len(X))
-            with config_context(working_memory=64):  # MiB of distances at a time, not sklearn's 1 GiB
-                dist, idx = self.index_.kneighbors(self._project(X[start:stop]))
+            dist, idx = (neighbours_fn or self._neighbours)(X[start:stop])
             if keys is not None:
                 is_self = self.reference_keys_[idx] == np.asarray(keys[start:stop])[:, None]
                 is_self &= dist <= 1e-6
@@ -182,6 +181,20 @@ class KnnLabel(PoisonDetector):
             if own_share:
                 own_out[start:stop] = np.mean(neighbours == own[:, None], axis=1)
         return (out, own_out) if own_share else out
+
+    def _neighbours(self, X):
+        from sklearn import config_context
+
+        with config_context(working_memory=64):  # MiB of distances at a time, not sklearn's 1 GiB
+            return self.index_.kneighbors(self._project(X))
+
+    def score_with(self, X, y, sample_keys, neighbours_fn):
+        """Every row's score with another neighbour search (``core.torch_scoring``)."""
+        check_is_fitted(self, "decisions_")
+        X = np.asarray(X, dtype=np.float32)
+        if self.index_ is None:
+            return np.full(len(X), np.nan)
+        return self._scores(X, np.asarray(y, dtype=object), sample_keys, neighbours_fn=neighbours_fn)
 
     def _project(self, X):
         if self.projection_ is None:

@@ -142,6 +142,9 @@ class Config(_Strict):
     seed: int = Field(default=0, ge=0, lt=2**32)
     batch_size: int = Field(default=8192, ge=1, le=1_000_000)
     engine: Literal["auto", "memory", "beam"] = "auto"
+    scoring_device: Literal["cpu", "auto", "cuda"] = Field(
+        default="cpu", description="where the detectors score rows: cpu (numpy), cuda (torch on the GPU; exit 2 "
+                                   "without one), auto (cuda when there is one)")
     memory_engine_max_rows: int | None = Field(
         default=None, ge=0, description="auto engine: in memory up to this many rows (None: any), Beam above")
     provenance_log: str | None = None

@@ -241,3 +241,43 @@ def test_block_states_are_the_per_class_states_built_in_one_sort():
             assert (got.m2 is None) == (expected.m2 is None)
             assert got.m2 is None or np.allclose(got.m2, expected.m2, rtol=1e-12, atol=1e-9)
     assert states[7].n == 0 and states[0].m2 is not None
+
+
+def test_torch_scoring_gives_the_numpy_scores_and_flags():
+    """The score pass's torch kernels (what scoring_device: cuda runs), here on the CPU device:
+    every detector's scores match numpy's and the flags are the same rows."""
+    from poisonguard.core.screening import fit_detectors
+    from poisonguard.core.torch_scoring import TorchScorer
+    from poisonguard.detectors.stats import default_keys, states_by_class
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(scale=5.0, size=(6, 12))
+    y = np.repeat(np.arange(6), 400)
+    x = (centres[y] + rng.normal(size=(len(y), 12))).astype(np.float32)
+    x[:20] += 9.0  # a planted cluster in class 0
+    y[400:420] = 3  # label flips
+    keys = default_keys(len(y), 0)
+    fitted = fit_detectors(states_by_class(x, y, keys, 5000), Config())
+    scorer = TorchScorer("cpu")
+    for name, detector in fitted.items():
+        scores, flags = scorer.score_and_flag(detector, x, y, keys)
+        expected = detector.score_samples(x, y, keys)
+        np.testing.assert_allclose(scores, expected, rtol=1e-9, atol=1e-12, err_msg=name)
+        assert np.array_equal(flags, detector.flag(x, y, keys, scores=expected)), name
+    flagged = sum(int(detector.flag(x, y, keys).sum()) for detector in fitted.values())
+    assert flagged >= 20  # the comparison covers flagged rows, not only clean ones
+
+
+def test_scoring_on_cuda_without_a_gpu_is_a_config_error():
+    import torch
+
+    from poisonguard.core.torch_scoring import resolve_device
+    from poisonguard.errors import ConfigError
+
+    assert resolve_device("cpu") is None
+    if torch.cuda.is_available():
+        assert resolve_device("cuda") == "cuda" and resolve_device("auto") == "cuda"
+    else:
+        assert resolve_device("auto") is None
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda")

@@ -52,8 +52,11 @@ class Screener:
                  spill_dir: str | None = None):
         self.config, self.plan, self.suite, self.decisions = config, plan, suite, decisions or {}
         self.spill_dir = spill_dir  # model/proxy mode: pass 1 keeps its embeddings here, pass 2 reads them
-        self._embedder = self._runner = None
+        self._embedder = self._runner = self._scorer = None
         self._ready = False
+        from poisonguard.core.torch_scoring import resolve_device
+
+        self.scoring_device = resolve_device(config.scoring_device)  # a missing GPU fails here, before pass 1
 
     def setup(self) -> None:
         if self._ready:
@@ -141,7 +144,16 @@ class Screener:
         return warnings
 
     def score(self, block: RowBlock, fitted: Fitted) -> dict[str, np.ndarray]:
-        return score_block(block, fitted.detectors, fitted.duplicate_ids)
+        return score_block(block, fitted.detectors, fitted.duplicate_ids, self.scorer)
+
+    @property
+    def scorer(self):
+        """The torch scorer where ``scoring_device`` resolved to a device (``core.torch_scoring``), else None."""
+        if self._scorer is None and self.scoring_device:
+            from poisonguard.core.torch_scoring import TorchScorer
+
+            self._scorer = TorchScorer(self.scoring_device)
+        return self._scorer
 
     def split(self, table: pa.Table, block: RowBlock, scores: dict[str, np.ndarray], run_id: str,
               warnings: list[str]) -> tuple[pa.Table, pa.Table, dict]:
@@ -199,8 +211,10 @@ def duplicate_hashes(hashes: np.ndarray) -> np.ndarray:
     return values[counts > 1]
 
 
-def score_block(block: RowBlock, fitted: dict[str, PoisonDetector], dup_hashes: np.ndarray) -> dict[str, np.ndarray]:
-    """Score every scorable row with each detector; add duplicate-id and detector reasons."""
+def score_block(block: RowBlock, fitted: dict[str, PoisonDetector], dup_hashes: np.ndarray,
+                scorer=None) -> dict[str, np.ndarray]:
+    """Score every scorable row with each detector; add duplicate-id and detector reasons.
+    ``scorer``: a ``core.torch_scoring.TorchScorer`` that does the per-row arithmetic on a device."""
     scores: dict[str, np.ndarray] = {}
     ok = np.flatnonzero(block.scorable)
     if len(dup_hashes):
@@ -210,8 +224,13 @@ def score_block(block: RowBlock, fitted: dict[str, PoisonDetector], dup_hashes: 
         column = np.full(len(block), np.nan)
         flags = np.zeros(len(block), dtype=bool)
         if len(ok):
-            column[ok] = detector.score_samples(x, y, keys)
-            flags[ok] = detector.flag(x, y, keys, scores=column[ok])
+            if scorer is not None:
+                column[ok], flags[ok] = scorer.score_and_flag(detector, x, y, keys)
+            elif hasattr(detector, "score_and_flag"):
+                column[ok], flags[ok] = detector.score_and_flag(x, y, keys)
+            else:
+                column[ok] = detector.score_samples(x, y, keys)
+                flags[ok] = detector.flag(x, y, keys, scores=column[ok])
         scores[name] = column
         if block.released is not None:
             flags &= ~block.released
