@@ -150,3 +150,40 @@ def test_provenance_records_poisonguards_own_version_and_checkout_commit(tmp):
     out = subprocess.run([sys.executable, "-c", "from poisonguard.run.facets import code_commit; print(code_commit())"],
                          cwd=other, capture_output=True, text=True)
     assert out.stdout.strip() == (head or "None")  # the user's own repository is never recorded
+
+
+def test_the_example_config_loads_and_lists_every_key():
+    """configs/example.yaml is the reference the README points to: it must load, and name every
+    config key (nested ones included) with its default."""
+    import yaml
+
+    from poisonguard.config import Config, load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "example.yaml"
+    load_config(str(path))
+    written = yaml.safe_load(path.read_text())
+
+    def keys(model, prefix=""):
+        out = set()
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                out |= keys(annotation, f"{prefix}{name}.")
+            else:
+                out.add(prefix + name)
+        return out
+
+    def present(data, prefix=""):
+        out = set()
+        for name, value in data.items():
+            out |= present(value, f"{prefix}{name}.") if isinstance(value, dict) else {prefix + name}
+        return out
+
+    missing = keys(Config) - present(written)
+    assert not missing, f"configs/example.yaml lacks {sorted(missing)}"
+    defaults = Config().model_dump()
+    for dotted in keys(Config) - {"detectors"}:
+        value, default = written, defaults
+        for part in dotted.split("."):
+            value, default = value[part], default[part]
+        assert value == default, f"configs/example.yaml: {dotted} is {value!r}, the default is {default!r}"
