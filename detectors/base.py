@@ -285,15 +285,11 @@ def rows_by_label(y: np.ndarray):
     """(label, row indices) for each label present, grouped in one sort (O(n log n))."""
     if len(y) == 0:
         return
-    if y.dtype == object:
-        codes, uniques = _factorize(y)
-    else:
-        uniques, codes = np.unique(y, return_inverse=True)
+    labels, codes = label_codes(y)
     order = np.argsort(codes, kind="stable")
     bounds = np.flatnonzero(np.diff(codes[order])) + 1
     for chunk in np.split(order, bounds):
-        label = uniques[codes[chunk[0]]]
-        yield (label.item() if isinstance(label, np.generic) else label), chunk
+        yield labels[codes[chunk[0]]], chunk
 
 
 def _factorize(y: np.ndarray):

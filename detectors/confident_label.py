@@ -98,6 +98,7 @@ class ConfidentLabel(PoisonDetector):
         self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(
             self.decisions_, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None,
             confidence=probe.representation["issue_confidence"])
+        self.suspicious_ = np.array([self.decisions_[c].suspicious for c in labels])  # by class code
         self.linear_ = None
         return self
 
@@ -129,8 +130,7 @@ class ConfidentLabel(PoisonDetector):
         proba, codes, known = self._proba(X, np.asarray(y, dtype=object), proba_fn)
         rows = np.flatnonzero(known)
         scores[rows] = self.thresholds_[codes[rows]] - proba[rows, codes[rows]]
-        suspicious = np.array([self.decisions_[c].suspicious for c in self.labels_])
-        flags[rows] = self._issues(proba[rows], codes[rows]) & suspicious[codes[rows]]
+        flags[rows] = self._issues(proba[rows], codes[rows]) & self.suspicious_[codes[rows]]
         return scores, flags
 
     def score_samples(self, X, y, sample_keys=None):

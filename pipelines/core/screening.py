@@ -198,12 +198,11 @@ def shared_probe(states: dict[object, ClassState], detectors: dict[str, PoisonDe
     learning's parameters where it runs; None where no label check runs or the probe cannot."""
     from poisonguard.detectors.probe import fit_probe
 
-    users = [detectors[name] for name in PROBE_USERS if name in detectors]
-    if not users:
-        return None
+    if "confident_label" not in detectors and getattr(detectors.get("knn_label"), "weak_min_disagreement", None) is None:
+        return None  # no label check that reads it
     if "confident_label" in detectors:
         return fit_probe(states, **detectors["confident_label"].probe_params())
-    return fit_probe(states, random_state=users[0].random_state)
+    return fit_probe(states, random_state=detectors["knn_label"].random_state)
 
 
 def duplicate_hashes(hashes: np.ndarray) -> np.ndarray:

@@ -16,6 +16,8 @@ models are built once per worker and reused for every batch.  torch is imported 
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from poisonguard.detectors.base import rows_by_label
@@ -45,13 +47,14 @@ class TorchScorer:
         import torch
 
         self.torch, self.device = torch, torch.device(device)
-        self._tensors: dict[tuple[int, str], object] = {}
+        # per fitted detector (weakly: a new fit, e.g. a re-read side input, never meets old tensors)
+        self._tensors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _on_device(self, detector, key: str, make):
-        slot = (id(detector), key)
-        if slot not in self._tensors:
-            self._tensors[slot] = make()
-        return self._tensors[slot]
+        cache = self._tensors.setdefault(detector, {})
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
     def _t(self, array, dtype=None):
         return self.torch.as_tensor(np.ascontiguousarray(array), dtype=dtype or self.torch.float64, device=self.device)
