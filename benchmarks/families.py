@@ -318,13 +318,19 @@ def _worst_class_loss(flags, y, truth) -> float:
 
 
 def _aurocs(found, y, truth) -> dict:
+    """Each detector's AUROC over the rows of the classes that hold poison (a backdoor's target
+    class, a targeted flip's, every class for random flips), on within-class ranks.  Pooling the
+    clean rows of every class instead would cap a perfect ranking at about 1 - share / 2 (0.95 for a
+    backdoor of 10% of its class), since other classes' clean rows fill the top ranks too."""
     from sklearn.metrics import roc_auc_score
 
     aurocs = {}
+    poisoned_classes = np.isin(y, np.unique(y[truth])) if truth.any() else np.zeros(len(y), bool)
     for col in [c for c in found.columns if c.startswith("score_")]:
         scores = _within_class_rank(found[col].to_numpy(dtype=float), y)
-        if truth.any() and (~truth).any():
-            aurocs[col[6:]] = float(roc_auc_score(truth, np.nan_to_num(scores, nan=0.0)))
+        if truth.any() and (poisoned_classes & ~truth).any():
+            aurocs[col[6:]] = float(roc_auc_score(truth[poisoned_classes],
+                                                  np.nan_to_num(scores[poisoned_classes], nan=0.0)))
     return aurocs
 
 
@@ -553,7 +559,8 @@ def markdown(rows) -> str:
              "Default config (`poisonguard.screen`, the scan's own core), no oracle rate. Rates are poisoned rows as a",
              "share of the target class (backdoors) or of all rows / the source class (random / targeted flips).",
              "'clean flagged' = clean rows flagged / clean rows; 'worst class loss' = the largest share of one class's",
-             "clean rows flagged. AUROC ranks each detector's scores within classes; the best detector is named, so",
+             "clean rows flagged. AUROC ranks each detector's scores within classes, over the classes that hold poison",
+             "(pooling every class's clean rows would cap a perfect ranking near 1 - share / 2); the best detector is named, so",
              "ranking (AUROC) and deciding (F1) can be told apart. Mean over seeds " + ", ".join(map(str, seeds)) + ".",
              "Thresholds and defaults were chosen on the development families only (`benchmarks/choose_defaults.py`).",
              "", "## Held-out families (never used to choose anything)", "", targets(rows, "heldout"), "",

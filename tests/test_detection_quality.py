@@ -194,3 +194,20 @@ def test_knn_label_bounds_its_decision_rows_and_still_flags_rows_outside_them():
     assert det.representation_["rows"] == classes * 20
     flags = det.flag(x, noisy)
     assert flags[flipped].all() and flags.sum() == len(flipped)
+
+
+def test_the_refit_is_believed_only_where_the_neighbours_agree(monkeypatch):
+    """The line of classes passes the refit's neighbour check (every trusted row's neighbours share
+    its label); demand more agreement than any data can give and the same refit is not believed."""
+    from poisonguard.detectors import probe as probe_module
+    from poisonguard.detectors.stats import default_keys, states_by_class
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), 300)
+    x = (rng.normal(size=(3000, 8)) + y[:, None] * 3.0).astype(np.float32)
+    states = states_by_class(x, y, default_keys(len(y), 0), 5000)
+    believed = probe_module.fit_probe(states)
+    assert not believed.weak and believed.representation["refit"]["local_agreement"] >= probe_module.LOCAL_AGREEMENT
+    monkeypatch.setattr(probe_module, "LOCAL_AGREEMENT", 1.01)
+    doubted = probe_module.fit_probe(states)
+    assert doubted.weak and doubted.representation["probe_C"] == 0.01
