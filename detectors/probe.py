@@ -55,7 +55,7 @@ from poisonguard.detectors.stats import ClassState
 
 WEAK_UNEXPLAINED = 0.12  # unexplained out-of-fold error above which label checks read a weak representation
 REFIT_C = 1.0  # before judging a representation weak, the probe refits with this much less regularisation ...
-LOCAL_AGREEMENT = 0.95  # ... and believes the refit only where this share of the rows it does not doubt
+LOCAL_AGREEMENT = 0.95  # ... where at least this share of the rows it does not doubt
 LOCAL_ROWS = 2000  # (at most this many) have a majority of their 10 nearest neighbours on their own label
 
 
@@ -67,21 +67,12 @@ class LabelProbe:
     scale: np.ndarray
     thresholds: np.ndarray
     issues: np.ndarray  # out-of-fold label issues over the stacked training rows
-    oof: np.ndarray
-    y: np.ndarray
-    model: object
+    model: object  # refitted without the issues; scores every row
     representation: dict
 
     @property
     def weak(self) -> bool:
         return bool(self.representation["weak"])
-
-    def proba(self, X: np.ndarray) -> np.ndarray:
-        z = (np.asarray(X, dtype=np.float64) - self.mean) / self.scale
-        return self.model.predict_proba(z)
-
-    def label_issues(self, proba: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        return label_issues(proba, codes, self.thresholds)
 
 
 def label_issues(proba: np.ndarray, y: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -131,8 +122,7 @@ def fit_probe(states: dict[object, ClassState], *, n_folds: int = 5, C: float = 
                 f"of the class samples beyond its confident label issues (more than {WEAK_UNEXPLAINED:.0%})")
         if weak else "",
     }
-    thresholds, oof = fit["thresholds"], fit["oof"]
-    return LabelProbe(labels, counts, mean, scale, thresholds, issues, oof, y, model, representation)
+    return LabelProbe(labels, counts, mean, scale, fit["thresholds"], issues, model, representation)
 
 
 def _fit(z: np.ndarray, y: np.ndarray, n_labels: int, C: float, n_folds: int, random_state: int) -> dict:
@@ -149,7 +139,7 @@ def _fit(z: np.ndarray, y: np.ndarray, n_labels: int, C: float, n_folds: int, ra
     keep = ~issues if len(np.unique(y[~issues])) == n_labels else np.ones(len(y), bool)
     model = LogisticRegression(C=C, max_iter=300).fit(z[keep], y[keep])  # pruned, then retrained
     wrong = oof.argmax(axis=1) != y
-    return {"C": C, "oof": oof, "thresholds": thresholds, "issues": issues, "model": model,
+    return {"C": C, "thresholds": thresholds, "issues": issues, "model": model,
             "accuracy": float(np.mean(~wrong)), "unexplained": float(np.mean(wrong & ~issues))}
 
 

@@ -137,7 +137,6 @@ def states_of_block(x: np.ndarray, codes: np.ndarray, n_codes: int, keys: np.nda
     if tied.any():  # equal keys in a class: break ties by the row, as _bottom_k does
         row_tiebreak = np.ascontiguousarray(x.astype(np.float32, copy=False)).view(np.uint8).reshape(len(x), -1).sum(axis=1)
         order = np.lexsort((row_tiebreak, keys, codes))
-        sorted_codes = codes[order]
     counts = np.bincount(codes, minlength=n_codes)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     xs = x.astype(np.float32, copy=False)[order]
