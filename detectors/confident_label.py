@@ -76,7 +76,7 @@ class ConfidentLabel(PoisonDetector):
             probe = fit_probe(states, **self.probe_params())
         if probe is None:
             return self
-        self.representation_ = dict(probe.representation)
+        self.representation_ = {**probe.representation, "effect": "withheld" if probe.weak else None}
         labels, counts, issues = probe.labels, probe.counts, probe.issues
         self.mean_, self.scale_, self.thresholds_, self.model_ = probe.mean, probe.scale, probe.thresholds, probe.model
         self.labels_ = labels

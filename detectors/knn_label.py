@@ -124,7 +124,8 @@ class KnnLabel(PoisonDetector):
         # how well the embedding separates the labels: leave-self-out k-NN accuracy on the class samples
         accuracy = float(np.mean(own > 0.5))
         self.representation_ = {**(probe.representation if probe is not None else {}),
-                                "knn_accuracy": round(accuracy, 4), "rows": int(len(scores)), "weak": weak}
+                                "knn_accuracy": round(accuracy, 4), "rows": int(len(scores)), "weak": weak,
+                                "effect": "weakened" if weak else None}
         if weak:
             self.representation_["why"] += (f"; a row is flagged only where {self.min_disagreement_:.0%} of its "
                                             "neighbours carry one other label")

@@ -120,8 +120,7 @@ def console_summary(summary: dict, run_dir: str) -> str:
     for name, report in summary["detectors"].items():
         representation = report.get("representation") or {}
         if representation.get("weak"):
-            effect = "its flags are withheld" if name == "confident_label" else "weakened"
-            lines.append(f"  {name}: {effect}: {representation['why']}")
+            lines.append(f"  {name}: {representation['effect']}: {representation['why']}")
         guard = report.get("mass_quarantine") or {}
         if guard.get("unreliable"):
             lines.append(f"  {name}: unreliable here: it would flag {guard['mean_share_flagged']:.0%} of the rows in "
