@@ -1,5 +1,7 @@
 """SPECTRE's critical value on small classes comes from its own null: clean classes of 71-100 rows
-(the size of wine's classes) are not flagged, where the generic small-class term would flag them."""
+(the size of wine's classes) are not flagged, where the generic small-class term would flag them;
+and its second test, in all directions, finds what the top directions drop without flagging a
+sub-mode that every class has."""
 
 from __future__ import annotations
 
@@ -41,3 +43,42 @@ def test_a_planted_cluster_in_a_small_class_is_still_found():
     detector = Spectre(min_class_z=None).fit(x, np.zeros(100, int))
     flags = detector.flag(x, np.zeros(100, int))
     assert flags[:8].all() and flags[8:].sum() <= 1
+
+
+def _classes(n: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate([_clean_class(n, seed * 100 + c) + 3.0 * c for c in range(count)])
+    return x, np.repeat(np.arange(count), n)
+
+
+def test_a_cluster_in_a_low_variance_direction_is_found_in_all_directions():
+    x, y = _classes(400, 6, seed=3)
+    x = x.astype(np.float64)
+    first = y == 0
+    values, vectors = np.linalg.eigh(np.cov(x[first], rowvar=False))
+    truth = np.zeros(len(x), bool)
+    truth[:12] = True  # 3% of class 0, offset along its least varying direction
+    x[truth] += 12.0 * np.sqrt(values[0]) * vectors[:, 0]
+    x = x.astype(np.float32)
+    top_only = Spectre(all_directions=False).fit(x, y)
+    both = Spectre().fit(x, y)
+    assert not top_only.flag(x, y)[truth].any()  # the top 95% of the variance does not hold the offset
+    flags = both.flag(x, y)
+    assert flags[truth].all() and flags[~truth].sum() <= 1
+    assert "all directions" in both.decisions_[0].why
+    assert not any(d.suspicious for c, d in both.decisions_.items() if c != 0)
+
+
+def test_a_low_variance_sub_mode_that_every_class_has_is_not_flagged():
+    """The second test answers to the cross-class gate, the diffuse path included: a tight group
+    in a low-variance direction is what natural data has in every class (a second way of drawing
+    it), and what sets poison apart is that it stands out among the classes."""
+    x, y = _classes(400, 6, seed=5)
+    x = x.astype(np.float64)
+    for c in range(6):
+        rows = np.flatnonzero(y == c)
+        values, vectors = np.linalg.eigh(np.cov(x[rows], rowvar=False))
+        x[rows[:16]] += 12.0 * np.sqrt(values[0]) * vectors[:, 0]
+    x = x.astype(np.float32)
+    ungated = Spectre(min_class_z=None, explained_variance=1.0).fit(x, y)
+    assert sum(d.suspicious for d in ungated.decisions_.values()) >= 4  # the sub-modes do separate
+    assert not any(d.suspicious for d in Spectre().fit(x, y).decisions_.values())
