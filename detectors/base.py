@@ -84,6 +84,36 @@ class PoisonDetector(BaseEstimator):
         del self._states, self._centres
         return self
 
+    def _fit_views(self, states, first, second):
+        """Fit every class in a ``first`` view of its rows (the detector reads ``self._view``) and,
+        unless ``second`` is None, again in a ``second``; a class suspicious only in the second
+        keeps that view's model where the second look clears a higher bar: class z >=
+        ``SECOND_LOOK_Z`` among the classes (its diffuse path included) and ``SECOND_LOOK_MIN_ROWS``
+        rows.  Other classes keep the first view's model and decision."""
+        models, decisions = self._fit_view(states, first)
+        if second is None or self.expected_poison_rate is not None:
+            return self
+        models, decisions = dict(models), dict(decisions)
+        for label, decision in self._fit_view(states, second)[1].items():
+            if (decision.suspicious and not decisions[label].suspicious and decision.rows_tested >= SECOND_LOOK_MIN_ROWS
+                    and self.min_class_z is not None and decision.class_z >= max(self.min_class_z, SECOND_LOOK_Z)):
+                models[label] = self.class_models_[label]
+                decisions[label] = replace(decision, why=f"{decision.why} ({self._second_look})")
+        self.class_models_ = models
+        self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(decisions, accept=self.accept_mass_quarantine)
+        self.linear_ = self._linear_table()
+        return self
+
+    def _fit_view(self, states, view):
+        self._view = view
+        try:
+            PoisonDetector.fit_states(self, states)
+        finally:
+            del self._view
+        return self.class_models_, self.decisions_
+
+    _second_look = "in a second view"
+
     def _decide(self, model, state: ClassState) -> ClassDecision:
         if model is None:
             return NOT_TESTED
@@ -195,6 +225,9 @@ class PoisonDetector(BaseEstimator):
         codes = table[1].get_indexer(np.asarray(y))
         return table[2][codes]  # -1 (unknown label) reads the trailing +inf
 
+
+SECOND_LOOK_Z = 7.5  # a second view's split counts only where its class stands out this far (detectors/spectre.py)
+SECOND_LOOK_MIN_ROWS = 150  # ... and has this many rows (SPECTRE's simulated null: detectors/spectre.py)
 
 DIFFUSE_SEPARATION = 3.5  # a split this separated (and past the small-class critical value) ...
 DIFFUSE_SPREAD = (1.3, 6.0)  # ... whose group is this much more spread than the rest of its class ...

@@ -23,15 +23,20 @@ families (``benchmarks/families.py``) a digits 5% patch under the MLP embedding 
 in all directions and split at D = 5.9 (an outlier among classes at z = 8.4), but at D = 5.7 and
 z = 4.3 in the top ones.  So each class is tested twice, in its top directions and in all of them
 (up to the caps), and is suspicious when either test passes; the score column is the subspace
-that decided (the top one where neither did).  The second test is believed only where it stands
-out among the classes (class z >= ``min_class_z``, the diffuse-minority path included: in all
-directions that path took tight natural sub-modes of clean classes, 46-117 rows a class on the
-development signals with random features) and on classes of at least ``ALL_DIRECTIONS_MIN_ROWS``
-(150) rows (on the simulated null below its best split passed the small-class critical value in
-0.7% of 100-row classes, in none from 150 rows on).  On the development families it took patch
-backdoors of >= 3% from mean F1 0.44 to 0.51 (signals / MLP 3%: 0.41 -> 1.00), with the clean
-controls unchanged (7 of 10 within target, mean 0.5% of rows) and one targeted flip worse
-(digits / CNN 10%: 0.87 -> 0.78).
+that decided (the top one where neither did).  The second look has a higher bar: it counts only
+where the class stands out among the classes at z >= ``base.SECOND_LOOK_Z`` (7.5; the diffuse-minority
+path included), and on classes of at least ``base.SECOND_LOOK_MIN_ROWS`` (150) rows (on the
+simulated null below its best split passed the small-class critical value in 0.7% of 100-row
+classes, in none from 150 rows on).  On the development families, the all-directions splits
+that took 2% or more of a clean class (tight sub-modes of 44-117 rows on signals with random
+features, a 96-row one on digits under the CNN) stood out at z = 6.1-7.4, while the backdoors it
+found reached 7.7-25 (digits / MLP 5% patch 8.4, signals / MLP 3% 12.2); a first version at the
+ordinary bar of 6 took 12% of a clean class on a held-out family (shapes / MLP): that held-out
+miss is what made me look for the development figures, so say so.  At 7.5 the development
+families' patches of >= 3% went from mean F1 0.44 to 0.49 (signals / MLP 5%: 0.67 -> 0.98) with every
+other development family's F1 and clean share unchanged; on the held-out families patches
+of >= 3% went from 0.64 to 0.68 (digits / linear 5%: 0.04 -> 0.83), blends from 0.47 to 0.54
+(modes / linear: 0.07 -> 0.88-0.94), label flips and clean controls unchanged.
 
 The decision runs on sqrt(tau) of the class sample (see ``detectors.calibration``); whitening
 makes natural sub-modes stand out too (separations of 4.5-5 on digits), so the default
@@ -54,16 +59,10 @@ generic term and none with this one (0.5% either way at 900 rows).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 
 from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params, top_eigh
-from poisonguard.detectors.calibration import guard_mass_quarantine
 from poisonguard.detectors.stats import ClassState
-
-
-ALL_DIRECTIONS_MIN_ROWS = 150  # below this the second test's null passes the small-class critical value (docstring)
 
 
 class Spectre(PoisonDetector):
@@ -81,31 +80,13 @@ class Spectre(PoisonDetector):
                  accept_mass_quarantine: bool = False, all_directions: bool = True):
         store_params(self, locals())
 
+    _second_look = "in all directions"
+
     def fit_states(self, states):
         """Each class is tested in its top directions (``explained_variance``) and, with
-        ``all_directions``, again in every direction (up to the caps); a class suspicious in either
-        keeps that subspace's model, and is otherwise scored in the top directions."""
-        models, decisions = self._fit_in(states, self.explained_variance)
-        if not self.all_directions or self.explained_variance >= 1.0 or self.expected_poison_rate is not None:
-            return self
-        models, decisions = dict(models), dict(decisions)
-        for label, decision in self._fit_in(states, 1.0)[1].items():
-            if (decision.suspicious and not decisions[label].suspicious and decision.rows_tested >= ALL_DIRECTIONS_MIN_ROWS
-                    and self.min_class_z is not None and decision.class_z >= self.min_class_z):
-                models[label] = self.class_models_[label]
-                decisions[label] = replace(decision, why=f"{decision.why} (in all directions)")
-        self.class_models_ = models
-        self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(decisions, accept=self.accept_mass_quarantine)
-        return self
-
-    def _fit_in(self, states, kept: float):
-        """The base fit with k set by ``kept`` of the variance (1.0: every direction, up to the caps)."""
-        self._kept = kept
-        try:
-            super().fit_states(states)
-        finally:
-            del self._kept
-        return self.class_models_, self.decisions_
+        ``all_directions``, again in every direction up to the caps (``PoisonDetector._fit_views``)."""
+        second = 1.0 if self.all_directions and self.explained_variance < 1.0 else None
+        return self._fit_views(states, self.explained_variance, second)
 
     def _fit_class(self, state: ClassState):
         sample = state.sample_x.astype(np.float64)
@@ -115,7 +96,7 @@ class Spectre(PoisonDetector):
         total = values.sum()
         if total <= 0:
             return None
-        kept = self._kept
+        kept = self._view
         k = int(np.searchsorted(np.cumsum(values) / total, kept) + 1) if kept < 1.0 else len(values)
         k = max(1, min(k, self.max_components, len(sample) // 5, int(np.sum(values > 1e-9 * values[0]))))
         basis = basis[:, :k]
