@@ -91,8 +91,9 @@ class PoisonDetector(BaseEstimator):
         ``SECOND_LOOK_Z`` among the classes (its diffuse path included) and ``SECOND_LOOK_MIN_ROWS``
         rows.  Other classes keep the first view's model and decision."""
         models, decisions = self._fit_view(states, first)
-        if second is None or self.expected_poison_rate is not None:
-            return self
+        if second is None or self.expected_poison_rate is not None or \
+                not any(len(s.sample_x) >= SECOND_LOOK_MIN_ROWS for s in states.values()):
+            return self  # (no class large enough for the second look: 10^4 small classes pay nothing)
         models, decisions = dict(models), dict(decisions)
         for label, decision in self._fit_view(states, second)[1].items():
             if (decision.suspicious and not decisions[label].suspicious and decision.rows_tested >= SECOND_LOOK_MIN_ROWS
