@@ -28,11 +28,11 @@ where the class stands out among the classes at z >= ``base.SECOND_LOOK_Z`` (7.5
 path included), and on classes of at least ``base.SECOND_LOOK_MIN_ROWS`` (150) rows (on the
 simulated null below its best split passed the small-class critical value in 0.7% of 100-row
 classes, in none from 150 rows on).  On the development families, the all-directions splits
-that took 2% or more of a clean class (tight sub-modes of 44-117 rows on signals with random
-features, a 96-row one on digits under the CNN) stood out at z = 6.1-7.4, while the backdoors it
-found reached 7.7-25 (digits / MLP 5% patch 8.4, signals / MLP 3% 12.2); a first version at the
-ordinary bar of 6 took 12% of a clean class on a held-out family (shapes / MLP): that held-out
-miss is what made me look for the development figures, so say so.  At 7.5 the development
+that took 2% or more of a clean class (tight sub-modes of 44-46 rows on signals with random
+features, a 96-row one on digits under the CNN) stood out at z = 6.1-7.4 (smaller clean groups of
+3-4 rows reached 9-41), while the backdoors it found reached 7.7-25 (digits / MLP 5% patch 8.4, signals / MLP 3% 12.2); a first version at the
+ordinary bar of 6 took 12% of a clean class on a held-out family (shapes / MLP), and that held-out
+miss is what sent us to these development figures.  At 7.5 the development
 families' patches of >= 3% went from mean F1 0.44 to 0.49 (signals / MLP 5%: 0.67 -> 0.98) with every
 other development family's F1 and clean share unchanged; on the held-out families patches
 of >= 3% went from 0.64 to 0.68 (digits / linear 5%: 0.04 -> 0.83), blends from 0.47 to 0.54
