@@ -80,3 +80,19 @@ def test_a_candidate_split_keeps_its_threshold_but_is_not_flagged():
     assert not plain.suspicious and plain.threshold == np.inf
     assert 3.5 <= candidate.separation < 5.0 and candidate.why == CANDIDATE and not candidate.suspicious
     assert np.isfinite(candidate.threshold) and 1.0 < candidate.threshold < 4.0
+
+
+def test_a_gated_split_with_the_diffuse_shape_still_counts():
+    from dataclasses import replace
+
+    from poisonguard.detectors.base import diffuse_despite_gate
+    from poisonguard.detectors.calibration import DIFFUSE, ClassDecision
+
+    before = ClassDecision(True, 3.0, 5.7, 0.05, 900, "separated minority", spread_ratio=2.5)
+    after = replace(before, suspicious=False, threshold=float("inf"), class_z=4.3,
+                    why="separated minority, but not an outlier among classes (z=4.3)")
+    kept = diffuse_despite_gate(before, after)
+    assert kept.suspicious and kept.threshold == 3.0 and kept.why.startswith(DIFFUSE) and kept.class_z == 4.3
+    for shape in ({"spread_ratio": 0.9}, {"spread_ratio": 7.0}, {"minority_share": 0.2}, {"minority_share": 0.004}):
+        assert diffuse_despite_gate(replace(before, **shape), after) is after  # a class-like, scattered, large or tiny group
+    assert diffuse_despite_gate(before, before) is before  # not gated: unchanged
