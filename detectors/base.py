@@ -267,8 +267,9 @@ def diffuse_minority(candidate: ClassDecision, state: ClassState, flagged: np.nd
 def diffuse_despite_gate(before: ClassDecision, after: ClassDecision) -> ClassDecision:
     """A separated minority that the cross-class gate turned down still counts when its group has
     the diffuse-minority shape (``diffuse_minority``): a *less* separated split of that shape is
-    flagged without the gate, so a more separated one must be too.  On the development families
-    (``benchmarks/split_shapes.py``) the splits with D >= 5 and a class z of 3-6 were 8 poisoned
+    flagged without the gate, so a more separated one must be too.  Among the development families'
+    class splits (as ``benchmarks/split_shapes.py`` records them) those with D >= 5 and a class z of
+    3-6 were 8 poisoned
     ones with spread ratios of 1.1-4.1 (7 of them 1.9 or more) and 15 clean ones of 0.4-1.2."""
     if not before.suspicious or after.suspicious:
         return after

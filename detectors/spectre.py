@@ -17,26 +17,26 @@ Per class:
 
    computed from the eigendecomposition of the symmetric S (not element-wise).
 
-**Two subspaces.**  Keeping the directions that explain 95% of a class's variance drops the
+**Two subspaces.** Keeping the directions that explain 95% of a class's variance drops the
 low-variance directions, and a trigger can live in exactly those: on the development benchmark
 families (``benchmarks/families.py``) a digits 5% patch under the MLP embedding ranked at AUROC 1.0
 in all directions and split at D = 5.9 (an outlier among classes at z = 8.4), but at D = 5.7 and
-z = 4.3 in the top ones.  So each class is tested twice, in its top directions and in all of them
-(up to the caps), and is suspicious when either test passes; the score column is the subspace
-that decided (the top one where neither did).  The second look has a higher bar: it counts only
-where the class stands out among the classes at z >= ``base.SECOND_LOOK_Z`` (7.5; the diffuse-minority
-path included), and on classes of at least ``base.SECOND_LOOK_MIN_ROWS`` (150) rows (on the
-simulated null below its best split passed the small-class critical value in 0.7% of 100-row
-classes, in none from 150 rows on).  On the development families, the all-directions splits
-that took 2% or more of a clean class (tight sub-modes of 44-46 rows on signals with random
-features, a 96-row one on digits under the CNN) stood out at z = 6.1-7.4 (smaller clean groups of
-3-4 rows reached 9-41), while the backdoors it found reached 7.7-25 (digits / MLP 5% patch 8.4, signals / MLP 3% 12.2); a first version at the
-ordinary bar of 6 took 12% of a clean class on a held-out family (shapes / MLP), and that held-out
-miss is what sent us to these development figures.  At 7.5 the development
-families' patches of >= 3% went from mean F1 0.44 to 0.49 (signals / MLP 5%: 0.67 -> 0.98) with every
-other development family's F1 and clean share unchanged; on the held-out families patches
-of >= 3% went from 0.64 to 0.68 (digits / linear 5%: 0.04 -> 0.83), blends from 0.47 to 0.54
-(modes / linear: 0.07 -> 0.88-0.94), label flips and clean controls unchanged.
+z = 4.3 in the top ones. So each class is tested twice, in its top directions and in all of them (up to
+the caps), and is suspicious when either test passes; the score column is the subspace that decided
+(the top one where neither did). The second look has a higher bar: it counts only where the class
+stands out among the classes at z >= ``base.SECOND_LOOK_Z`` (7.5; the diffuse-minority path
+included), and on classes of at least ``base.SECOND_LOOK_MIN_ROWS`` (150) rows (on the simulated
+null below its best split passed the small-class critical value in 0.7% of 100-row classes, in none
+from 150 rows on). On the development families, the all-directions splits that took 2% or more of a
+clean class (tight sub-modes of 44-46 rows on signals with random features, a 96-row one on digits
+under the CNN) stood out at z = 6.1-7.4 (smaller clean groups of 3-4 rows reached 9-41), while the
+backdoors it found reached 7.7-25 (digits / MLP 5% patch 8.4, signals / MLP 3% 12.2); a first
+version at the ordinary bar of 6 took 12% of a clean class on a held-out family (shapes / MLP), and
+that held-out miss is what sent us to these development figures. At 7.5 the development families'
+patches of >= 3% went from mean F1 0.44 to 0.49 (signals / MLP 5%: 0.67 -> 0.98) with every other
+development family's F1 and clean share unchanged; on the held-out families patches of >= 3% went
+from 0.64 to 0.68 (digits / linear 5%: 0.04 -> 0.83), blends from 0.47 to 0.54 (modes / linear:
+0.07 -> 0.88-0.94), label flips and clean controls unchanged.
 
 The decision runs on sqrt(tau) of the class sample (see ``detectors.calibration``); whitening
 makes natural sub-modes stand out too (separations of 4.5-5 on digits), so the default
