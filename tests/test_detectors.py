@@ -36,7 +36,8 @@ def test_planted_subpopulation_is_found(cls):
 
 
 def test_spectre_finds_what_spectral_misses_under_anisotropic_noise():
-    """Clean variance dominates the top eigenvector; SPECTRE's robust whitening still sees the poison."""
+    """Clean variance dominates the top eigenvector; SPECTRE's robust whitening still sees the
+    poison, and so does spectral's second look in the pooled-whitened space."""
     rng = np.random.default_rng(1)
     d, n = 32, 2000
     scale = np.linspace(3, 0.5, d)
@@ -47,10 +48,15 @@ def test_spectre_finds_what_spectral_misses_under_anisotropic_noise():
     direction = rng.normal(size=d)
     x[rows] += (10 * direction / np.linalg.norm(direction)).astype(np.float32)
     poison[rows] = True
-    spectral = SpectralSignatures().fit(x, y).flag(x, y)
+    spectral = SpectralSignatures(pooled_view=False).fit(x, y).flag(x, y)
     spectre = Spectre().fit(x, y).flag(x, y)
     assert spectral[poison].mean() < 0.5
     assert spectre[poison].mean() > 0.9 and spectre[~poison].mean() < 0.005
+    # spectral's second look, relative to the covariance every class shares, sees it too
+    pooled = SpectralSignatures().fit(x, y)
+    flags = pooled.flag(x, y)
+    assert flags[poison].mean() > 0.9 and flags[~poison].mean() < 0.005
+    assert "pooled within-class covariance" in pooled.decisions_[2].why
 
 
 @pytest.mark.parametrize("name", list(DETECTORS))
