@@ -203,6 +203,11 @@ class PoisonDetector(BaseEstimator):
         return (pd.Index(labels, dtype=object), np.stack([models[c]["w"] for c in labels]),
                 np.array([models[c]["b"] for c in labels]))
 
+    def score_and_flag(self, X, y, sample_keys=None) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's score and flag; the flags read the scores just computed."""
+        scores = self.score_samples(X, y, sample_keys)
+        return scores, self.flag(X, y, sample_keys, scores=scores)
+
     def flag(self, X, y, sample_keys=None, scores: np.ndarray | None = None) -> np.ndarray:
         check_is_fitted(self, "decisions_")
         y = np.asarray(y)

@@ -225,11 +225,8 @@ def score_block(block: RowBlock, fitted: dict[str, PoisonDetector], dup_hashes: 
         if len(ok):
             if scorer is not None:
                 column[ok], flags[ok] = scorer.score_and_flag(detector, x, y, keys)
-            elif hasattr(detector, "score_and_flag"):
-                column[ok], flags[ok] = detector.score_and_flag(x, y, keys)
             else:
-                column[ok] = detector.score_samples(x, y, keys)
-                flags[ok] = detector.flag(x, y, keys, scores=column[ok])
+                column[ok], flags[ok] = detector.score_and_flag(x, y, keys)
         scores[name] = column
         if block.released is not None:
             flags &= ~block.released

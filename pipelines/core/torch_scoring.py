@@ -71,7 +71,7 @@ class TorchScorer:
         elif isinstance(detector, Spectre):
             scores = self._spectre(detector, X, y)
         else:
-            scores = detector.score_samples(X, y, keys)
+            return detector.score_and_flag(X, y, keys)
         return scores, detector.flag(X, y, keys, scores=scores)
 
     # ---- the kernels ------------------------------------------------------------------------
