@@ -45,6 +45,11 @@ def test_random_label_noise_is_not_mistaken_for_a_weak_representation():
     assert not det.mass_quarantine_["unreliable"]
     assert det.mass_quarantine_["median_other_class_confidence"] >= 0.7
     assert np.sum(flags & truth) >= 0.7 * truth.sum() and np.sum(flags & ~truth) <= 0.005 * (~truth).sum()
+    # the k-NN check reads the same evidence: the noise flags a share of every class, and it is kept
+    knn = DETECTORS["knn_label"](random_state=0).fit(x, y)
+    knn_flags = knn.flag(x, y)
+    assert knn.mass_quarantine_["classes_flagging_5pct"] > 4 and not knn.mass_quarantine_["unreliable"]
+    assert np.sum(knn_flags & truth) >= 0.3 * truth.sum() and np.sum(knn_flags & ~truth) <= 0.005 * (~truth).sum()
 
 
 def test_a_weak_representation_is_still_held_back():

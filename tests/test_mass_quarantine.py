@@ -25,15 +25,18 @@ def _table(separation: float, flip_into: int | None = None, flip_share: float = 
     return table, flipped
 
 
-def _collapsed(share: float = 0.12, seed: int = 0):
-    """A representation that maps a share of every class onto the next class's cluster, as an
-    under-fitted proxy does: each class's displaced rows sit among another class's rows."""
+def _collapsed(share: float = 0.15, seed: int = 0):
+    """A representation no linear probe can read (each class is two clusters on opposite sides of a
+    circle) that puts a share of every class among another class's rows, as an under-fitted proxy
+    does: the k-NN check sees other labels around many rows of every class, and the probe's label
+    issues are unsure (median other-class probability about 0.3), so nothing says they are flips."""
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(6), 300)
-    centres = rng.normal(size=(6, 8))
-    centres *= 12.0 / np.linalg.norm(centres, axis=1, keepdims=True)
-    at = np.where(rng.random(len(y)) < share, (y + 1) % 6, y)
-    x = centres[at] + rng.normal(size=(len(y), 8)) * 0.8
+    angles = np.deg2rad(np.arange(12) * 30.0)
+    centres = np.zeros((12, 8))
+    centres[:, 0], centres[:, 1] = 12 * np.cos(angles), 12 * np.sin(angles)
+    at = np.where(rng.random(len(y)) < share, (y + rng.integers(1, 6, len(y))) % 6, y)
+    x = centres[at + 6 * rng.integers(0, 2, len(y))] + rng.normal(size=(len(y), 8)) * 0.8
     return pa.table({"id": [f"r{i}" for i in range(len(y))], "label": y, "embedding": embedding_array(x)})
 
 
@@ -55,8 +58,17 @@ def test_weakly_separated_classes_leave_the_label_checks_quiet_and_say_so(tmp):
 
 
 def test_a_detector_flagging_most_classes_is_held_back_and_reported(tmp):
+    """With the weak-representation rule off (the plain 9-of-10 neighbourhood), the k-NN check would
+    flag about 9% of every class; the guard holds it back.  With the defaults that rule (a unanimous
+    neighbourhood) already flags under 5% of the rows."""
     data = write(_collapsed(), tmp / "weak.parquet")
-    knn = ["--set", "detectors=[{name: knn_label}]"]
+    code, _, stderr = run_cli("scan", data, "--out", tmp / "defaults", "--quiet",
+                              "--set", "detectors=[{name: knn_label}]")
+    assert code == 0, stderr
+    defaults = json.loads((tmp / "defaults" / "summary.json").read_text())
+    assert defaults["detectors"]["knn_label"]["representation"]["weak"]
+    assert defaults["counts"]["quarantined"] < 0.05 * 1800
+    knn = ["--set", "detectors=[{name: knn_label, params: {weak_min_disagreement: null}}]"]
     code, stdout, stderr = run_cli("scan", data, "--out", tmp / "run", *knn)
     assert code == 0, stderr
     summary = json.loads((tmp / "run" / "summary.json").read_text())
