@@ -22,7 +22,7 @@ def test_proxy_canaries_are_deterministic_and_change_no_published_row(tmp):
     runs = {}
     for name, extra in (("plain", []), ("canaries", ["--canaries"]), ("again", ["--canaries"])):
         code, stdout, stderr = run_cli("scan", POISONED, "--out", tmp / name, "--config", PROXY, "--quiet",
-                                       "--run-id", "same", *FAST, *extra)
+                                       "--run-id", "same", *FAST, "--set", "canaries.max_classes=3", *extra)
         assert code == 0, stderr
         runs[name] = json.loads((tmp / name / "summary.json").read_text())
     assert _published(tmp / "plain") == _published(tmp / "canaries") == _published(tmp / "again")
@@ -31,7 +31,9 @@ def test_proxy_canaries_are_deterministic_and_change_no_published_row(tmp):
     assert len(ids) == len(set(ids)) == 1797 and not any(i.startswith("__poisonguard_canary__") for i in ids)
     first, second = runs["canaries"]["canaries"], runs["again"]["canaries"]
     assert first == second and runs["plain"]["canaries"] is None
-    assert first["mode"] == "proxy" and first["planted"] >= 30 and 0 <= first["caught"] <= first["planted"]
+    assert first["mode"] == "proxy" and len(first["per_class"]) == 3  # the three largest classes, by config
+    assert first["planted"] == sum(c["canaries"] for c in first["per_class"].values()) >= 3 * 8
+    assert 0 <= first["caught"] <= first["planted"]
     assert all(c["finding"].endswith(f"canaries found in class {k}") for k, c in first["per_class"].items())
     assert "Canary self-test" in (tmp / "canaries" / "report.html").read_text()
 
