@@ -231,10 +231,32 @@ def test_knn_label_flags_a_row_whose_neighbours_name_one_other_class_not_a_mix()
     x = centres[y] + rng.normal(scale=[3.0, 0.2], size=(600, 2))
     x = np.vstack([x, [[20.0, 0.0], [20.0, 0.3]]]).astype(np.float32)
     y = np.r_[y, 0, 0]
-    det = KnnLabel(n_neighbors=10).fit(x, y)
+    det = KnnLabel(n_neighbors=10, min_share=0.0).fit(x, y)  # one row: under the default min_share
     scores = det.score_samples(x[-2:], y[-2:])
     assert scores[0] >= 0.9 and scores[1] < 0.9
     assert det.flag(x, y)[-2:].tolist() == [True, False]
+
+
+def test_knn_label_needs_min_share_of_a_class_where_the_class_can_resolve_it():
+    """A lone row inside another class, in a class of 400, is what a natural boundary gives: not
+    flagged at the default 1%; 3% of the class there is.  In a class of 60 (1% is under one row) the
+    lone row still is (a group's own rows are among each other's neighbours: most of it, not all)."""
+    rng = np.random.default_rng(4)
+
+    def data(n, inside):
+        y = np.repeat([0, 1], n)
+        x = np.array([[0.0, 0.0], [12.0, 0.0]])[y] + rng.normal(size=(2 * n, 2))
+        x[:inside] += [12.0, 0.0]  # rows labelled 0 that sit inside class 1
+        return x.astype(np.float32), y
+
+    for n, inside, flagged in ((400, 1, 0), (400, 12, 6), (60, 1, 1)):
+        x, y = data(n, inside)
+        det = KnnLabel(random_state=0).fit(x, y)
+        flags = det.flag(x, y)
+        assert flags[:inside].sum() >= flagged and not flags[inside:].any(), (n, inside)
+        if not flagged:
+            assert not flags.any()
+            assert "under min_share" in det.decisions_[0].why
 
 
 def test_confident_label_bounds_its_memory_with_many_classes():

@@ -77,8 +77,8 @@ def test_review_then_rescan_honours_decisions(first_scan, tmp):
     held_ids = [r["id"] for r in review_rows]
     poisoned = [i for i in held_ids if truth.loc[i, "poisoned"]]
     false_alarms = [i for i in held_ids if not truth.loc[i, "poisoned"]]
-    assert poisoned and false_alarms
-    confirm, release = poisoned[:3], (false_alarms + poisoned[3:])[:2]  # a reviewer may release any held row
+    assert len(poisoned) >= 5  # the sample's scan may hold no clean row; a reviewer may release any held row
+    confirm, release = poisoned[:3], (false_alarms + poisoned[3:])[:2]
     decided = tmp / "review.csv"
     shutil.copy(run1 / "review.csv", decided)
     _fill(decided, {**{i: "confirm" for i in confirm}, **{i: "release" for i in release}})
