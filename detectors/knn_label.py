@@ -43,7 +43,9 @@ poisoned data those rows were most of this detector's false alarms.  Where the d
 too few to resolve that share (``min_share`` x rows < 1: classes under 100 rows, or 10,000 classes
 sharing ``max_decision_total``) one row is still enough.  Chosen on the development families
 (``benchmarks/families.py``) among 0, 0.5%, 1%, 1.5%, 2% and 3% by the number of targets met: 29,
-30, 32, 32, 32 and 32; 1% is the smallest of the best.  From 0 to 1%, development: patches of 3% or
+30, 32, 32, 32 and 32 (0 and 1% run end to end, ``families.py eval --split dev --config`` with
+``knn_label``'s ``min_share``; the others replayed from each case's per-detector flags); 1% is the
+smallest of the best.  From 0 to 1%, development: patches of 3% or
 more meeting F1 >= 0.9 4 -> 7 of 30, flips 14 -> 15 of 50, ~1% patches 2 -> 1 of 10 (mean F1 0.266
 -> 0.217: a backdoor of a few rows in a large class now needs another detector), clean controls
 unchanged in count.
