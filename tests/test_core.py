@@ -43,6 +43,26 @@ def test_builtin_checks_mark_each_bad_row_with_its_reason():
     assert block.scorable.tolist() == [True, False, False, False, False, False]
 
 
+@pytest.mark.parametrize("value_type", [pa.float64(), pa.float32(), pa.int64()])
+def test_embedding_checks_read_each_value_type_exactly(value_type):
+    """The magnitude bound is exact in the column's own type (1e6 passes, the next value above it
+    does not; a float64 past float32's range is too big, not infinite), and good rows come out as
+    float32 whatever the column's type."""
+    above = {pa.float64(): np.nextafter(1e6, 2e6), pa.float32(): float(np.nextafter(np.float32(1e6), np.float32(2e6))),
+             pa.int64(): 1_000_001}[value_type]
+    rows = [[1, 2], [1e6, -1e6], [above, 0], [-above, 0], [3, 4]]
+    if value_type != pa.int64():
+        rows += [[float("nan"), 0], [float("inf"), 0]] + ([[1e40, 0]] if value_type == pa.float64() else [])
+    table = pa.table({"id": pa.array([f"r{i}" for i in range(len(rows))]), "label": pa.array([0] * len(rows)),
+                      "embedding": pa.array(rows, pa.list_(value_type))})
+    block = _block(table, dim=2)
+    reasons = {r: np.flatnonzero(m).tolist() for r, m in block.reasons.items()}
+    assert reasons.get("validation:builtin:embedding_magnitude") == [2, 3] + ([7] if value_type == pa.float64() else [])
+    assert reasons.get("validation:builtin:embedding_finite", []) == ([5, 6] if value_type != pa.int64() else [])
+    assert block.x.dtype == np.float32
+    assert block.x[[0, 1, 4]].tolist() == [[1, 2], [1e6, -1e6], [3, 4]]
+
+
 def _planted_config_and_table(n=400, classes=5, dim=8, share=0.04):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n * classes, dim)).astype(np.float32) + np.repeat(np.arange(classes), n)[:, None] * 8

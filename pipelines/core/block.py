@@ -119,16 +119,22 @@ def _embeddings(col, n: int, dim: int, max_abs: float) -> tuple[np.ndarray, dict
     not_finite = np.zeros(n, dtype=bool)
     too_big = np.zeros(n, dtype=bool)
     if ok.any():
-        values = pc.cast(col.filter(pa.array(ok)).flatten(), pa.float64()).to_numpy(zero_copy_only=False)
-        values = values.reshape(-1, dim)
+        flat = (col if ok.all() else col.filter(pa.array(ok))).flatten()
+        if not (pa.types.is_float32(flat.type) or pa.types.is_float64(flat.type)):
+            flat = pc.cast(flat, pa.float64())
+        values = flat.to_numpy(zero_copy_only=False).reshape(-1, dim)  # in the column's own float type
         finite = np.isfinite(values).all(axis=1)
-        big = np.zeros(len(values), dtype=bool)
-        big[finite] = (np.abs(values[finite]) > max_abs).any(axis=1)
+        # each row's largest magnitude, exact in its own type, compared in float64
+        peak = np.maximum(values.max(axis=1), -values.min(axis=1)).astype(np.float64)
+        big = finite & (peak > max_abs)
         rows = np.flatnonzero(ok)
         not_finite[rows[~finite]] = True
         too_big[rows[big]] = True
         good = finite & ~big
-        x[rows[good]] = values[good].astype(np.float32)
+        if good.all() and len(rows) == n:
+            x = values.astype(np.float32)
+        else:
+            x[rows[good]] = values[good].astype(np.float32)
     return x, {"embedding_missing": missing, "embedding_dim": wrong_dim,
                "embedding_finite": not_finite, "embedding_magnitude": too_big}
 
