@@ -272,3 +272,29 @@ def test_confident_label_bounds_its_memory_with_many_classes():
     assert all(d.why.startswith("not run: more than max_classes") for d in skipped.decisions_.values())
     capped = ConfidentLabel(max_train_rows=600).fit(x, y)
     assert capped.model_ is not None and {d.rows_tested for d in capped.decisions_.values()} == {10}
+
+
+def test_spectre_scores_many_small_classes_from_stacked_maps_bit_for_bit():
+    """Past 64 classes of few directions, SPECTRE scores a batch from its stacked per-class maps in
+    one gather; the scores equal the class-by-class kernel's bit for bit, so the thresholds the fit
+    set on its samples hold, and a planted group is still flagged."""
+    from poisonguard.detectors import Spectre
+
+    rng = np.random.default_rng(7)
+    classes, n, dim = 80, 200, 6
+    y = np.repeat(np.arange(classes), n)
+    x = rng.normal(size=(len(y), dim)) + 10 * rng.normal(size=(classes, dim))[y]
+    planted = np.flatnonzero(y == 5)[:12]
+    x[planted] += 8.0
+    x = x.astype(np.float32)
+    det = Spectre(all_directions=False).fit(x, y)
+    assert det.quadratic_ is not None and det.quadratic_[1].shape[0] == classes
+    stacked = det.score_samples(x, y)
+    table, det.quadratic_ = det.quadratic_, None
+    by_class = det.score_samples(x, y)
+    det.quadratic_ = table
+    assert np.array_equal(stacked, by_class)
+    flags = det.flag(x, y)
+    assert flags[planted].all() and flags.sum() <= len(planted) + 2
+    few = Spectre(all_directions=False).fit(x[y < 10], y[y < 10])
+    assert few.quadratic_ is None  # ten classes: scored class by class

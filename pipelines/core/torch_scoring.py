@@ -95,12 +95,10 @@ class TorchScorer:
             model = detector.class_models_.get(label)
             if model is None:
                 continue
-            mean, basis, mu, whitener, q = self._on_device(
-                detector, f"class:{label!r}",
-                lambda m=model: tuple(self._t(m[k]) for k in ("mean", "basis", "mu", "whitener", "q")))
+            A, a = self._on_device(detector, f"class:{label!r}", lambda m=model: (self._t(m["A"]), self._t(m["a"])))
             x = self._t(np.asarray(X[rows], dtype=np.float64))
-            white = ((x - mean) @ basis - mu) @ whitener
-            scores[rows] = ((white @ q) * white).sum(dim=1).cpu().numpy()
+            white = x @ A + a  # tau(x) = |x A + a|^2 (detectors.spectre)
+            scores[rows] = (white * white).sum(dim=1).cpu().numpy()
         return scores
 
     def _neighbours(self, detector):
