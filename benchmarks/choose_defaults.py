@@ -9,6 +9,13 @@ development clean control and no clean class losing more than 2%.  Prints the gr
 the chosen values become the detectors' defaults and are then reported on the held-out families.
 
     python benchmarks/choose_defaults.py
+
+Scope: this grid chose the first round's values (``min_separation``, ``min_class_z``,
+``min_disagreement``, ``max_share``) and replays that round's class rule only.  The rules added
+since were chosen on the same development families with their own evidence: the diffuse-minority
+and pinned-split rules with ``split_shapes.py``, the second looks, the weak-representation verdict
+and the k-NN check's ``min_share`` with ``families.py eval --split dev --config ...`` (each rule's
+docstring gives the candidates and the counts); the replay here does not include them.
 """
 
 from __future__ import annotations
