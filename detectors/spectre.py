@@ -140,10 +140,14 @@ class Spectre(PoisonDetector):
         pad = getattr(self, "_pad", None) or k
         A, a = np.zeros((len(basis), pad)), np.zeros(pad)
         A[:, :k], a[:k] = basis @ to_q, -(state.mean @ basis + mu) @ to_q
-        return {"mean": state.mean, "basis": basis, "mu": mu, "whitener": whitener, "q": q, "k": k, "A": A, "a": a}
+        return {"mean": state.mean, "basis": basis, "mu": mu, "whitener": whitener, "q": q, "k": k, "A": A, "a": a,
+                "kernel": "stacked" if getattr(self, "_pad", None) is not None else "blas"}
 
     def _score_class(self, model, X):
-        return quadratic_scores(X, model["A"], model["a"])
+        if model["kernel"] == "stacked":  # the stacked path's kernel, so the fit's thresholds hold on it bit for bit
+            return quadratic_scores(X, model["A"], model["a"])
+        y = np.asarray(X, dtype=np.float64) @ model["A"] + model["a"]  # one BLAS call (wide maps, few classes)
+        return np.einsum("ij,ij->i", y, y)
 
     def score_samples(self, X, y, sample_keys=None):
         """Class by class, or (many small classes) every row at once from the stacked maps."""
