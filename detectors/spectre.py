@@ -60,6 +60,7 @@ generic term and none with this one (0.5% either way at 900 rows).
 from __future__ import annotations
 
 import numpy as np
+from sklearn.utils.validation import check_is_fitted
 
 from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params, top_eigh
 from poisonguard.detectors.stats import ClassState
@@ -151,6 +152,7 @@ class Spectre(PoisonDetector):
 
     def score_samples(self, X, y, sample_keys=None):
         """Class by class, or (many small classes) every row at once from the stacked maps."""
+        check_is_fitted(self, "decisions_")
         table = getattr(self, "quadratic_", None)
         if table is None:
             return super().score_samples(X, y, sample_keys)
