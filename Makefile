@@ -28,8 +28,10 @@ demo: venv
 	echo "provenance log: runs/poisonguard-provenance.jsonl; state (decisions, drift baselines): runs/state"; \
 	exit $$code
 
+# Two test workers, one BLAS/OpenMP thread each: with each worker's BLAS spreading over every core
+# the workers contend (on 2 cores the suite took 172-188 s that way, 125 s this way).
 test: venv browser
-	$(PY) -m pytest -q -n 2 --dist worksteal tests
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal tests
 
 # The example DAG under `airflow dags test`, with Airflow in its own venv (not part of `make test`:
 # installing Airflow takes about 40 s here, the check itself about 20 s).
