@@ -28,27 +28,31 @@ decision scores at most ``max_decision_rows`` sample rows per class and ``max_de
 (100,000) in all (at least 20 a class): with 10,000 classes of 100 rows the fit had scored every row
 once more than the score pass does (34 s of a 1M-row scan).  With ``min_rows`` = 1 a class is not
 left out for having no hit among its decision rows: a row's neighbourhood is its own evidence, so
-any row of the class that reaches the threshold in the score pass is flagged.  A row is
-flagged where s(x) >= ``min_disagreement`` (0.9, chosen on the development benchmark families, where
-0.7 flagged up to 2% of clean controls: stricter than the plurality rule, so rows on a
-natural class boundary, whose neighbourhoods are mixed, stay clean).  The evidence is per row, so
-one such row is enough (``min_rows`` = 1); a class where more than ``max_share`` of the rows
-disagree is not flagged (the labels, not the rows, are then in question).
+any row of the class that reaches the threshold in the score pass is flagged (where the class can
+hold it: below).  A row is flagged where s(x) >= ``min_disagreement`` (0.8: stricter than the
+plurality rule, so rows on a natural class boundary, whose neighbourhoods are mixed, stay clean); a
+class where more than ``max_share`` of the rows disagree is not flagged (the labels, not the rows,
+are then in question).
 
-A class is flagged only where its label-inconsistent decision rows are at least ``min_share`` (1%)
+A class is flagged only where its label-inconsistent decision rows are at least ``min_share`` (2%)
 of them: clean classes have a few rows on a natural boundary, inside another class's neighbourhood
-(on the development families' clean controls a median 0.27% of a class where there was any, 1.2%
-at most but for breast cancer on random features, 1.6-4.2%), and on
-poisoned data those rows were most of this detector's false alarms.  Where the decision rows are
-too few to resolve that share (``min_share`` x rows < 1: classes under 100 rows, or 10,000 classes
-sharing ``max_decision_total``) one row is still enough.  Chosen on the development families
-(``benchmarks/families.py``) among 0, 0.5%, 1%, 1.5%, 2% and 3% by the number of targets met: 29,
-30, 32, 32, 32 and 32 (0 and 1% run end to end, ``families.py eval --split dev --config`` with
-``knn_label``'s ``min_share``; the others replayed from each case's per-detector flags); 1% is the
-smallest of the best.  From 0 to 1%, development: patches of 3% or
-more meeting F1 >= 0.9 4 -> 7 of 30, flips 14 -> 15 of 50, ~1% patches 2 -> 1 of 10 (mean F1 0.266
--> 0.217: a backdoor of a few rows in a large class now needs another detector), clean controls
-unchanged in count.
+(on the development families' clean controls a median 0.27% of a class where there was any at 0.9,
+1.2% at most but for breast cancer on random features, 1.6-4.2%), and on poisoned data those rows
+were most of this detector's false alarms.  Where the decision rows are too few to resolve that
+share (``min_share`` x rows < 1: classes under 50 rows, or 10,000 classes sharing
+``max_decision_total``) one row is still enough.
+
+Both values were chosen together on the development families (``benchmarks/families.py``) by the
+number of targets met, then development mean F1 over the poisoned families.  With one row enough
+(min_share 0) and 0.9, as before: 29 targets.  At 0.9: 0.5% 30, 1% to 3% 32 each.  At 0.8: 1% 31,
+2% 34 (mean F1 0.438), 3% 34 (0.425).  At 0.7: 1% 29, 2% 32, 3% 34 (0.435).  So 0.8 and 2%
+(0 and 1% at 0.9, and 2% at 0.8, run end to end with ``families.py eval --split dev --config``;
+the rest replayed from each case's per-detector flags, which the end-to-end runs matched exactly).  Against 0.9 with one row
+enough, development: patches of 3% or more meeting F1 >= 0.9 4 -> 7 of 30, flips 14 -> 17 of 50
+(mean F1 0.486 -> 0.478), ~1% patches 2 -> 1 of 10 (0.266 -> 0.210: a backdoor of a few rows in a
+large class now needs another detector), blends 0.287 -> 0.260, clean controls unchanged in count.
+A lower threshold alone (0.8 or 0.7 with one row enough) had flagged up to 2% of a clean control's
+rows; the class share is what makes it affordable.
 
 The mass-quarantine guard (``calibration.guard_mass_quarantine``) reads the shared linear probe's
 issue confidence, as confident learning's does: random label noise flags a share of every class,
@@ -90,13 +94,13 @@ class KnnLabel(PoisonDetector):
                          "max_decision_total": {"ge": 10, "le": 100_000_000}, "n_components": {"ge": 1, "le": 16384},
                          "weak_min_disagreement": {"gt": 0.0, "le": 1.0}, "min_share": {"ge": 0.0, "le": 1.0}}
 
-    def __init__(self, *, n_neighbors: int = 10, min_disagreement: float = 0.9, reference_size: int = 10000,
+    def __init__(self, *, n_neighbors: int = 10, min_disagreement: float = 0.8, reference_size: int = 10000,
                  max_decision_rows: int = 5000, max_decision_total: int = 100_000, max_share: float = 0.35,
                  min_separation: float = 4.0,
                  min_rows: int = 1, min_class_z: float | None = 3.0, expected_poison_rate: float | None = None,
                  max_fit_rows_per_class: int = 5000, random_state: int = 0,
                  accept_mass_quarantine: bool = False, n_components: int | None = 16,
-                 weak_min_disagreement: float | None = 1.0, min_share: float = 0.01):
+                 weak_min_disagreement: float | None = 1.0, min_share: float = 0.02):
         store_params(self, locals())
 
     def fit_states(self, states: dict[object, ClassState], probe: LabelProbe | None = None):
