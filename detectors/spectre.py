@@ -138,11 +138,12 @@ class Spectre(PoisonDetector):
         # tau(x) = y^T q y = |y L|^2 with q = L L^T (L = s_evecs sqrt(q_evals / sum)), and
         # y L = x (basis whitener L) - (mean basis + mu) whitener L
         to_q = whitener @ (s_evecs * np.sqrt(q_evals / q_evals.sum()))
-        pad = getattr(self, "_pad", None) or k
-        A, a = np.zeros((len(basis), pad)), np.zeros(pad)
-        A[:, :k], a[:k] = basis @ to_q, -(state.mean @ basis + mu) @ to_q
+        pad = getattr(self, "_pad", None)  # set by fit_states where the maps are stacked
+        A, a = basis @ to_q, -(state.mean @ basis + mu) @ to_q
+        if pad is not None:  # zero columns up to the common width
+            A, a = np.concatenate([A, np.zeros((len(A), pad - k))], axis=1), np.concatenate([a, np.zeros(pad - k)])
         return {"mean": state.mean, "basis": basis, "mu": mu, "whitener": whitener, "q": q, "k": k, "A": A, "a": a,
-                "kernel": "stacked" if getattr(self, "_pad", None) is not None else "blas"}
+                "kernel": "blas" if pad is None else "stacked"}
 
     def _score_class(self, model, X):
         if model["kernel"] == "stacked":  # the stacked path's kernel, so the fit's thresholds hold on it bit for bit
