@@ -134,16 +134,14 @@ class Spectre(PoisonDetector):
         s_evals, s_evecs = np.linalg.eigh(s - np.eye(k))
         norm = max(np.abs(s_evals).max(), 1e-12)
         q_evals = np.exp(self.alpha * s_evals / norm)
-        q = (s_evecs * q_evals) @ s_evecs.T / q_evals.sum()
-        # tau(x) = y^T q y = |y L|^2 with q = L L^T (L = s_evecs sqrt(q_evals / sum)), and
-        # y L = x (basis whitener L) - (mean basis + mu) whitener L
+        # tau(x) = y^T Q y / tr(Q) = |y L|^2 with Q / tr(Q) = L L^T (L = s_evecs sqrt(q_evals / sum)),
+        # and y L = x (basis whitener L) - (mean basis + mu) whitener L: only the map is kept
         to_q = whitener @ (s_evecs * np.sqrt(q_evals / q_evals.sum()))
         pad = getattr(self, "_pad", None)  # set by fit_states where the maps are stacked
         A, a = basis @ to_q, -(state.mean @ basis + mu) @ to_q
         if pad is not None:  # zero columns up to the common width
             A, a = np.concatenate([A, np.zeros((len(A), pad - k))], axis=1), np.concatenate([a, np.zeros(pad - k)])
-        return {"mean": state.mean, "basis": basis, "mu": mu, "whitener": whitener, "q": q, "k": k, "A": A, "a": a,
-                "kernel": "blas" if pad is None else "stacked"}
+        return {"k": k, "A": A, "a": a, "kernel": "blas" if pad is None else "stacked"}
 
     def _score_class(self, model, X):
         if model["kernel"] == "stacked":  # the stacked path's kernel, so the fit's thresholds hold on it bit for bit
