@@ -293,6 +293,7 @@ def evaluate_case(key, path, art: bool, config: dict | None = None) -> dict:
 
     data = np.load(path)
     e, y, truth = data["embedding"], data["label"], data["truth"]
+    config = score_every_row(config)
     t0 = time.perf_counter()
     with warnings.catch_warnings(), threadpool_limits(1):  # one BLAS thread per worker process
         warnings.simplefilter("ignore")
@@ -310,6 +311,20 @@ def evaluate_case(key, path, art: bool, config: dict | None = None) -> dict:
         best = max((_metrics(f, truth)["f1"], name) for name, (f, _, _) in art_methods(e, y, truth.mean()).items())
         row["art_best_f1"], row["art_best"] = best
     return row
+
+
+def score_every_row(config: dict | None) -> dict:
+    """The config with the k-NN label check scoring every row: by default it leaves rows of classes it
+    cannot flag unscored (NaN), and the AUROC columns read every row's rank.  Decisions are the same
+    (``tests/test_detectors.py``)."""
+    from poisonguard.detectors import DEFAULT_DETECTORS
+
+    config = json.loads(json.dumps(config or {}))
+    detectors = config.setdefault("detectors", [{"name": name} for name in DEFAULT_DETECTORS])
+    for det in detectors:
+        if det["name"] == "knn_label":
+            det.setdefault("params", {})["score_every_row"] = True
+    return config
 
 
 def _worst_class_loss(flags, y, truth) -> float:
@@ -389,6 +404,7 @@ def evaluate_proxy_case(source: str, attack: str, rate: float, seed: int, archit
     arch, _, stop = architecture.partition("+")  # e.g. "auto", "mlp+held_out"
     config = {"seed": seed, "embedding": {"source": "proxy", "features": "features", "device": "cpu",
                                           "proxy_architecture": arch, **({"proxy_stop": stop} if stop else {})}}
+    config = score_every_row(config)
     t0 = time.perf_counter()
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore")

@@ -67,6 +67,15 @@ Chosen on the development families, whose embeddings have 32 dimensions: 16 comp
 mean F1 of 0.507 against 0.503 for the whole embedding, with every clean control's flagged share
 within 0.01 points of it; 8 components fell to 0.495 and took two clean controls up by a half.  For
 1,000,000 128-d rows against the 10,000-row reference, the search alone took 20 s instead of 37 s.
+
+The score pass searches only rows a decision can flag: a class whose threshold is +inf (too few
+label-inconsistent decision rows, or no reachable score) cannot have a row flagged whatever its
+neighbours, so its rows are not searched and score NaN ("not scored", as the output contract
+allows); the flags are those of a full search (``tests/test_detectors.py``).  ``score_every_row``
+searches every row, for a full ranking (the benchmarks' AUROC columns).  A class is not tested at
+all where no other class holds ``min_disagreement`` x k reference rows: 10,000 classes of 100 rows
+share the 10,000-row reference one row each, so no neighbourhood can name one other label on 8 of
+10 neighbours; the search would cost the whole scan's largest share and could flag nothing.
 """
 
 from __future__ import annotations
@@ -100,7 +109,8 @@ class KnnLabel(PoisonDetector):
                  min_rows: int = 1, min_class_z: float | None = 3.0, expected_poison_rate: float | None = None,
                  max_fit_rows_per_class: int = 5000, random_state: int = 0,
                  accept_mass_quarantine: bool = False, n_components: int | None = 16,
-                 weak_min_disagreement: float | None = 1.0, min_share: float = 0.02):
+                 weak_min_disagreement: float | None = 1.0, min_share: float = 0.02,
+                 score_every_row: bool = False):
         store_params(self, locals())
 
     def fit_states(self, states: dict[object, ClassState], probe: LabelProbe | None = None):
@@ -139,6 +149,14 @@ class KnnLabel(PoisonDetector):
         self.mass_quarantine_ = self.representation_ = None
         if self.k_ == 0:
             return self
+        threshold = float(np.nextafter(self.min_disagreement_, -np.inf))
+        reach = self._reachable_share(len(xs))
+        if self.expected_poison_rate is None and not (reach > threshold).any():
+            # no neighbourhood can name one other label often enough: nothing to search for
+            self.decisions_ = {label: self._unreachable(reach[i]) for i, label in enumerate(states)}
+            self.representation_ = {**(probe.representation if probe is not None else {}), "knn_accuracy": None,
+                                     "rows": 0, "weak": weak, "effect": "weakened" if weak else None}
+            return self
         # every class's decision rows (the first of its hash-ordered sample: uniform) scored at once
         labels = list(states)
         per_class = min(self.max_decision_rows, max(MIN_DECISION_ROWS, self.max_decision_total // len(labels)))
@@ -156,16 +174,35 @@ class KnnLabel(PoisonDetector):
             self.representation_["why"] += (f"; a row is flagged only where {self.min_disagreement_:.0%} of its "
                                             "neighbours carry one other label")
         starts = np.concatenate([[0], np.cumsum(counts)])
-        threshold = float(np.nextafter(self.min_disagreement_, -np.inf))
         hits = np.add.reduceat(scores > threshold, starts[:-1]) if len(scores) else np.zeros(len(labels), int)
         for i, label in enumerate(labels):
-            if counts[i]:
+            if self.expected_poison_rate is None and not reach[i] > threshold:
+                self.decisions_[label] = self._unreachable(reach[i])
+            elif counts[i]:
                 self.decisions_[label] = self._decide_knn(scores[starts[i]:starts[i + 1]], int(hits[i]), threshold)
         # the papers' rate mode flags the top of every class by design: no guard there
         self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(
             self.decisions_, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None,
             confidence=None if probe is None else probe.representation["issue_confidence"])
         return self
+
+    def _reachable_share(self, n_classes: int) -> np.ndarray:
+        """Per class (in ``classes_`` order), the largest score any of its rows can reach: the most
+        reference rows one *other* class holds, over k.  With many small classes (10,000 classes of
+        100 rows share a 10,000-row reference: one row each) no neighbourhood can name one other label
+        on ``min_disagreement`` of its neighbours, and the check has nothing to find."""
+        counts = np.bincount(self.reference_codes_, minlength=n_classes)
+        if n_classes < 2:
+            return np.zeros(n_classes)
+        order = np.argsort(-counts, kind="stable")
+        best, second = counts[order[0]], counts[order[1]]
+        other = np.where(np.arange(n_classes) == order[0], second, best)
+        return np.minimum(other, self.k_) / self.k_
+
+    def _unreachable(self, reach: float) -> ClassDecision:
+        why = (f"no other class holds enough reference rows: a neighbourhood can name one other label on at most "
+               f"{reach:.0%} of its neighbours, under min_disagreement ({self.min_disagreement_:.0%})")
+        return ClassDecision(False, float("inf"), float("nan"), 0.0, 0, why)
 
     def _decide_knn(self, scores: np.ndarray, hits: int, threshold: float) -> ClassDecision:
         if self.expected_poison_rate is not None:
@@ -186,11 +223,9 @@ class KnnLabel(PoisonDetector):
         return ClassDecision(False, float("inf"), float("nan"), share, len(scores), why)
 
     def score_samples(self, X, y, sample_keys=None):
-        check_is_fitted(self, "decisions_")
-        X = np.asarray(X, dtype=np.float32)
-        if self.index_ is None:
-            return np.full(len(X), np.nan)
-        return self._scores(X, np.asarray(y, dtype=object), sample_keys)
+        """Each row's score; NaN for a row no decision can flag (its class's threshold is +inf), which
+        is not searched, unless ``score_every_row``."""
+        return self.score_with(X, y, sample_keys, None)
 
     def _scores(self, X, y, keys, block: int = 4096, own_share: bool = False, neighbours_fn=None):
         """``neighbours_fn`` (rows -> (distances, reference positions) of their k + 1 nearest) replaces
@@ -221,12 +256,21 @@ class KnnLabel(PoisonDetector):
             return self.index_.kneighbors(self._project(X))
 
     def score_with(self, X, y, sample_keys, neighbours_fn):
-        """Every row's score with another neighbour search (``core.torch_scoring``)."""
+        """``score_samples`` with another neighbour search (``core.torch_scoring``), or scikit-learn's
+        where ``neighbours_fn`` is None."""
         check_is_fitted(self, "decisions_")
         X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y, dtype=object)
+        out = np.full(len(X), np.nan)
         if self.index_ is None:
-            return np.full(len(X), np.nan)
-        return self._scores(X, np.asarray(y, dtype=object), sample_keys, neighbours_fn=neighbours_fn)
+            return out
+        rows = slice(None) if self.score_every_row else np.flatnonzero(np.isfinite(self.thresholds_for(y)))
+        if self.score_every_row or len(rows) == len(X):
+            return self._scores(X, y, sample_keys, neighbours_fn=neighbours_fn)
+        if len(rows):
+            keys = None if sample_keys is None else np.asarray(sample_keys)[rows]
+            out[rows] = self._scores(X[rows], y[rows], keys, neighbours_fn=neighbours_fn)
+        return out
 
     def _project(self, X):
         if self.projection_ is None:

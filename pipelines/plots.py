@@ -67,9 +67,13 @@ def histogram(clean: np.ndarray, flagged: np.ndarray, threshold: float | None, t
     """A detector's scores in one class: its clean sample and the rows *it* flagged, log counts,
     and the threshold it used."""
     width, height, left, bottom, top = 300, 190, 34, 150, 22
+    given = len(clean) + len(flagged)
     clean, flagged = clean[np.isfinite(clean)], flagged[np.isfinite(flagged)]
-    both = np.concatenate([clean, flagged, [] if threshold is None else [threshold]])
     body = [_text(width / 2, 13, title, "middle", 'font-weight="bold"')]
+    if given and not len(clean) + len(flagged):  # e.g. the k-NN check skips classes it cannot flag
+        body.append(_text(width / 2, height / 2, "not scored in this class", "middle"))
+        return _doc(width, height, body)
+    both = np.concatenate([clean, flagged, [] if threshold is None or not np.isfinite(threshold) else [threshold]])
     if not len(both) or both.max() <= both.min():
         body.append(_text(width / 2, height / 2, "no spread in scores", "middle"))
         return _doc(width, height, body)

@@ -56,6 +56,24 @@ def read_outputs(run_dir: Path) -> tuple[pa.Table, pa.Table]:
             pads.dataset(str(run_dir / "quarantine"), format="parquet").to_table())
 
 
+def same_rows(a: pa.Table, b: pa.Table) -> bool:
+    """Equal tables, a NaN equal to a NaN in the same place (``Table.equals`` holds NaN != NaN; the
+    k-NN label check leaves rows it cannot flag unscored, NaN)."""
+    import pyarrow.compute as pc
+
+    if not a.schema.equals(b.schema) or a.num_rows != b.num_rows:
+        return False
+    for name in a.column_names:
+        x, y = a[name], b[name]
+        if pa.types.is_floating(x.type):
+            if not pc.fill_null(pc.is_nan(x), False).equals(pc.fill_null(pc.is_nan(y), False)):
+                return False
+            x, y = (pc.if_else(pc.is_nan(c), pa.scalar(None, c.type), c) for c in (x, y))
+        if not x.equals(y):
+            return False
+    return True
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     """Run the CLI in-process, capturing stdout/stderr (much faster than a subprocess)."""
     import contextlib

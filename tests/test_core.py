@@ -301,3 +301,11 @@ def test_scoring_on_cuda_without_a_gpu_is_a_config_error():
         assert resolve_device("auto") is None
         with pytest.raises(ConfigError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_a_score_histogram_says_when_a_class_was_not_scored():
+    from poisonguard import plots
+
+    unscored = plots.histogram(np.full(50, np.nan), np.zeros(0), None, "knn_label")
+    scored = plots.histogram(np.linspace(0, 1, 50), np.zeros(0), None, "knn_label")
+    assert "not scored in this class" in unscored and "not scored" not in scored and "<rect" in scored

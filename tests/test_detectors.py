@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from sklearn.base import clone
 
 from poisonguard.detectors import DETECTORS, ActivationClustering, KnnLabel, SpectralSignatures, Spectre, merge_states
 from poisonguard.detectors.stats import ClassState
@@ -78,7 +79,40 @@ def test_knn_label_scores_do_not_depend_on_the_scoring_block():
     keys = np.arange(3000, dtype=np.uint64)
     one = det._scores(x, y.astype(object), keys, block=97)
     assert np.array_equal(one, det._scores(x, y.astype(object), keys, block=4096))
-    assert np.array_equal(one, det.score_samples(x, y, keys))
+    assert np.array_equal(one, det.set_params(score_every_row=True).score_samples(x, y, keys))
+
+
+def test_knn_label_leaves_rows_it_cannot_flag_unscored_with_the_same_flags():
+    """Rows of a class whose decision cannot flag them are not searched (NaN); the classes it can
+    flag get the very scores a full search gives, so the flags are the same."""
+    rng = np.random.default_rng(6)
+    y = np.repeat(np.arange(4), 500)
+    x = (rng.normal(size=(2000, 8)) + np.eye(4, 8)[y] * 8).astype(np.float32)
+    flipped = rng.choice(np.flatnonzero(y == 0), 40, replace=False)
+    y[flipped] = 1  # a 7% targeted flip into class 1; classes 2 and 3 are clean
+    keys = np.arange(2000, dtype=np.uint64)
+    det = KnnLabel().fit(x, y, sample_keys=keys)
+    assert det.decisions_[1].suspicious and not np.isfinite(det.decisions_[2].threshold)
+    scores = det.score_samples(x, y, keys)
+    full = clone(det).set_params(score_every_row=True).fit(x, y, sample_keys=keys)
+    every = full.score_samples(x, y, keys)
+    searched = np.isfinite(det.thresholds_for(y))
+    assert np.isnan(scores[~searched]).all() and not np.isnan(every).any()
+    assert np.array_equal(scores[searched], every[searched])
+    assert np.array_equal(det.flag(x, y, keys), full.flag(x, y, keys))
+    assert det.flag(x, y, keys)[flipped].mean() > 0.9
+
+
+def test_knn_label_says_when_no_neighbourhood_can_name_another_label():
+    """Many small classes sharing the reference (here 200 classes, 5 reference rows each): no row can
+    have 8 of its 10 neighbours in one other class, so nothing is searched and every decision says why."""
+    rng = np.random.default_rng(7)
+    y = np.repeat(np.arange(200), 30)
+    x = rng.normal(size=(6000, 8)).astype(np.float32)
+    det = KnnLabel(reference_size=1000).fit(x, y)
+    assert all(d.why.startswith("no other class holds enough reference rows") for d in det.decisions_.values())
+    assert np.isnan(det.score_samples(x, y)).all() and not det.flag(x, y).any()
+    assert det.representation_["knn_accuracy"] is None
 
 
 def test_knn_label_in_a_pca_space_finds_the_same_flips():
