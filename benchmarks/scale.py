@@ -78,7 +78,7 @@ def floor(path: str, out: str) -> None:
     for folder in ("clean", "quarantine"):
         os.makedirs(f"{out}/{folder}", exist_ok=True)
 
-    def sink(file_index, first_row, clean, held):
+    def sink(file_index, first_row, clean, held, sample):
         write_block(out, file_index, first_row, clean, held)
 
     memory.run(Screener(config, plan), "floor", sink, ROWS_PER_WORK_ITEM)

@@ -115,7 +115,7 @@ def screen(data, y=None, config: Config | str | dict | None = None, *, ids=None,
         plan, embedding = resolve_embedding(plan, cfg, work)
         parts: list[pa.Table] = []
 
-        def sink(file_index, first_row, clean, held):
+        def sink(file_index, first_row, clean, held, sample):
             for part, flag in ((clean, False), (held, True)):
                 keep = [c for c in part.column_names if c in (cols.id, cols.label, SCREEN_ROW) or is_added_column(c)]
                 part = part.select(keep)

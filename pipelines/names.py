@@ -77,6 +77,7 @@ PROXY_MODEL = "proxy_model.pt"
 SUCCESS = "_SUCCESS"
 MANIFEST = "MANIFEST.json"  # an object-store run's file list (run/remote.py)
 WORK = "_work"
+REPORT_SAMPLE = "report_sample"  # under WORK: the report's clean-sample candidates (core/report_sample.py)
 DEFAULT_LOG = "poisonguard-provenance.jsonl"
 
 _PART = re.compile(r"part-(\d+)-(\d+)\.parquet$")

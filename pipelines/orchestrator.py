@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from poisonguard import provenance as prov
@@ -69,7 +70,8 @@ def _scan(where: remote.Locations, beam_args, run_id, started) -> ScanResult:
                     shutil.copyfile(plan.model_path, os.path.join(staging, PROXY_MODEL))
                 t0 = time.monotonic()
                 spill = os.path.join(staging, WORK, "embeddings") if plan.model_path and config.embedding.spill else None
-                result = run_engine(engine, Screener(config, plan, suite, decisions, spill), staging, run_id, beam_args)
+                screener = Screener(config, plan, suite, decisions, spill, report_sample=True)
+                result = run_engine(engine, screener, staging, run_id, beam_args)
                 check_unchanged(plan)
                 timings = {"plan_s": round(t0 - started, 3), "pipeline_s": round(time.monotonic() - t0, 3)}
                 written, outputs_meta = check_outputs(staging, plan, config, result, where.public_outputs)
@@ -130,10 +132,7 @@ def run_engine(engine: str, screener: Screener, staging: str, run_id: str, beam_
     if engine == "memory":
         from poisonguard.engines import memory
 
-        def sink(file_index, first_row, clean, held):
-            write_block(staging, file_index, first_row, clean, held)
-
-        return memory.run(screener, run_id, sink, ROWS_PER_WORK_ITEM)[0]
+        return memory.run(screener, run_id, partial(write_block, staging), ROWS_PER_WORK_ITEM)[0]
     from poisonguard.engines import beam
 
     beam.run(screener, staging, run_id, beam_args, ROWS_PER_WORK_ITEM)

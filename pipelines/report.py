@@ -1,8 +1,9 @@
 """report.html: one self-contained page (plots inline as SVG) a reviewer can read in a minute.
 
 Rendered from what a run folder holds: summary.json, quarantine/ (every held-back row) and a
-bounded per-class sample of clean/ (the rows with the smallest seeded id hash), so the cost is
-bounded whatever the dataset size.  ``poisonguard report RUN_DIR`` re-renders it.
+bounded sample of clean/ in each class with findings (the rows with the smallest seeded id hash).  In
+a scan the score pass has kept that sample's candidates (``core.report_sample``), so the report does
+not read the clean rows; ``poisonguard report RUN_DIR`` re-renders it from clean/.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,8 @@ import pyarrow.parquet as pq
 
 from poisonguard import plots
 from poisonguard.run.summary import proxy_line
-from poisonguard.names import CLEAN, DETECTOR, PROXY_MODEL, QUARANTINE, QUARANTINE_REASONS, REPORT, REVIEW_CONFIRMED, \
-    SUMMARY, detector_reason, part_source, score_column
+from poisonguard.names import CLEAN, DETECTOR, PROXY_MODEL, QUARANTINE, QUARANTINE_REASONS, REPORT, REPORT_SAMPLE, \
+    REVIEW_CONFIRMED, SUMMARY, WORK, detector_reason, part_source, score_column
 
 MAX_FLAGGED_POINTS = 1500
 MAX_THUMBNAILS = 12
@@ -37,29 +39,44 @@ def _read_folder(folder: str, columns: list[str], sources: list[str]) -> pa.Tabl
     return pa.concat_tables(parts) if parts else pa.table({})
 
 
-def _clean_sample(folder: str, columns: list[str], label_col: str, id_col: str, per_class: int, seed: int) -> pa.Table:
-    """A seeded random sample of at most ``per_class`` clean rows per class: those with the smallest
-    seeded hash of their id (the same rows whatever the order of the part files)."""
-    from poisonguard.core.block import hash_strings, seeded_hash_key
+def _clean_sample(folder: str, columns: list[str], label_col: str, id_col: str, per_class: int, seed: int,
+                  classes: list[str], clean_rows: dict, candidates: str | None = None) -> pa.Table:
+    """A seeded random sample of at most ``per_class`` clean rows of each of ``classes`` (labels as the
+    summary spells them): those with the smallest seeded hash of their id (the same rows whatever the
+    order of the part files).  ``candidates``: the folder where the score pass kept them
+    (``core.report_sample``); used where it holds every class's sample (by ``clean_rows``, the
+    summary's clean count per class), else every clean row is read."""
+    if not classes:
+        return pa.table({})
+    if candidates and os.path.isdir(candidates):
+        sample = _bottom(_read_parts(candidates, columns, label_col, classes), id_col, label_col, per_class, seed)
+        found = Counter(_labels(sample, label_col)) if sample.num_rows else Counter()
+        if all(found[c] >= min(per_class, clean_rows.get(c, 0)) for c in classes):
+            return sample
+    return _bottom(_read_parts(folder, columns, label_col, classes), id_col, label_col, per_class, seed)
 
-    kept: pa.Table | None = None
+
+def _read_parts(folder: str, columns: list[str], label_col: str, classes: list[str]) -> pa.Table:
+    parts, wanted = [], set(classes)
     for path in sorted(glob.glob(os.path.join(folder, "*.parquet"))):
         names = pq.read_schema(path).names
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=[c for c in columns if c in names]):
-            table = pa.Table.from_batches([batch])
-            table = table.append_column("_key", pa.array(hash_strings(
-                np.asarray(table.column(id_col).cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object),
-                seeded_hash_key(seed))))
-            kept = table if kept is None else pa.concat_tables([kept, table])
-            kept = _bottom_per_class(kept, label_col, per_class)
-    return kept if kept is not None else pa.table({})
+        table = pq.read_table(path, columns=[c for c in columns if c in names])
+        parts.append(table.filter(pa.array(np.isin(_labels(table, label_col), list(wanted)))))
+    return pa.concat_tables(parts) if parts else pa.table({})
 
 
-def _bottom_per_class(table: pa.Table, label_col: str, per_class: int) -> pa.Table:
-    frame = table.select([label_col, "_key"]).to_pandas()
-    frame["_row"] = np.arange(len(frame))
-    rows = frame.sort_values("_key").groupby(label_col, sort=False, dropna=False).head(per_class)["_row"].to_numpy()
-    return table.take(np.sort(rows))
+def _labels(table: pa.Table, label_col: str) -> np.ndarray:
+    """Labels as the report and the summary spell them."""
+    return np.asarray(table.column(label_col).cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object)
+
+
+def _bottom(table: pa.Table, id_col: str, label_col: str, per_class: int, seed: int) -> pa.Table:
+    from poisonguard.core.report_sample import bottom_per_class, keys_of
+
+    if not table.num_rows:
+        return table
+    keys = keys_of(table, id_col, seed)
+    return bottom_per_class(table.append_column("_key", pa.array(keys)), keys, label_col, per_class)
 
 
 def _embeddings(table: pa.Table, summary: dict, run_dir: str) -> np.ndarray | None:
@@ -88,7 +105,9 @@ def _embeddings(table: pa.Table, summary: dict, run_dir: str) -> np.ndarray | No
 
 def render_report(run_dir: str, table: dict | None = None, summary: dict | None = None) -> str:
     """Write RUN_DIR/report.html and return its path; ``table``: the workbench's quarantine table,
-    ``summary``: the run's summary (read from RUN_DIR/summary.json when not given)."""
+    ``summary``: the run's summary (read from RUN_DIR/summary.json when not given).  A scan renders it in
+    its staging folder, where the score pass's clean-sample candidates still are; a re-render of a
+    published run reads the clean rows."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
     summary = summary if summary is not None else json.loads(Path(run_dir, SUMMARY).read_text())
@@ -103,9 +122,12 @@ def render_report(run_dir: str, table: dict | None = None, summary: dict | None 
     if image_col:
         wanted.append(image_col)
     held = _read_folder(os.path.join(run_dir, QUARANTINE), wanted, sources)
-    clean = _clean_sample(os.path.join(run_dir, CLEAN), wanted, cols["label"], cols["id"],
-                          report_cfg.get("max_points_per_class", 1500), params.get("seed", 0))
     classes = _classes_with_findings(summary, detectors)
+    shown = classes[: report_cfg.get("max_classes", 20)]
+    clean = _clean_sample(os.path.join(run_dir, CLEAN), wanted, cols["label"], cols["id"],
+                          report_cfg.get("max_points_per_class", 1500), params.get("seed", 0), shown,
+                          {c: v.get("clean", 0) for c, v in summary["per_class"].items()},
+                          os.path.join(run_dir, WORK, REPORT_SAMPLE))
     sections = [_class_section(label, summary, held, clean, detectors, cols, report_cfg, run_dir)
                 for label in classes[: report_cfg.get("max_classes", 20)]]
     if table is None:

@@ -82,7 +82,7 @@ def test_memory_engine_quarantines_a_planted_cluster_and_nothing_else(tmp):
     plan = plan_inputs([str(path)], config)
     held_ids, clean_rows = [], 0
 
-    def sink(file_index, first_row, clean, held):
+    def sink(file_index, first_row, clean, held, sample):
         nonlocal clean_rows
         clean_rows += clean.num_rows
         held_ids.extend(held.column("id").to_pylist())

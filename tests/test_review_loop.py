@@ -54,11 +54,15 @@ def test_report_renders_in_headless_chromium(first_scan, tmp):
     assert pixels.shape[0] >= 1000 and pixels.std() > 0.05  # a rendered page, not a blank one
 
 
-def test_report_command_rerenders(first_scan):
+def test_report_command_rerenders_the_same_page_from_the_clean_rows(first_scan):
+    """The scan's report took its clean sample from the score pass's candidates; the re-render reads
+    every clean row: the same page."""
     report = first_scan / "run1" / "report.html"
+    page = report.read_text()
     report.unlink()
     code, stdout, _ = run_cli("report", first_scan / "run1")
     assert code == 0 and report.exists() and str(report) in stdout
+    assert report.read_text() == page and "class-section" in page
 
 
 def _fill(review_csv, decisions):

@@ -13,7 +13,7 @@ Beam-free and engine-agnostic.  Both engines (``poisonguard.engines.memory`` and
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -43,15 +43,17 @@ class Fitted:
 
     detectors: dict[str, PoisonDetector]
     duplicate_ids: np.ndarray
+    class_rows: dict = field(default_factory=dict)  # rows per class (the report sample's key bounds)
 
 
 class Screener:
     """The per-block screening steps, set up once per worker (the model and GX load lazily)."""
 
     def __init__(self, config: Config, plan: InputPlan, suite: dict | None = None, decisions: dict | None = None,
-                 spill_dir: str | None = None):
+                 spill_dir: str | None = None, report_sample: bool = False):
         self.config, self.plan, self.suite, self.decisions = config, plan, suite, decisions or {}
         self.spill_dir = spill_dir  # model/proxy mode: pass 1 keeps its embeddings here, pass 2 reads them
+        self.report_sample = report_sample  # keep the report's clean-sample candidates (core.report_sample)
         self._embedder = self._runner = self._scorer = None
         self._ready = False
         from poisonguard.core.torch_scoring import resolve_device
@@ -154,6 +156,23 @@ class Screener:
 
             self._scorer = TorchScorer(self.scoring_device)
         return self._scorer
+
+    def report_bounds(self, fitted: Fitted) -> dict | None:
+        """Per flagged class, the key bound of the report's clean-sample candidates; None where this
+        screener keeps none."""
+        if not self.report_sample:
+            return None
+        from poisonguard.core import report_sample
+
+        report = self.config.report
+        return report_sample.plan({n: d.decisions_ for n, d in fitted.detectors.items()}, fitted.class_rows,
+                                  report.max_points_per_class, report.max_classes)
+
+    def report_candidates(self, clean: pa.Table, bounds: dict | None) -> pa.Table | None:
+        from poisonguard.core import report_sample
+
+        cols = self.config.columns
+        return report_sample.candidates(clean, bounds, cols.label, cols.id, self.config.seed)
 
     def split(self, table: pa.Table, block: RowBlock, scores: dict[str, np.ndarray], run_id: str,
               warnings: list[str]) -> tuple[pa.Table, pa.Table, dict]:

@@ -151,7 +151,7 @@ class FitDetectors(beam.PTransform):
 
         def fit(pairs):
             with reporting_errors(staging):
-                return fit_detectors(dict(pairs), config)
+                return fit_detectors(dict(pairs), config), {label: state.n for label, state in pairs}
 
         detectors = states | "Fit" >> beam.Map(fit)
         moments = states | "ClassMoments" >> beam.Map(lambda pairs: class_moments(dict(pairs)))
@@ -163,7 +163,7 @@ class FitDetectors(beam.PTransform):
             | "AllDups" >> beam.combiners.ToList()
             | "Concat" >> beam.Map(lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.uint64))
         )
-        fitted = detectors | "WithDups" >> beam.Map(lambda d, dups: Fitted(d, dups), AsSingleton(dups))
+        fitted = detectors | "WithDups" >> beam.Map(lambda fit, dups: Fitted(fit[0], dups, fit[1]), AsSingleton(dups))
         return fitted, moments
 
 
@@ -207,7 +207,7 @@ class ScoreRows(beam.PTransform):
 
         def score(element, fitted):
             item, table, block, warnings = element
-            return item, table, block, warnings, screener.score(block, fitted)
+            return item, table, block, warnings, screener.score(block, fitted), screener.report_bounds(fitted)
 
         return validated | "Score" >> beam.Map(score, AsSingleton(self.fitted))
 
@@ -221,10 +221,11 @@ class _WriteParts(beam.DoFn):
         self.progress = Progress("score pass", self.screener.plan.total_rows)
 
     def process(self, element):
-        item, table, block, warnings, scores = element
+        item, table, block, warnings, scores, bounds = element
         with reporting_errors(self.staging):
             clean, held, stats = self.screener.split(table, block, scores, self.run_id, warnings)
-            write_block(self.staging, item.file_index, block.first_row, clean, held)
+            write_block(self.staging, item.file_index, block.first_row, clean, held,
+                        self.screener.report_candidates(clean, bounds))
         self.progress.add(len(block))
         _release_freed_memory()
         yield stats

@@ -22,7 +22,7 @@ from poisonguard.io import read_batches, work_items
 from poisonguard.observe import phase
 from poisonguard.state import class_moments
 
-Sink = Callable[[int, int, pa.Table, pa.Table], None]
+Sink = Callable[[int, int, pa.Table, pa.Table, pa.Table | None], None]
 
 
 FIT_BATCH_ROWS = 32768  # the fit pass reads three columns: bigger batches, fewer per-class merges
@@ -51,11 +51,13 @@ def fit_pass(screener: Screener, rows_per_item: int):
 
 
 def run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tuple[EngineResult, Fitted]:
-    """Fit, then score every batch; ``sink(file_index, first_row, clean, held)`` takes each batch's rows."""
+    """Fit, then score every batch; ``sink(file_index, first_row, clean, held, sample)`` takes each batch's
+    rows (``sample``: the report's clean-sample candidates among them, where the screener keeps them)."""
     config, plan = screener.config, screener.plan
     with phase("fit"):
         states, hashes = fit_pass(screener, rows_per_item)
-        fitted = Fitted(fit_detectors(states, config), duplicate_hashes(hashes))
+        fitted = Fitted(fit_detectors(states, config), duplicate_hashes(hashes), {c: s.n for c, s in states.items()})
+        bounds = screener.report_bounds(fitted)
 
     counts: dict = {}
     score_progress = Progress("score pass", plan.total_rows)
@@ -65,7 +67,7 @@ def run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tupl
             warnings = screener.validate(table, block)
             scores = screener.score(block, fitted)
             clean, held, stats = screener.split(table, block, scores, run_id, warnings)
-            sink(file_index, first_row, clean, held)
+            sink(file_index, first_row, clean, held, screener.report_candidates(clean, bounds))
             counts = merge_stats(counts, stats)
             score_progress.add(table.num_rows)
     return EngineResult(counts, fit_report(fitted.detectors), class_moments(states)), fitted

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from poisonguard.errors import InputError, IntegrityError, PoisonguardError, one_line
-from poisonguard.names import CLEAN, QUARANTINE, WORK, part_name
+from poisonguard.names import CLEAN, QUARANTINE, REPORT_SAMPLE, WORK, part_name
 
 RESULT_KEYS = ("counts", "fit", "moments")
 ERROR = "error.json"
@@ -31,11 +31,18 @@ class EngineResult:
     moments: dict  # per-class rows, shares, means and covariance traces (drift baselines)
 
 
-def write_block(staging: str, file_index: int, first_row: int, clean: pa.Table, held: pa.Table) -> None:
+def write_block(staging: str, file_index: int, first_row: int, clean: pa.Table, held: pa.Table,
+                sample: pa.Table | None = None) -> None:
+    """The block's part files; ``sample``: the report's clean-sample candidates, kept in the work
+    folder (``core.report_sample``), which the publish leaves behind."""
     name = part_name(file_index, first_row)
     for folder, table in ((CLEAN, clean), (QUARANTINE, held)):
         if table.num_rows:
             _write_atomically(table, os.path.join(staging, folder, name))
+    if sample is not None and sample.num_rows:
+        folder = os.path.join(staging, WORK, REPORT_SAMPLE)
+        os.makedirs(folder, exist_ok=True)
+        _write_atomically(sample, os.path.join(folder, name))
 
 
 def _write_atomically(table: pa.Table, path: str) -> None:
