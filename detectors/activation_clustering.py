@@ -16,6 +16,13 @@ other detectors decides whether the small cluster is small *and* well separated.
 centroid silhouette (b - a) / max(a, b) of the small cluster is reported alongside.  2-means
 splits natural sub-modes (two ways of writing a digit) at separations up to ~5 on real
 embeddings, so this detector's default ``min_separation`` is 5 rather than 4.
+
+Past ``MANY_CLASSES`` classes, classes whose sample has at most ``BATCH_ROWS`` rows are fitted
+together (``detectors.batched_kmeans``: the same PCA basis, a batched seeded 2-means in place of
+scikit-learn's per-class ``KMeans``, the same model): 10,000 classes of 100 rows took 30-40 s of
+per-class overhead.  The partition can differ from scikit-learn's where 2-means has several local
+optima (another seeding); ``tests/test_detectors.py`` checks that both paths find the same
+planted clusters.
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ from typing import Literal
 
 from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, project, store_params, top_eigh
 from poisonguard.detectors.stats import ClassState
+
+
+MANY_CLASSES = 64  # more classes than this: small ones are fitted in batches
+BATCH_ROWS = 512  # ... those whose sample has at most this many rows
+CHUNK_VALUES = 1 << 23  # padded rows x dimensions per batch (64 MiB of float64)
 
 
 class ActivationClustering(PoisonDetector):
@@ -48,6 +60,53 @@ class ActivationClustering(PoisonDetector):
         # workers, and entering the limit scans the loaded libraries (3.5 ms: 35 s at 10^4 classes)
         with threadpool_limits(1):
             return super().fit_states(states)
+
+    def _fit_classes(self, states):
+        if self.reduce != "pca" or len(states) <= MANY_CLASSES:
+            return super()._fit_classes(states)
+        small = {c: s for c, s in states.items() if 4 <= len(s.sample_x) <= BATCH_ROWS and s.n >= 2}
+        models = {c: self._fit_class(s) for c, s in states.items() if c not in small}
+        labels = sorted(small, key=lambda c: len(small[c].sample_x))  # similar lengths share a chunk
+        lengths = np.array([len(small[c].sample_x) for c in labels])
+        budget = max(CHUNK_VALUES // max(next(iter(states.values())).dim, 1), BATCH_ROWS)
+        rng = np.random.default_rng(self.random_state)
+        start = 0
+        while start < len(labels):
+            fits = (np.arange(1, len(labels) - start + 1) * lengths[start:]) <= budget  # padded rows x dims
+            stop = start + max(1, int(fits.sum()))
+            models.update(zip(labels[start:stop], self._fit_batch([small[c] for c in labels[start:stop]], rng)))
+            start = stop
+        return models
+
+    def _fit_batch(self, states: list[ClassState], rng: np.random.Generator) -> list[dict | None]:
+        """The models of ``_fit_class`` for many small classes at once (module docstring)."""
+        from poisonguard.detectors.batched_kmeans import two_means
+
+        dim, k = states[0].dim, min(self.n_components, states[0].dim)
+        rows = np.array([len(s.sample_x) for s in states])
+        width = int(rows.max())
+        x = np.zeros((len(states), width, dim))
+        for i, s in enumerate(states):
+            x[i, : rows[i]] = s.sample_x
+        valid = np.arange(width)[None, :] < rows[:, None]
+        means = np.stack([s.mean for s in states])
+        values, vectors = np.linalg.eigh(np.stack([s.covariance for s in states]))
+        values, vectors = values[:, ::-1][:, :k], vectors[:, :, ::-1][:, :, :k]
+        pivot = np.take_along_axis(vectors, np.abs(vectors).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
+        signs = np.where(np.sign(pivot) == 0, 1.0, np.sign(pivot))
+        keep = values > 1e-12 * np.maximum(values[:, :1], 1e-300)
+        basis = vectors * signs[:, None, :] * keep[:, None, :]  # dropped directions: zero columns
+        z = np.where(valid[:, :, None], np.einsum("grd,gdk->grk", x - means[:, None, :], basis), 0.0)
+        spread_rows = np.abs(np.where(valid[:, :, None], z - z[:, :1], 0.0)).max(axis=(1, 2))
+        centres, labels = two_means(z, valid, self.n_init, rng)
+        out = []
+        for i, s in enumerate(states):  # each class's model from its own few arrays
+            if not keep[i].any() or spread_rows[i] <= 1e-12:
+                out.append(None)
+                continue
+            out.append(self._model(z[i, : rows[i]][:, keep[i]], labels[i, : rows[i]], centres[i][:, keep[i]],
+                                   means[i], basis[i][:, keep[i]]))
+        return out
 
     def _fit_class(self, state: ClassState):
         from sklearn.cluster import KMeans
@@ -75,10 +134,13 @@ class ActivationClustering(PoisonDetector):
         # the sample is in seeded-hash order, so its first rows are a uniform subsample
         km = KMeans(n_clusters=2, n_init=self.n_init, random_state=self.random_state)
         km.fit(reduced[: self.max_cluster_rows])
-        labels = km.predict(reduced)
+        return self._model(reduced, km.predict(reduced), km.cluster_centers_, mean, basis)
+
+    @staticmethod
+    def _model(reduced, labels, centres, mean, basis) -> dict | None:
         sizes = np.bincount(labels, minlength=2)
         small = int(np.argmin(sizes)) if sizes[0] != sizes[1] else 1
-        c_small, c_big = km.cluster_centers_[small], km.cluster_centers_[1 - small]
+        c_small, c_big = centres[small], centres[1 - small]
         axis = c_small - c_big
         norm = np.linalg.norm(axis)
         if norm == 0:

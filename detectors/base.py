@@ -68,11 +68,13 @@ class PoisonDetector(BaseEstimator):
         self.class_models_ = {}
         self.decisions_ = {}
         self._states, self._centres = states, None  # other classes, for natural_submode
+        tested = {c: s for c, s in states.items() if s.n > 0 and (s.n >= MIN_CLASS_ROWS or self.expected_poison_rate is not None)}
+        models = self._fit_classes(tested)
         for label, state in states.items():
             if state.n < MIN_CLASS_ROWS and self.expected_poison_rate is None:
                 self.class_models_[label], self.decisions_[label] = None, too_small(state.n)
                 continue
-            model = self._fit_class(state) if state.n > 0 else None
+            model = models.get(label)
             self.class_models_[label] = model
             self.decisions_[label] = self._decide(model, state)
         if self.min_class_z is not None and self.expected_poison_rate is None:
@@ -148,6 +150,10 @@ class PoisonDetector(BaseEstimator):
             self._centres = (tested, np.array([s.mean for s in tested]),
                              np.array([max(float(np.trace(s.covariance)), 1e-300) for s in tested]))
         return self._centres
+
+    def _fit_classes(self, states: dict[object, ClassState]) -> dict:
+        """Every tested class's model (None where it has none); a detector may fit many at once."""
+        return {label: self._fit_class(state) for label, state in states.items()}
 
     def _fit_class(self, state: ClassState):
         raise NotImplementedError

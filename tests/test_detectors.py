@@ -332,3 +332,27 @@ def test_spectre_scores_many_small_classes_from_stacked_maps_bit_for_bit():
     assert flags[planted].all() and flags.sum() <= len(planted) + 2
     few = Spectre(all_directions=False).fit(x[y < 10], y[y < 10])
     assert few.quadratic_ is None  # ten classes: scored class by class
+
+
+def test_activation_clustering_fits_many_small_classes_in_batches_with_the_same_findings(monkeypatch):
+    """Past MANY_CLASSES classes the 2-means runs on all small classes at once: the planted clusters
+    and their thresholds are the per-class scikit-learn path's."""
+    import poisonguard.detectors.activation_clustering as ac
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(100), 80)
+    x = (rng.normal(size=(8000, 8)) + rng.normal(size=(100, 8))[y] * 5).astype(np.float32)
+    planted = np.arange(0, 100, 10)
+    for c in planted:
+        x[np.flatnonzero(y == c)[:8]] += 6
+    batched = ActivationClustering().fit(x, y)
+    monkeypatch.setattr(ac, "MANY_CLASSES", 10**9)
+    one_by_one = ActivationClustering().fit(x, y)
+    found = {c for c, d in batched.decisions_.items() if d.suspicious}
+    assert found == {c for c, d in one_by_one.decisions_.items() if d.suspicious} == set(planted)
+    assert all(np.isclose(batched.decisions_[c].threshold, one_by_one.decisions_[c].threshold) for c in found)
+    assert np.array_equal(batched.flag(x, y), one_by_one.flag(x, y))
+    again = ActivationClustering().fit(x, y)  # (MANY_CLASSES is still raised: the per-class path)
+    monkeypatch.undo()
+    assert np.array_equal(ActivationClustering().fit(x, y).score_samples(x, y), batched.score_samples(x, y))
+    assert again.decisions_ == one_by_one.decisions_
