@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import families as F  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+MEDIAN_DISTANCE = 3.95  # the development families' median backdoor distance, one of the default grid's
 HEADER = "## Canary recall beside the real attack's"
 BACKDOORS = ("patch", "blend")
 
@@ -42,20 +43,29 @@ def _radius_sq(z: np.ndarray) -> float:
     return float(((z - z.mean(axis=0)) ** 2).sum(axis=1).mean())
 
 
-def shape(split: str = "dev") -> dict:
+def real_shape(e: np.ndarray, y: np.ndarray, truth: np.ndarray, target: int) -> tuple[float, float] | None:
     """The real poison's centre distance from its target class's clean rows (in the class's standard
-    deviations along the displacement) and its spread (tr cov(poison) / tr cov(class)): quartiles."""
+    deviations along the displacement) and its spread (tr cov(poison) / tr cov(class))."""
+    e = e.astype(np.float64)
+    clean, poison = e[(y == target) & ~truth], e[truth]
+    if len(poison) < 3:
+        return None
+    delta = poison.mean(0) - clean.mean(0)
+    u = delta / max(np.linalg.norm(delta), 1e-300)
+    return (float(np.linalg.norm(delta) / np.sqrt(max(float(u @ np.cov(clean.T) @ u), 1e-24))),
+            float(_radius_sq(poison) / max(_radius_sq(clean), 1e-300)))
+
+
+def shape(split: str = "dev") -> dict:
+    """Quartiles of the real backdoors' shape (``real_shape``) over a split's cases."""
     gaps, spreads = [], []
     for _, path in _backdoor_cases(split):
         data = np.load(path)
-        e, y, truth = data["embedding"].astype(np.float64), data["label"], data["truth"]
-        clean, poison = e[(y == int(data["target"])) & ~truth], e[truth]
-        if len(poison) < 3:
+        measured = real_shape(data["embedding"], data["label"], data["truth"], int(data["target"]))
+        if measured is None:
             continue
-        delta = poison.mean(0) - clean.mean(0)
-        u = delta / np.linalg.norm(delta)
-        gaps.append(np.linalg.norm(delta) / np.sqrt(max(float(u @ np.cov(clean.T) @ u), 1e-24)))
-        spreads.append(_radius_sq(poison) / _radius_sq(clean))
+        gaps.append(measured[0])
+        spreads.append(measured[1])
     q = lambda v: [round(float(x), 3) for x in np.percentile(v, [25, 50, 75])]
     return {"cases": len(gaps), "distance_quartiles": q(gaps), "spread_quartiles": q(spreads)}
 
@@ -80,8 +90,21 @@ def one(key, path) -> dict:
         share = truth.sum() / max(int((y == target).sum()), 1)
         config.canaries.sizes = [float(min(share, 0.5))]
         power = power_of(states, config, classes=[target])
+        trials = {t["distance_sd"]: t["caught"] / t["rows"] for t in power["per_class"][str(target)]["trials"]}
+        measured = real_shape(e, y, truth, target)
+        grid = None
+        if measured is not None:  # the grid read as a user reads it: the nearest distance at or below the attack's
+            grid = trials[max([d for d in trials if d <= measured[0]], default=min(trials))]
+            # the same canaries planted at the real poison's own shape: how faithful planted clusters are
+            # when their geometry is right (an oracle: a user's self-test cannot know it)
+            config.canaries.distances = [float(min(max(measured[0], 1e-3), 100.0))]
+            config.canaries.spread = float(min(max(measured[1], 1e-3), 100.0))
+            matched = float(power_of(states, config, classes=[target])["recall"])
     return {"key": list(key), "split": F.split_of(key[0], key[1]), "poison": int(truth.sum()),
-            "real_recall": float(flags[truth].mean()), "canary_recall": float(power["recall"])}
+            "real_recall": float(flags[truth].mean()), "canary_recall": float(trials[MEDIAN_DISTANCE]),
+            "grid_recall": grid, "real_distance": None if measured is None else measured[0],
+            "real_spread": None if measured is None else measured[1],
+            "matched_recall": None if measured is None else matched}
 
 
 def evaluate(jobs: int) -> list[dict]:
@@ -95,18 +118,24 @@ def evaluate(jobs: int) -> list[dict]:
     return out
 
 
-def _summary(rows: list[dict]) -> str:
-    real, canary = np.array([r["real_recall"] for r in rows]), np.array([r["canary_recall"] for r in rows])
+def _summary(rows: list[dict], column: str = "canary_recall") -> str:
+    rows = [r for r in rows if r.get(column) is not None]
+    real, canary = np.array([r["real_recall"] for r in rows]), np.array([r[column] for r in rows])
     agree = float(np.mean((real >= 0.5) == (canary >= 0.5)))
     corr = float(np.corrcoef(real, canary)[0, 1]) if real.std() and canary.std() else float("nan")
     mae = float(np.mean(np.abs(real - canary)))
     families: dict = {}
     for r in rows:
-        families.setdefault(tuple(r["key"][:2]), []).append((r["real_recall"], r["canary_recall"]))
+        families.setdefault(tuple(r["key"][:2]), []).append((r["real_recall"], r[column]))
     means = np.array([np.mean(v, axis=0) for v in families.values()])
     family_corr = float(np.corrcoef(means[:, 0], means[:, 1])[0, 1]) if len(means) > 2 else float("nan")
     return (f"{len(rows)} cases: agreement on caught (recall >= 0.5) {agree:.0%}, Pearson {corr:.2f}, mean |difference| "
             f"{mae:.2f}; per family (mean over its backdoor cases, {len(means)} families) Pearson {family_corr:.2f}")
+
+
+def _mean(rows: list[dict], column: str, fmt: str) -> str:
+    values = [r[column] for r in rows if r.get(column) is not None]
+    return format(float(np.mean(values)), fmt) if values else "-"
 
 
 def markdown(rows: list[dict], dev_shape: dict) -> str:
@@ -116,27 +145,39 @@ def markdown(rows: list[dict], dev_shape: dict) -> str:
     lines = [HEADER, "",
              "`python benchmarks/canaries.py eval`: on every backdoor case of the benchmark families, the default "
              "detectors' recall on the real attack beside the embedding-mode canary power analysis on the same "
-             "embeddings (one planted group of the real attack's size in the target class). The canaries' shape is "
-             f"the configured default: distance {defaults.distance} class SDs along its direction, spread "
-             f"{defaults.spread}, the median of the real backdoors on the MLP and CNN development families. With the "
+             "embeddings (one planted group of the real attack's size in the target class, at each distance of the "
+             f"default grid, {', '.join(str(d) for d in defaults.distances)} class SDs along its direction, spread "
+             f"{defaults.spread}). {MEDIAN_DISTANCE} SDs and spread {defaults.spread} are the median shape of the real "
+             "backdoors on the MLP and CNN development families. With the "
              "random-feature development families added the median is distance "
              f"{dev_shape['distance_quartiles'][1]} (quartiles {dev_shape['distance_quartiles'][0]}-"
              f"{dev_shape['distance_quartiles'][2]}), spread {dev_shape['spread_quartiles'][1]} (quartiles "
              f"{dev_shape['spread_quartiles'][0]}-{dev_shape['spread_quartiles'][2]}), over {dev_shape['cases']} cases; "
              "that shape predicted worse on the development families (agreement 56% against 58%, per-family Pearson "
-             "0.48 against 0.60), so the default stays. Mean over seeds (one on shapes).", ""]
+             "0.48 against 0.60), so the default stays. Three readings of the self-test beside the real recall: "
+             f"the canaries at the median distance ({MEDIAN_DISTANCE} SDs) alone; the grid read as a user reads it "
+             "(the canaries at the largest grid distance at or below the real attack's own distance: \"an attack at "
+             "least this far out would have been caught\"); and, as an oracle no self-test has, canaries planted at "
+             "each real attack's measured distance and spread, which says how faithful a planted cluster is when its "
+             "geometry is right. Mean over seeds (one on shapes).", ""]
     for split, title in (("heldout", "Held-out families"), ("dev", "Development families")):
         part = [r for r in rows if r["split"] == split]
         if not part:
             continue
-        lines += [f"### {title}", "", _summary(part) + ".", "",
-                  "| family | attack | rate | seeds | poisoned rows | real recall | canary recall |", "|---|---|---|---|---|---|---|"]
+        lines += [f"### {title}", "", f"- Canaries at the median distance: {_summary(part)}.",
+                  f"- The grid, at the largest distance at or below the attack's: {_summary(part, 'grid_recall')}.",
+                  f"- Oracle, canaries at each attack's own shape: {_summary(part, 'matched_recall')}.", "",
+                  "| family | attack | rate | seeds | poisoned rows | real distance (SDs) | real spread | real recall "
+                  "| canaries at 3.95 SDs | grid reading | canaries at the real shape |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         groups: dict = {}
         for r in part:
             groups.setdefault(tuple(r["key"][:4]), []).append(r)
         for (source, model, attack, rate), rs in sorted(groups.items()):
             lines.append(f"| {source}/{model} | {attack} | {rate:.0%} | {len(rs)} | {np.mean([r['poison'] for r in rs]):.0f} "
-                         f"| {np.mean([r['real_recall'] for r in rs]):.3f} | {np.mean([r['canary_recall'] for r in rs]):.3f} |")
+                         f"| {_mean(rs, 'real_distance', '.1f')} | {_mean(rs, 'real_spread', '.2f')} "
+                         f"| {np.mean([r['real_recall'] for r in rs]):.3f} | {np.mean([r['canary_recall'] for r in rs]):.3f} "
+                         f"| {_mean(rs, 'grid_recall', '.3f')} | {_mean(rs, 'matched_recall', '.3f')} |")
         lines.append("")
     return "\n".join(lines)
 

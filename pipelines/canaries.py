@@ -11,13 +11,18 @@ rows, scores and reasons are the same with and without it.
 * **Column and model mode** (the model cannot be retrained): a power analysis in embedding space.
   For each class, groups of ``sizes`` (shares of the class, at least 3 rows) are planted with the
   shape real backdoors take in a poisoned model's representation, measured on the development
-  families (``benchmarks/canaries.py shape``): the group's centre ``distance`` class standard
-  deviations from the class mean, measured along its direction, which is drawn from the class's own
-  covariance (real poison moves along directions of 3-4 times the class's average variance); its
-  rows drawn with the class's covariance times ``spread`` (medians 3.95 and 1.8: dirty-label rows
-  are wider than the class they were put into, not a tight cluster).  The detectors are refitted
-  with each planted group and the smallest one caught (90 % of its rows flagged) is reported: "a
-  backdoor of >= 12 rows in class 7 would have been caught".
+  families (``benchmarks/canaries.py shape``): the group's centre at each of ``distances`` class
+  standard deviations from the class mean, measured along its direction, which is drawn from the
+  class's own covariance (real poison moves along directions of 3-4 times the class's average
+  variance); its rows drawn with the class's covariance times ``spread`` (medians 3.95 and 1.8:
+  dirty-label rows are wider than the class they were put into, not a tight cluster).  The
+  detectors are refitted with each planted group and, per distance, the smallest one caught (90 % of
+  its rows flagged) is reported: "class 7: a backdoor of >= 12 rows at >= 3.95 SDs would have been
+  caught".  One distance cannot stand for every attack: on the benchmark families, real backdoors sit
+  0.5 to 28 class SDs out, and canaries at each attack's own distance and spread agree with its real
+  recall on 77% of cases where canaries at the median shape agree on about half
+  (``benchmarks/results/quality.md``); so the finding is a grid, read as "an attack at least this far
+  out, of at least this size, would have been caught".
 
 Canary ids carry the reserved prefix ``names.CANARY_PREFIX``; an input row using it is quarantined.
 """
@@ -80,24 +85,37 @@ def power_of(states: dict, config: Config, classes: list | None = None) -> dict:
         sd_along = float(np.sqrt(max(direction @ state.covariance @ direction, 1e-24)))
         shape = root * np.sqrt(settings.spread)  # rows ~ N(0, spread * cov)
         trials = []
-        for share in settings.sizes:
-            k = max(3, int(round(share * state.n)))
-            centre = state.mean + settings.distance * sd_along * direction
-            rows = (centre + rng.normal(size=(k, state.dim)) @ shape.T).astype(np.float32)
-            keys = rng.integers(0, np.iinfo(np.uint64).max, size=k, dtype=np.uint64, endpoint=True)
-            trial = dict(states)
-            trial[label] = state.merge(ClassState.from_block(rows, keys, state.capacity))
-            hits = int(_flagged(fit_detectors(trial, config), rows, np.full(k, label), keys).sum())
-            trials.append({"share": share, "rows": k, "caught": hits})
-            planted, caught = planted + k, caught + hits
-        smallest = next((t["rows"] for t in trials if t["caught"] >= CAUGHT * t["rows"]), None)
-        per_class[str(label)] = {
-            "rows": int(state.n), "trials": trials, "smallest_caught_rows": smallest,
-            "finding": (f"a backdoor of >= {smallest} rows in class {label} would have been caught" if smallest
-                        else f"no planted cluster of up to {trials[-1]['rows']} rows in class {label} was caught")}
-    return {"mode": "embedding", "distance_sd": settings.distance, "spread": settings.spread,
+        for distance in settings.distances:
+            for share in settings.sizes:
+                k = max(3, int(round(share * state.n)))
+                centre = state.mean + distance * sd_along * direction
+                rows = (centre + rng.normal(size=(k, state.dim)) @ shape.T).astype(np.float32)
+                keys = rng.integers(0, np.iinfo(np.uint64).max, size=k, dtype=np.uint64, endpoint=True)
+                trial = dict(states)
+                trial[label] = state.merge(ClassState.from_block(rows, keys, state.capacity))
+                hits = int(_flagged(fit_detectors(trial, config), rows, np.full(k, label), keys).sum())
+                trials.append({"distance_sd": distance, "share": share, "rows": k, "caught": hits})
+                planted, caught = planted + k, caught + hits
+        smallest = {str(d): next((t["rows"] for t in trials if t["distance_sd"] == d and t["caught"] >= CAUGHT * t["rows"]),
+                                 None) for d in settings.distances}
+        per_class[str(label)] = {"rows": int(state.n), "trials": trials, "smallest_caught_rows": smallest,
+                                 "finding": _finding(label, smallest, trials[-1]["rows"])}
+    return {"mode": "embedding", "distances_sd": settings.distances, "spread": settings.spread,
             "planted": planted, "caught": caught,
             "recall": caught / planted if planted else float("nan"), "per_class": per_class}
+
+
+def _finding(label, smallest: dict, largest: int) -> str:
+    """"class 7: a backdoor of >= 12 rows at >= 3.95 SDs would have been caught (>= 3 rows at 8.0 SDs;
+    none at 2.0 SDs, up to 90 rows)": the nearest distance where one was caught leads."""
+    hits = [(d, rows) for d, rows in smallest.items() if rows]
+    misses = " or ".join(d for d, rows in smallest.items() if not rows)
+    if not hits:
+        return f"class {label}: no planted cluster of up to {largest} rows was caught at {misses} SDs"
+    (first, rows), rest = hits[0], [f">= {r} rows at {d} SDs" for d, r in hits[1:]]
+    rest += [f"none at {misses} SDs, up to {largest} rows"] if misses else []
+    lead = f"class {label}: a backdoor of >= {rows} rows at >= {first} SDs would have been caught"
+    return lead + (f" ({'; '.join(rest)})" if rest else "")
 
 
 def _stamp(x: np.ndarray, target_index: int, shape: list[int], rng: np.random.Generator) -> np.ndarray:

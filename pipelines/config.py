@@ -103,9 +103,11 @@ class CanaryConfig(_Strict):
     rate: float = Field(default=0.05, gt=0, le=0.5, description="proxy mode: canaries per target class, share of it")
     sizes: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1], min_length=1, max_length=10,
                                description="embedding mode: planted cluster sizes as shares of the class")
-    distance: float = Field(default=3.95, gt=0, le=100,
-                            description="embedding mode: planted group's centre from the class mean, in class SDs "
-                                        "along its direction; the median of real backdoors on the development families")
+    distances: list[float] = Field(
+        default_factory=lambda: [2.0, 3.95, 8.0], min_length=1, max_length=6,
+        description="embedding mode: planted groups' centres from the class mean, in class SDs along their direction "
+                    "(3.95: the median of real backdoors on the development families; the grid says how far out an "
+                    "attack must sit to be caught)")
     spread: float = Field(default=1.8, gt=0, le=100,
                           description="embedding mode: planted group's covariance over the class's (the same median)")
     max_classes: int = Field(default=20, ge=1, le=1000, description="classes tested (the largest)")
@@ -117,6 +119,13 @@ class CanaryConfig(_Strict):
         if not all(0 < s <= 0.5 for s in sizes):
             raise ValueError("each size is a share of the class in (0, 0.5]")
         return sorted(sizes)
+
+    @field_validator("distances")
+    @classmethod
+    def _distances(cls, distances: list[float]) -> list[float]:
+        if not all(0 < d <= 100 for d in distances):
+            raise ValueError("each distance is in class SDs, in (0, 100]")
+        return sorted(set(distances))
 
 
 class ReportConfig(_Strict):

@@ -50,17 +50,20 @@ def test_embedding_power_analysis_reports_the_smallest_cluster_caught(tmp):
     settings = ["--set", "canaries.sizes=[0.005, 0.05]", "--set", "canaries.max_classes=2",
                 "--set", "detectors=[{name: spectral}, {name: spectre}]"]
     code, stdout, stderr = run_cli("scan", data, "--out", tmp / "run", "--canaries", *settings,
-                                   "--set", "canaries.distance=12")
+                                   "--set", "canaries.distances=[12, 0.05]")
     assert code == 0, stderr
     canaries = json.loads((tmp / "run" / "summary.json").read_text())["canaries"]
     assert canaries["mode"] == "embedding" and len(canaries["per_class"]) == 2
-    for c in canaries["per_class"].values():
-        assert [t["rows"] for t in c["trials"]] == [3, 15]
-        assert c["smallest_caught_rows"] in (3, 15) and "would have been caught" in c["finding"]
+    for label, c in canaries["per_class"].items():
+        assert [(t["distance_sd"], t["rows"]) for t in c["trials"]] == [(0.05, 3), (0.05, 15), (12.0, 3), (12.0, 15)]
+        near, far = c["smallest_caught_rows"]["0.05"], c["smallest_caught_rows"]["12.0"]
+        assert near is None and far in (3, 15)  # a group inside its class is no attack to find; 12 SDs out is
+        assert c["finding"].startswith(f"class {label}: a backdoor of >= {far} rows at >= 12.0 SDs would have been caught")
+        assert c["finding"].endswith("(none at 0.05 SDs, up to 15 rows)")
     assert "canaries (embedding mode)" in stdout
     code, stdout, _ = run_cli("scan", data, "--out", tmp / "strict", "--canaries", *settings,
                               "--set", "canaries.min_recall=1.0", "--set", "canaries.sizes=[0.005]",
-                              "--set", "canaries.distance=0.05")
+                              "--set", "canaries.distances=[0.05]")
     summary = json.loads((tmp / "strict" / "summary.json").read_text())
     assert code == 1 and summary["verdict"] == "canary_recall_below_min" and not summary["canaries"]["passed"]
     assert "canary recall below canaries.min_recall" in stdout
