@@ -54,7 +54,7 @@ class Screener:
         self.config, self.plan, self.suite, self.decisions = config, plan, suite, decisions or {}
         self.spill_dir = spill_dir  # model/proxy mode: pass 1 keeps its embeddings here, pass 2 reads them
         self.report_sample = report_sample  # keep the report's clean-sample candidates (core.report_sample)
-        self._embedder = self._runner = self._scorer = None
+        self._embedder = self._runner = self._scorer = self._bounds = None
         self._ready = False
         from poisonguard.core.torch_scoring import resolve_device
 
@@ -162,11 +162,16 @@ class Screener:
         screener keeps none."""
         if not self.report_sample:
             return None
+        cached = self._bounds
+        if cached is not None and cached[0] is fitted:  # (Beam: once per worker, not once per batch)
+            return cached[1]
         from poisonguard.core import report_sample
 
         report = self.config.report
-        return report_sample.plan({n: d.decisions_ for n, d in fitted.detectors.items()}, fitted.class_rows,
-                                  report.max_points_per_class, report.max_classes)
+        bounds = report_sample.plan({n: d.decisions_ for n, d in fitted.detectors.items()}, fitted.class_rows,
+                                    report.max_points_per_class, report.max_classes)
+        self._bounds = (fitted, bounds)
+        return bounds
 
     def report_candidates(self, clean: pa.Table, bounds: dict | None) -> pa.Table | None:
         from poisonguard.core import report_sample

@@ -25,7 +25,9 @@ from poisonguard.state import class_moments
 Sink = Callable[[int, int, pa.Table, pa.Table, pa.Table | None], None]
 
 
-FIT_BATCH_ROWS = 32768  # the fit pass reads three columns: bigger batches, fewer per-class merges
+# the fit pass reads three columns: bigger batches, fewer per-class merges (at 10,000 classes, one merge
+# per class per batch); 32,768 rows of a 128-d embedding, more rows of a narrower one
+FIT_BATCH_VALUES = 32768 * 128
 
 
 def _batches(screener: Screener, columns: list[str] | None, rows_per_item: int, batch_size: int | None = None):
@@ -40,7 +42,8 @@ def fit_pass(screener: Screener, rows_per_item: int):
     progress = Progress("fit pass", screener.plan.total_rows)
     states, hashes = {}, []
     # (model and proxy mode keep pass 1's batches: their spilled embeddings are keyed by them)
-    fit_rows = config.batch_size if screener.spill_dir else max(config.batch_size, FIT_BATCH_ROWS)
+    width = screener.plan.dim if config.embedding.source == "column" else screener.plan.n_features
+    fit_rows = config.batch_size if screener.spill_dir else max(config.batch_size, FIT_BATCH_VALUES // max(width or 128, 1))
     for file_index, first_row, table in _batches(screener, [cols.id, cols.label, config.vector_column], rows_per_item,
                                                  fit_rows):
         part = screener.fit_part(screener.make_block(table, file_index, first_row))
