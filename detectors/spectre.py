@@ -112,6 +112,21 @@ class Spectre(PoisonDetector):
             self.quadratic_ = (pd.Index(labels, dtype=object), A, a)
         return self
 
+    def _fit_classes(self, states):
+        """Past ``STACKED_MIN_CLASSES`` classes, those with small samples are fitted at once
+        (``detectors.spectre_batched``: the same steps on stacks of classes)."""
+        if len(states) <= STACKED_MIN_CLASSES:
+            return super()._fit_classes(states)
+        from poisonguard.detectors.spectre_batched import fit_many
+
+        small = [c for c, s in states.items() if s.n >= 10 and 10 <= len(s.sample_x) <= BATCHED_MAX_ROWS]
+        models = {c: self._fit_class(s) for c, s in states.items() if c not in set(small)}
+        for start in range(0, len(small), BATCHED_CLASSES):
+            chunk = small[start:start + BATCHED_CLASSES]
+            models.update(zip(chunk, fit_many([states[c] for c in chunk], self._view, self.max_components,
+                                              1.0 - self.max_share, self.max_iter, self.alpha, self._pad)))
+        return models
+
     def _fit_class(self, state: ClassState):
         sample = state.sample_x.astype(np.float64)
         if state.n < 10 or len(sample) < 10:
@@ -176,6 +191,8 @@ class Spectre(PoisonDetector):
 
 
 STACKED_MIN_CLASSES = 64  # more classes than this ...
+BATCHED_MAX_ROWS = 512  # ... whose samples have at most this many rows are fitted in stacks (spectre_batched.py)
+BATCHED_CLASSES = 1024  # classes per stack
 STACKED_MAX_WIDTH = 1024  # ... whose maps have at most this many entries (d x k) are scored stacked
 STACKED_CHUNK_BYTES = 16 << 20  # gathered maps per chunk of rows
 

@@ -356,3 +356,24 @@ def test_activation_clustering_fits_many_small_classes_in_batches_with_the_same_
     monkeypatch.undo()
     assert np.array_equal(ActivationClustering().fit(x, y).score_samples(x, y), batched.score_samples(x, y))
     assert again.decisions_ == one_by_one.decisions_
+
+
+def test_spectre_fits_many_small_classes_in_stacks_with_the_same_findings(monkeypatch):
+    """Past 64 classes SPECTRE's robust fits run on stacks of classes (detectors/spectre_batched.py):
+    the same planted clusters, thresholds and flags as one class at a time."""
+    import poisonguard.detectors.spectre as spectre
+
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(100), 120)
+    x = (rng.normal(size=(12000, 12)) * np.linspace(2, 0.3, 12) + rng.normal(size=(100, 12))[y] * 6).astype(np.float32)
+    planted = np.arange(0, 100, 10)
+    for c in planted:
+        x[np.flatnonzero(y == c)[:8]] += 5
+    stacked = Spectre().fit(x, y)
+    monkeypatch.setattr(spectre, "BATCHED_MAX_ROWS", 0)  # every class through _fit_class
+    one_by_one = Spectre().fit(x, y)
+    found = {c for c, d in stacked.decisions_.items() if d.suspicious}
+    assert found == {c for c, d in one_by_one.decisions_.items() if d.suspicious} and set(planted) <= found
+    assert all(np.isclose(stacked.decisions_[c].threshold, one_by_one.decisions_[c].threshold, rtol=1e-9) for c in found)
+    np.testing.assert_allclose(stacked.score_samples(x, y), one_by_one.score_samples(x, y), rtol=1e-8)
+    assert np.array_equal(stacked.flag(x, y), one_by_one.flag(x, y))
