@@ -90,13 +90,10 @@ class ActivationClustering(PoisonDetector):
             x[i, : rows[i]] = s.sample_x
         valid = np.arange(width)[None, :] < rows[:, None]
         means = np.stack([s.mean for s in states])
-        values, vectors = np.linalg.eigh(np.stack([s.covariance for s in states]))
-        values, vectors = values[:, ::-1][:, :k], vectors[:, :, ::-1][:, :, :k]
-        pivot = np.take_along_axis(vectors, np.abs(vectors).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
-        signs = np.where(np.sign(pivot) == 0, 1.0, np.sign(pivot))
+        values, basis = top_eigh(np.stack([s.covariance for s in states]), k)
         keep = values > 1e-12 * np.maximum(values[:, :1], 1e-300)
-        basis = vectors * signs[:, None, :] * keep[:, None, :]  # dropped directions: zero columns
-        z = np.where(valid[:, :, None], np.einsum("grd,gdk->grk", x - means[:, None, :], basis), 0.0)
+        basis = basis * keep[:, None, :]  # dropped directions: zero columns
+        z = np.where(valid[:, :, None], (x - means[:, None, :]) @ basis, 0.0)
         spread_rows = np.abs(np.where(valid[:, :, None], z - z[:, :1], 0.0)).max(axis=(1, 2))
         centres, labels = two_means(z, valid, self.n_init, rng)
         out = []

@@ -68,8 +68,8 @@ class PoisonDetector(BaseEstimator):
         self.class_models_ = {}
         self.decisions_ = {}
         self._states, self._centres = states, None  # other classes, for natural_submode
-        tested = {c: s for c, s in states.items() if s.n > 0 and (s.n >= MIN_CLASS_ROWS or self.expected_poison_rate is not None)}
-        models = self._fit_classes(tested)
+        rate_mode = self.expected_poison_rate is not None
+        models = self._fit_classes({c: s for c, s in states.items() if s.n > 0 and (s.n >= MIN_CLASS_ROWS or rate_mode)})
         for label, state in states.items():
             if state.n < MIN_CLASS_ROWS and self.expected_poison_rate is None:
                 self.class_models_[label], self.decisions_[label] = None, too_small(state.n)
@@ -367,9 +367,10 @@ def _factorize(y: np.ndarray):
 
 
 def top_eigh(cov: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k largest eigenvalues (descending) and their eigenvectors (columns), sign-fixed."""
+    """The k largest eigenvalues (descending) and their eigenvectors (columns), sign-fixed: the
+    largest-magnitude entry of each is positive.  ``cov`` may be a stack of matrices (..., d, d)."""
     values, vectors = np.linalg.eigh(cov)
-    values, vectors = values[::-1][:k], vectors[:, ::-1][:, :k]
-    signs = np.sign(vectors[np.argmax(np.abs(vectors), axis=0), np.arange(vectors.shape[1])])
-    signs[signs == 0] = 1.0
-    return np.maximum(values, 0.0), vectors * signs
+    values, vectors = values[..., ::-1][..., :k], vectors[..., ::-1][..., :k]
+    pivot = np.take_along_axis(vectors, np.abs(vectors).argmax(axis=-2)[..., None, :], axis=-2)[..., 0, :]
+    signs = np.where(np.sign(pivot) == 0, 1.0, np.sign(pivot))
+    return np.maximum(values, 0.0), vectors * signs[..., None, :]

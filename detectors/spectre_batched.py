@@ -16,11 +16,10 @@ import numpy as np
 def fit_many(states: list, view: float, max_components: int, keep: float, max_iter: int, alpha: float,
              pad: int | None) -> list[dict | None]:
     """The models of ``Spectre._fit_class`` for ``states`` (each with at least 10 sample rows)."""
+    from poisonguard.detectors.base import top_eigh
+
     dim = states[0].dim
-    values, vectors = np.linalg.eigh(np.stack([np.asarray(s.covariance, dtype=np.float64) for s in states]))
-    values, vectors = np.maximum(values[:, ::-1], 0.0), vectors[:, :, ::-1]
-    pivot = np.take_along_axis(vectors, np.abs(vectors).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
-    vectors = vectors * np.where(np.sign(pivot) == 0, 1.0, np.sign(pivot))[:, None, :]
+    values, vectors = top_eigh(np.stack([np.asarray(s.covariance, dtype=np.float64) for s in states]), dim)
     total = values.sum(axis=1)
     rows = np.array([len(s.sample_x) for s in states])
     k = (np.cumsum(values, axis=1) / np.maximum(total, 1e-300)[:, None] < view).sum(axis=1) + 1 if view < 1.0 \
