@@ -53,6 +53,12 @@ def test_engines_give_the_same_flags_scores_and_reasons_with_review_decisions(tm
         confirmed = [r for r, (reasons, _) in memory.items() if "review:confirmed" in reasons]
         assert len(confirmed) == 2
         assert sum(1 for reasons, _ in memory.values() if reasons) > 0
+        # Beam's parts kept the report's clean-sample candidates too: re-rendering from the clean rows
+        # gives the page the scan wrote
+        page = (tmp / "beam" / "report.html").read_text()
+        code, _, stderr = run_cli("report", tmp / "beam")
+        assert code == 0, stderr
+        assert (tmp / "beam" / "report.html").read_text() == page and "class-section" in page
 
 
 def test_multi_processing_runner_gives_identical_decisions_and_counts(tmp):
