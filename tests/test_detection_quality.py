@@ -216,3 +216,20 @@ def test_the_refit_is_believed_only_where_the_neighbours_agree(monkeypatch):
     monkeypatch.setattr(probe_module, "LOCAL_AGREEMENT", 1.01)
     doubted = probe_module.fit_probe(states)
     assert doubted.weak and doubted.representation["probe_C"] == 0.01
+
+
+def test_many_small_classes_take_the_batched_fits_deterministically_and_find_planted_clusters():
+    """100 classes of 60 rows, past the 64 where activation clustering's 2-means and SPECTRE's robust
+    fits run on stacks of classes: the defaults find planted clusters and leave the rest, the same
+    way twice."""
+    import poisonguard
+
+    rng = np.random.default_rng(11)
+    y = np.repeat(np.arange(100), 60)
+    x = (rng.normal(size=(6000, 16)) + rng.normal(size=(100, 16))[y] * 8).astype(np.float32)
+    planted = np.concatenate([np.flatnonzero(y == c)[:6] for c in range(0, 100, 20)])
+    x[planted] += 3 * rng.normal(size=16).astype(np.float32)
+    first, second = poisonguard.screen(x, y), poisonguard.screen(x, y)
+    assert first.rows.equals(second.rows)
+    flagged = first.rows["quarantined"].to_numpy()
+    assert flagged[planted].mean() >= 0.8 and np.delete(flagged, planted).mean() <= 0.005
