@@ -4,11 +4,15 @@ on the poisoned data), for every backdoor case (patch and blended triggers, 1-10
 
   - real: the share of the real poisoned rows the default detectors quarantine;
   - canary: the embedding-mode power analysis (``poisonguard.canaries.power_of``) on the same
-    embeddings, planting one group of the real attack's size in the target class.
+    embeddings, planting one group of the real attack's size in the target class at each distance
+    of the default grid (``canaries.distances``), read at the median distance and as a user reads
+    the grid (at the largest grid distance at or below the real attack's own);
+  - matched: the same canaries at the real attack's measured distance and spread (an oracle: how
+    faithful a planted group is when its geometry is right).
 
-The canaries' shape (``canaries.distance`` and ``canaries.spread``) is the median shape of the real
-backdoors on the *development* families, printed by ``shape``; the held-out families report how well
-the self-test then predicts recall on data it was not calibrated on.
+The median distance (3.95 SDs) and ``canaries.spread`` are the median shape of the real backdoors on
+the *development* families, printed by ``shape``; the held-out families report how well the
+self-test then predicts recall on data it was not calibrated on.
 
     python benchmarks/canaries.py shape            # the development medians behind the defaults
     python benchmarks/canaries.py eval [--jobs 2]  # writes results/canaries.json and a section of quality.md
