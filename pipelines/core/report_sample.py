@@ -50,9 +50,10 @@ def candidates(clean: pa.Table, bounds: dict | None, label_col: str, id_col: str
     import pandas as pd
 
     labels = clean.column(label_col)
-    wanted = pa.array(list(bounds), type=labels.type) if _castable(bounds, labels.type) else None
-    if wanted is None:
-        return None
+    try:
+        wanted = pa.array(list(bounds), type=labels.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        return None  # (labels the column's type cannot hold: the report reads the clean rows instead)
     rows = clean.filter(pc.fill_null(pc.is_in(labels, value_set=wanted), False))
     if not rows.num_rows:
         return None
@@ -62,14 +63,6 @@ def candidates(clean: pa.Table, bounds: dict | None, label_col: str, id_col: str
     limits = np.array([bounds[label] for label in index], dtype=np.uint64)[codes]
     keep = keys <= limits
     return rows.filter(pa.array(keep)) if keep.any() else None
-
-
-def _castable(bounds: dict, label_type: pa.DataType) -> bool:
-    try:
-        pa.array(list(bounds), type=label_type)
-        return True
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-        return False
 
 
 def bottom_per_class(table: pa.Table, keys: np.ndarray, label_col: str, per_class: int) -> pa.Table:
