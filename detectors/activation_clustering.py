@@ -32,12 +32,11 @@ import numpy as np
 from typing import Literal
 
 from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, project, store_params, top_eigh
-from poisonguard.detectors.stats import ClassState
+from poisonguard.detectors.stats import ClassState, padded_samples, stacks
 
 
 MANY_CLASSES = 64  # more classes than this: small ones are fitted in batches
 BATCH_ROWS = 512  # ... those whose sample has at most this many rows
-CHUNK_VALUES = 1 << 23  # padded rows x dimensions per batch (64 MiB of float64)
 
 
 class ActivationClustering(PoisonDetector):
@@ -66,29 +65,17 @@ class ActivationClustering(PoisonDetector):
             return super()._fit_classes(states)
         small = {c: s for c, s in states.items() if 4 <= len(s.sample_x) <= BATCH_ROWS and s.n >= 2}
         models = {c: self._fit_class(s) for c, s in states.items() if c not in small}
-        labels = sorted(small, key=lambda c: len(small[c].sample_x))  # similar lengths share a chunk
-        lengths = np.array([len(small[c].sample_x) for c in labels])
-        budget = max(CHUNK_VALUES // max(next(iter(states.values())).dim, 1), BATCH_ROWS)
         rng = np.random.default_rng(self.random_state)
-        start = 0
-        while start < len(labels):
-            fits = (np.arange(1, len(labels) - start + 1) * lengths[start:]) <= budget  # padded rows x dims
-            stop = start + max(1, int(fits.sum()))
-            models.update(zip(labels[start:stop], self._fit_batch([small[c] for c in labels[start:stop]], rng)))
-            start = stop
+        for stack in stacks(small):
+            models.update(zip(stack, self._fit_batch([small[c] for c in stack], rng)))
         return models
 
     def _fit_batch(self, states: list[ClassState], rng: np.random.Generator) -> list[dict | None]:
         """The models of ``_fit_class`` for many small classes at once (module docstring)."""
         from poisonguard.detectors.batched_kmeans import two_means
 
-        dim, k = states[0].dim, min(self.n_components, states[0].dim)
-        rows = np.array([len(s.sample_x) for s in states])
-        width = int(rows.max())
-        x = np.zeros((len(states), width, dim))
-        for i, s in enumerate(states):
-            x[i, : rows[i]] = s.sample_x
-        valid = np.arange(width)[None, :] < rows[:, None]
+        k = min(self.n_components, states[0].dim)
+        x, valid, rows = padded_samples(states)
         means = np.stack([s.mean for s in states])
         values, basis = top_eigh(np.stack([s.covariance for s in states]), k)
         keep = values > 1e-12 * np.maximum(values[:, :1], 1e-300)

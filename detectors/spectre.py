@@ -63,7 +63,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params, top_eigh
-from poisonguard.detectors.stats import ClassState
+from poisonguard.detectors.stats import STACK_VALUES, ClassState, stacks
 
 
 class Spectre(PoisonDetector):
@@ -119,11 +119,10 @@ class Spectre(PoisonDetector):
             return super()._fit_classes(states)
         from poisonguard.detectors.spectre_batched import fit_many
 
-        small = [c for c, s in states.items() if s.n >= 10 and 10 <= len(s.sample_x) <= BATCHED_MAX_ROWS]
-        models = {c: self._fit_class(s) for c, s in states.items() if c not in set(small)}
-        for start in range(0, len(small), BATCHED_CLASSES):
-            chunk = small[start:start + BATCHED_CLASSES]
-            models.update(zip(chunk, fit_many([states[c] for c in chunk], self._view, self.max_components,
+        small = {c: s for c, s in states.items() if s.n >= 10 and 10 <= len(s.sample_x) <= BATCHED_MAX_ROWS}
+        models = {c: self._fit_class(s) for c, s in states.items() if c not in small}
+        for stack in stacks(small, STACK_VALUES // 4):  # a dozen stack-sized temporaries in the robust fit
+            models.update(zip(stack, fit_many([small[c] for c in stack], self._view, self.max_components,
                                               1.0 - self.max_share, self.max_iter, self.alpha, self._pad)))
         return models
 
@@ -192,7 +191,6 @@ class Spectre(PoisonDetector):
 
 STACKED_MIN_CLASSES = 64  # more classes than this ...
 BATCHED_MAX_ROWS = 512  # ... whose samples have at most this many rows are fitted in stacks (spectre_batched.py)
-BATCHED_CLASSES = 1024  # classes per stack
 STACKED_MAX_WIDTH = 1024  # ... whose maps have at most this many entries (d x k) are scored stacked
 STACKED_CHUNK_BYTES = 16 << 20  # gathered maps per chunk of rows
 

@@ -39,13 +39,10 @@ def fit_many(states: list, view: float, max_components: int, keep: float, max_it
 def _fit_group(states, basis, k, keep, max_iter, alpha, pad):
     from scipy.stats import chi2
 
-    rows = np.array([len(s.sample_x) for s in states])
-    length = int(rows.max())
-    valid = np.arange(length)[None, :] < rows[:, None]
+    from poisonguard.detectors.stats import padded_samples
+
+    sample, valid, rows = padded_samples(states)
     means = np.stack([s.mean for s in states])
-    sample = np.zeros((len(states), length, states[0].dim))
-    for i, s in enumerate(states):
-        sample[i, : rows[i]] = s.sample_x
     x = (sample - means[:, None, :]) @ basis  # (batched matmul: BLAS, where einsum would loop)
     x = np.where(valid[:, :, None], x, 0.0)
     h = np.maximum(k + 1, np.ceil(keep * rows).astype(int))

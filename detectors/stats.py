@@ -191,3 +191,34 @@ def _sorted_labels(y: np.ndarray) -> list:
 
 def _py(value):
     return value.item() if isinstance(value, np.generic) else value
+
+
+STACK_VALUES = 1 << 23  # padded rows x dimensions per stack of classes (64 MiB of float64)
+
+
+def stacks(states: dict, budget_values: int = STACK_VALUES) -> list[list]:
+    """The labels of ``states`` in stacks for fitting many classes at once: sorted by sample length
+    (similar lengths share a stack, so little is padding), each stack's classes x longest sample x
+    dim within ``budget_values``."""
+    labels = sorted(states, key=lambda c: len(states[c].sample_x))
+    if not labels:
+        return []
+    lengths = np.array([len(states[c].sample_x) for c in labels])
+    budget = max(budget_values // max(states[labels[0]].dim, 1), int(lengths.max()))
+    out, start = [], 0
+    while start < len(labels):
+        fits = (np.arange(1, len(labels) - start + 1) * lengths[start:]) <= budget
+        stop = start + max(1, int(fits.sum()))
+        out.append(labels[start:stop])
+        start = stop
+    return out
+
+
+def padded_samples(states: list[ClassState]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The classes' samples as one float64 (classes, longest, dim) array, zero-padded, with the mask of
+    real rows (each class's first rows) and each class's row count."""
+    rows = np.array([len(s.sample_x) for s in states])
+    x = np.zeros((len(states), int(rows.max()), states[0].dim))
+    for i, s in enumerate(states):
+        x[i, : rows[i]] = s.sample_x
+    return x, np.arange(x.shape[1])[None, :] < rows[:, None], rows
