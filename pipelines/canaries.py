@@ -35,6 +35,7 @@ import numpy as np
 
 from poisonguard.config import Config
 from poisonguard.core.screening import Screener, fit_detectors
+from poisonguard.core.threads import blas_threads
 from poisonguard.detectors.calibration import MIN_CLASS_ROWS
 from poisonguard.detectors.stats import ClassState, default_keys, states_by_class
 
@@ -44,8 +45,9 @@ CAUGHT = 0.9  # share of a planted cluster's rows that must be flagged for it to
 
 def self_test(plan, config: Config, rows_per_item: int) -> dict:
     log.info("canaries: self-test (%s mode)", "proxy" if config.embedding.source == "proxy" else "embedding")
-    result = proxy_canaries(plan, config) if config.embedding.source == "proxy" else \
-        embedding_power(plan, config, rows_per_item)
+    with blas_threads(config.blas_threads):
+        result = proxy_canaries(plan, config) if config.embedding.source == "proxy" else \
+            embedding_power(plan, config, rows_per_item)
     result["min_recall"] = config.canaries.min_recall
     result["passed"] = config.canaries.min_recall is None or result["recall"] >= config.canaries.min_recall
     return result

@@ -150,6 +150,9 @@ class Config(_Strict):
     accept_mass_quarantine: bool = Field(default=False, description="apply a detector that flags most classes")
     seed: int = Field(default=0, ge=0, lt=2**32)
     batch_size: int = Field(default=8192, ge=1, le=1_000_000)
+    blas_threads: int = Field(default=1, ge=1, le=1024,
+                              description="threads BLAS may use in one worker (core.threads: 1 is faster here and "
+                                          "independent of the core count)")
     engine: Literal["auto", "memory", "beam"] = "auto"
     scoring_device: Literal["cpu", "auto", "cuda"] = Field(
         default="cpu", description="where the detectors score rows: cpu (numpy), cuda (torch on the GPU; exit 2 "

@@ -19,6 +19,7 @@ from apache_beam.pvalue import AsSingleton
 from poisonguard import io as pio
 from poisonguard.core.screening import Fitted, Screener, duplicate_hashes, fit_detectors, fit_report, \
     merge_class_states, merge_stats
+from poisonguard.core.threads import blas_threads, limit_worker
 from poisonguard.detectors import merge_states
 from poisonguard.engines.outputs import load_error, reporting_errors, save_result, write_block
 from poisonguard.engines.progress import Progress
@@ -85,6 +86,7 @@ class _FitPass(beam.DoFn):
 
     def setup(self):
         use_system_allocator()
+        limit_worker(self.screener.config.blas_threads)
         self.progress = Progress("fit pass", self.screener.plan.total_rows)
 
     def start_bundle(self):
@@ -150,6 +152,7 @@ class FitDetectors(beam.PTransform):
         staging = self.staging
 
         def fit(pairs):
+            limit_worker(config.blas_threads)
             with reporting_errors(staging):
                 return fit_detectors(dict(pairs), config), {label: state.n for label, state in pairs}
 
@@ -170,6 +173,9 @@ class FitDetectors(beam.PTransform):
 class _Validate(beam.DoFn):
     def __init__(self, screener: Screener, staging: str):
         self.screener, self.staging = screener, staging
+
+    def setup(self):
+        limit_worker(self.screener.config.blas_threads)
 
     def process(self, element, fitted_barrier=None):
         item, first_row, table = element
@@ -206,6 +212,7 @@ class ScoreRows(beam.PTransform):
         screener = self.screener
 
         def score(element, fitted):
+            limit_worker(screener.config.blas_threads)
             item, table, block, warnings = element
             return item, table, block, warnings, screener.score(block, fitted), screener.report_bounds(fitted)
 
@@ -218,6 +225,7 @@ class _WriteParts(beam.DoFn):
 
     def setup(self):
         use_system_allocator()
+        limit_worker(self.screener.config.blas_threads)
         self.progress = Progress("score pass", self.screener.plan.total_rows)
 
     def process(self, element):
@@ -304,7 +312,8 @@ def run(screener: Screener, staging: str, run_id: str, beam_args: list[str], row
     log.info("pipeline: runner %s, detectors %s", options.get_all_options().get("runner") or "DirectRunner",
              ", ".join(screener.detector_names))
     try:
-        with phase("fit and score (one Beam graph: both passes)"), pipeline:
+        with phase("fit and score (one Beam graph: both passes)"), blas_threads(screener.config.blas_threads), \
+                pipeline:
             build_scan(pipeline, screener, staging, run_id, rows_per_item, per_batch=DASK_RUNNER in beam_args
                        or f"--runner={DASK_RUNNER}" in beam_args)
     except Exception:

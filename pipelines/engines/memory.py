@@ -16,7 +16,9 @@ import pyarrow as pa
 
 from poisonguard.core.screening import Fitted, Screener, duplicate_hashes, fit_detectors, fit_report, \
     merge_class_states, merge_stats
+from poisonguard.core.threads import blas_threads
 from poisonguard.engines.outputs import EngineResult
+from poisonguard.engines.overlap import Writer, read_ahead
 from poisonguard.engines.progress import Progress
 from poisonguard.io import read_batches, work_items
 from poisonguard.observe import phase
@@ -28,12 +30,16 @@ Sink = Callable[[int, int, pa.Table, pa.Table, pa.Table | None], None]
 # the fit pass reads three columns: bigger batches, fewer per-class merges (at 10,000 classes, one merge
 # per class per batch); 32,768 rows of a 128-d embedding, more rows of a narrower one
 FIT_BATCH_VALUES = 32768 * 128
+SINK_QUEUE = 1  # scored batches waiting for the sink: one more batch in memory
 
 
 def _batches(screener: Screener, columns: list[str] | None, rows_per_item: int, batch_size: int | None = None):
-    for item in work_items(screener.plan, rows_per_item):
-        for first_row, table in read_batches(item, columns, batch_size or screener.config.batch_size):
-            yield item.file_index, first_row, table
+    def batches():
+        for item in work_items(screener.plan, rows_per_item):
+            for first_row, table in read_batches(item, columns, batch_size or screener.config.batch_size):
+                yield item.file_index, first_row, table
+
+    return read_ahead(batches())
 
 
 def fit_pass(screener: Screener, rows_per_item: int):
@@ -55,7 +61,13 @@ def fit_pass(screener: Screener, rows_per_item: int):
 
 def run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tuple[EngineResult, Fitted]:
     """Fit, then score every batch; ``sink(file_index, first_row, clean, held, sample)`` takes each batch's
-    rows (``sample``: the report's clean-sample candidates among them, where the screener keeps them)."""
+    rows (``sample``: the report's clean-sample candidates among them, where the screener keeps them),
+    in order, on a thread of its own."""
+    with blas_threads(screener.config.blas_threads):
+        return _run(screener, run_id, sink, rows_per_item)
+
+
+def _run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tuple[EngineResult, Fitted]:
     config, plan = screener.config, screener.plan
     with phase("fit"):
         states, hashes = fit_pass(screener, rows_per_item)
@@ -64,13 +76,13 @@ def run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tupl
 
     counts: dict = {}
     score_progress = Progress("score pass", plan.total_rows)
-    with phase("score"):
+    with phase("score"), Writer(sink, SINK_QUEUE) as write:
         for file_index, first_row, table in _batches(screener, None, rows_per_item):
             block = screener.make_block(table, file_index, first_row, stage="score")
             warnings = screener.validate(table, block)
             scores = screener.score(block, fitted)
             clean, held, stats = screener.split(table, block, scores, run_id, warnings)
-            sink(file_index, first_row, clean, held, screener.report_candidates(clean, bounds))
+            write(file_index, first_row, clean, held, screener.report_candidates(clean, bounds))
             counts = merge_stats(counts, stats)
             score_progress.add(table.num_rows)
     return EngineResult(counts, fit_report(fitted.detectors), class_moments(states)), fitted
