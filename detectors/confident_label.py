@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 from sklearn.utils.validation import check_is_fitted
 
-from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params
+from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, codes_in, store_params
 from poisonguard.detectors.calibration import NOT_TESTED, ClassDecision, guard_mass_quarantine
 from poisonguard.detectors.probe import LabelProbe, fit_probe, label_issues
 from poisonguard.detectors.stats import ClassState
@@ -113,7 +113,7 @@ class ConfidentLabel(PoisonDetector):
     def _proba(self, X, y, proba_fn=None):
         """(probabilities, class codes, rows with a known class) of X under the refitted model;
         ``proba_fn`` (standardised rows -> probabilities) replaces the model's own, e.g. on a GPU."""
-        codes = self.index_.get_indexer(y) if len(y) else np.zeros(0, int)
+        codes = codes_in(self.index_, y)
         known = codes >= 0
         proba = np.zeros((len(X), len(self.labels_)))
         if known.any():
@@ -127,7 +127,7 @@ class ConfidentLabel(PoisonDetector):
         scores, flags = np.full(len(X), np.nan), np.zeros(len(X), dtype=bool)
         if self.model_ is None:
             return scores, flags
-        proba, codes, known = self._proba(X, np.asarray(y, dtype=object), proba_fn)
+        proba, codes, known = self._proba(X, np.asarray(y), proba_fn)
         rows = np.flatnonzero(known)
         scores[rows] = self.thresholds_[codes[rows]] - proba[rows, codes[rows]]
         flags[rows] = self._issues(proba[rows], codes[rows]) & self.suspicious_[codes[rows]]

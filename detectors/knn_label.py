@@ -84,7 +84,7 @@ import numpy as np
 import pandas as pd
 from sklearn.utils.validation import check_is_fitted
 
-from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params
+from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, codes_in, store_params
 from poisonguard.detectors.calibration import NOT_TESTED, ClassDecision, guard_mass_quarantine
 from poisonguard.detectors.probe import LabelProbe, fit_probe
 from poisonguard.detectors.stats import ClassState
@@ -243,7 +243,7 @@ class KnnLabel(PoisonDetector):
             keep = np.ones_like(idx, dtype=bool)
             keep[np.arange(len(idx)), drop] = False
             neighbours = self.reference_codes_[idx[keep].reshape(len(idx), -1)]
-            own = self.classes_.get_indexer(y[start:stop])
+            own = codes_in(self.classes_, y[start:stop])
             out[start:stop] = _largest_other_share(neighbours, own)
             if own_share:
                 own_out[start:stop] = np.mean(neighbours == own[:, None], axis=1)
@@ -260,7 +260,7 @@ class KnnLabel(PoisonDetector):
         where ``neighbours_fn`` is None."""
         check_is_fitted(self, "decisions_")
         X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y, dtype=object)
+        y = np.asarray(y)
         out = np.full(len(X), np.nan)
         if self.index_ is None:
             return out
@@ -283,7 +283,7 @@ class KnnLabel(PoisonDetector):
         return decision.threshold if decision.suspicious or decision.why == ROW_LEVEL else np.inf
 
     def flag(self, X, y, sample_keys=None, scores=None):
-        y = np.asarray(y, dtype=object)
+        y = np.asarray(y)
         return super().flag(X, y, sample_keys, scores)
 
 

@@ -62,7 +62,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params, top_eigh
+from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, codes_in, store_params, top_eigh
 from poisonguard.detectors.stats import STACK_VALUES, ClassState, stacks
 
 
@@ -172,7 +172,7 @@ class Spectre(PoisonDetector):
         index, A, a = table
         X, y = np.asarray(X), np.asarray(y)
         scores = np.full(len(X), np.nan)
-        codes = index.get_indexer(y) if len(index) else np.full(len(y), -1)
+        codes = codes_in(index, y)
         rows = np.flatnonzero(codes >= 0)
         step = max(1, STACKED_CHUNK_BYTES // max(A[0].nbytes, 1))
         for start in range(0, len(rows), step):  # chunks of rows, bounding the gathered maps' memory

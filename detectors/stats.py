@@ -140,10 +140,9 @@ def states_of_block(x: np.ndarray, codes: np.ndarray, n_codes: int, keys: np.nda
     counts = np.bincount(codes, minlength=n_codes)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     xs = x.astype(np.float32, copy=False)[order]
-    x64 = xs.astype(np.float64)
     present = counts > 0
     sums = np.zeros((n_codes, x.shape[1]))
-    sums[present] = np.add.reduceat(x64, starts[present], axis=0)
+    sums[present] = np.add.reduceat(xs, starts[present], axis=0, dtype=np.float64)  # float64 sums, no float64 copy
     means = sums / np.maximum(counts, 1)[:, None]
     skeys = keys[order]
     out = []
@@ -155,7 +154,7 @@ def states_of_block(x: np.ndarray, codes: np.ndarray, n_codes: int, keys: np.nda
             state.n, state.mean = n, means[c]
             state.sample_keys, state.sample_x = skeys[rows], xs[rows]
             if n > capacity:
-                centred = x64[start:start + n] - means[c]
+                centred = np.subtract(xs[start:start + n], means[c], dtype=np.float64)
                 state.m2 = centred.T @ centred
         out.append(state)
     return out

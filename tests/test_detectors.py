@@ -377,3 +377,23 @@ def test_spectre_fits_many_small_classes_in_stacks_with_the_same_findings(monkey
     assert all(np.isclose(stacked.decisions_[c].threshold, one_by_one.decisions_[c].threshold, rtol=1e-9) for c in found)
     np.testing.assert_allclose(stacked.score_samples(x, y), one_by_one.score_samples(x, y), rtol=1e-8)
     assert np.array_equal(stacked.flag(x, y), one_by_one.flag(x, y))
+
+
+def test_label_codes_match_pandas_for_every_label_kind():
+    import pandas as pd
+
+    from poisonguard.detectors.base import codes_in
+
+    cases = [
+        ([3, -7, 10, 0], np.array([10, 3, 4, -7, 0, 99, -8], dtype=np.int64)),
+        ([True, False], np.array([1, 0, 2], dtype=np.int64)),  # bools equal 1 and 0 for pandas: slow path
+        (["a", "b"], np.array(["b", "c", "a"], dtype=object)),
+        ([1, "1"], np.array([1, 2], dtype=np.int64)),
+        ([2**62, -2**62], np.array([2**62, 5], dtype=np.int64)),
+        ([], np.array([1, 2], dtype=np.int64)),
+    ]
+    for labels, y in cases:
+        index = pd.Index(labels, dtype=object)
+        expected = index.get_indexer(y) if len(index) else np.full(len(y), -1)
+        assert codes_in(index, y).tolist() == expected.tolist(), labels
+        assert codes_in(index, y).tolist() == expected.tolist(), labels  # cached table, same answer

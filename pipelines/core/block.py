@@ -123,16 +123,16 @@ def _embeddings(col, n: int, dim: int, max_abs: float) -> tuple[np.ndarray, dict
         if not (pa.types.is_float32(flat.type) or pa.types.is_float64(flat.type)):
             flat = pc.cast(flat, pa.float64())
         values = flat.to_numpy(zero_copy_only=False).reshape(-1, dim)  # in the column's own float type
-        finite = np.isfinite(values).all(axis=1)
-        # each row's largest magnitude, exact in its own type, compared in float64
+        # each row's largest magnitude, exact in its own type, compared in float64; NaN or inf where a value is
         peak = np.maximum(values.max(axis=1), -values.min(axis=1)).astype(np.float64)
+        finite = np.isfinite(peak)
         big = finite & (peak > max_abs)
         rows = np.flatnonzero(ok)
         not_finite[rows[~finite]] = True
         too_big[rows[big]] = True
         good = finite & ~big
         if good.all() and len(rows) == n:
-            x = values.astype(np.float32)
+            x = values.astype(np.float32, copy=False)  # read-only where it is the Arrow buffer itself
         else:
             x[rows[good]] = values[good].astype(np.float32)
     return x, {"embedding_missing": missing, "embedding_dim": wrong_dim,

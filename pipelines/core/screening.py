@@ -191,7 +191,8 @@ def class_states(block: RowBlock, capacity: int) -> list[tuple[object, ClassStat
     if not len(ok):
         return []
     labels, codes = label_codes(block.labels[ok])
-    return list(zip(labels, states_of_block(block.x[ok], codes, len(labels), block.sample_keys[ok], capacity)))
+    x, keys = (block.x, block.sample_keys) if len(ok) == len(block) else (block.x[ok], block.sample_keys[ok])
+    return list(zip(labels, states_of_block(x, codes, len(labels), keys, capacity)))
 
 
 def merge_class_states(into: dict[object, ClassState], states) -> dict[object, ClassState]:

@@ -20,7 +20,7 @@ import weakref
 
 import numpy as np
 
-from poisonguard.detectors.base import rows_by_label
+from poisonguard.detectors.base import codes_in, rows_by_label
 
 
 def resolve_device(choice: str) -> str | None:
@@ -78,7 +78,7 @@ class TorchScorer:
     def _linear(self, detector, X, y) -> np.ndarray:
         index, w, b = detector.linear_
         scores = np.full(len(X), np.nan)
-        codes = index.get_indexer(y) if len(index) else np.full(len(y), -1)
+        codes = codes_in(index, y)
         ok = np.flatnonzero(codes >= 0)
         if not len(ok):
             return scores
