@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _scan(args, beam_args: list[str]) -> int:
+    from poisonguard.io import hash_early
+
+    hash_early(args.inputs)  # overlaps the imports below
     from poisonguard.api import scan
     from poisonguard.config import load_config
     from poisonguard.run.summary import console_summary

@@ -5,6 +5,8 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +97,7 @@ def plan_inputs(paths: list[str], config: Config) -> InputPlan:
             schema = file_schema
         elif not file_schema.equals(schema):
             raise InputError(f"schema differs from {paths[0]}: {_schema_diff(schema, file_schema)}", path=path)
-        digest = sha256_file(path)
+        digest = _early_digest(path, identity) or sha256_file(path)
         if file_identity(os.stat(path)) != identity:
             raise InputError("input file changed while it was being hashed", path=path)
         files.append(InputFile(index, path, meta.num_rows, meta.num_row_groups, digest, identity))
@@ -180,6 +182,39 @@ def decode_array(arr):
     import pyarrow.compute as pc
 
     return pc.cast(arr, arr.type.value_type) if pa.types.is_dictionary(arr.type) else arr
+
+
+_EARLY: dict[str, Future] = {}
+
+
+def hash_early(inputs: list[str]) -> None:
+    """Start hashing the local input files on a thread while the CLI imports the scan's modules (1-2 s
+    of Python that holds the GIL; hashing releases it).  ``plan_inputs`` takes a digest only where the
+    file's identity was the same before and after hashing and is the same at planning; anything else
+    (a remote input, a missing file, a changed one) is hashed, or reported, by the plan as before."""
+    try:
+        paths = discover(inputs)
+    except (InputError, OSError):
+        return
+    pending = {path: Future() for path in paths if path not in _EARLY}
+    _EARLY.update(pending)
+
+    def work() -> None:
+        for path, future in pending.items():
+            try:
+                before = file_identity(os.stat(path))
+                digest = sha256_file(path)
+                future.set_result((before, digest) if file_identity(os.stat(path)) == before else None)
+            except Exception:  # noqa: BLE001 - the plan hashes it again and reports what is wrong
+                future.set_result(None)
+
+    threading.Thread(target=work, name="poisonguard-hash", daemon=True).start()  # a failed start exits at once
+
+
+def _early_digest(path: str, identity: tuple) -> str | None:
+    future = _EARLY.pop(path, None)
+    result = future.result() if future is not None else None
+    return result[1] if result is not None and result[0] == identity else None
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:

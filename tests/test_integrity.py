@@ -94,6 +94,28 @@ def test_input_replaced_after_the_fit_pass_is_exit_2_and_publishes_nothing(tmp, 
     assert [e["eventType"] for e in events] == ["START", "FAIL"]
 
 
+def test_a_file_replaced_after_the_early_hash_is_hashed_again_at_planning(tmp):
+    """The CLI hashes inputs on a thread while it imports; the plan keeps that digest only for the
+    very file it plans (same identity), so a swap in between is hashed (and scanned) as what it is."""
+    import hashlib
+
+    from poisonguard import io as pio
+    from poisonguard.config import Config
+
+    table = gaussian_table(300, 4, 8)
+    data = write(table, tmp / "data.parquet")
+    pio.hash_early([str(data)])
+    assert pio.plan_inputs([os.path.realpath(data)], Config()).files[0].sha256 == pio.sha256_file(data)
+    pio.hash_early([str(data)])
+    pio._EARLY[os.path.realpath(data)].result(timeout=30)  # the early digest is of the old bytes ...
+    other = table.to_pydict()
+    other["embedding"] = [[v + 40.0 for v in row] for row in other["embedding"]]
+    os.replace(write(pa.table(other, schema=table.schema), tmp / "other.parquet"), data)  # ... then a swap
+    planned = pio.plan_inputs([os.path.realpath(data)], Config()).files[0].sha256
+    assert planned == hashlib.sha256(Path(data).read_bytes()).hexdigest()
+    assert not pio._EARLY
+
+
 # ---- 3 and 4. decisions count only when the log backs them; review checks the published files ----
 
 def test_hand_written_state_decisions_release_nothing(tmp, published):

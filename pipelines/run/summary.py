@@ -5,7 +5,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from poisonguard.config import Config
@@ -16,6 +18,7 @@ from poisonguard.io import InputPlan, sha256_file
 from poisonguard.names import CLEAN, EMPTY_PART, OUTPUT_FOLDERS, QUARANTINE
 from poisonguard.run.facets import dataset, versions
 
+
 def check_outputs(staging: str, plan: InputPlan, config: Config, result: EngineResult,
                   run_dir: str) -> tuple[dict, list[dict]]:
     """Rows in = clean + quarantined, by the engine's counts and by the Parquet footers; schemas as promised.
@@ -23,14 +26,11 @@ def check_outputs(staging: str, plan: InputPlan, config: Config, result: EngineR
     names = [d.name for d in config.detectors]
     schemas = dict(zip(OUTPUT_FOLDERS, output_schemas(plan.schema, names)))
     outputs, written = [], {}
-    for folder in OUTPUT_FOLDERS:
-        for leftover in glob.glob(os.path.join(staging, folder, "*.tmp-*")):
-            os.remove(leftover)
-        parts = sorted(glob.glob(os.path.join(staging, folder, "*.parquet")))
-        if not parts:
-            empty = os.path.join(staging, folder, EMPTY_PART)
-            pq.write_table(schemas[folder].empty_table(), empty)
-            parts = [empty]
+    parts_of = {folder: _parts(staging, folder, schemas[folder]) for folder in OUTPUT_FOLDERS}
+    every = [part for parts in parts_of.values() for part in parts]
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:  # hashlib releases the GIL
+        digests = dict(zip(every, pool.map(sha256_file, every)))
+    for folder, parts in parts_of.items():
         rows = 0
         for part in parts:
             meta = pq.read_metadata(part)
@@ -38,7 +38,7 @@ def check_outputs(staging: str, plan: InputPlan, config: Config, result: EngineR
                 raise IntegrityError(f"{folder}/{os.path.basename(part)} does not have the output schema")
             rows += meta.num_rows
             location = f"{run_dir.rstrip('/')}/{folder}/{os.path.basename(part)}"
-            outputs.append(dataset(location, poisonguard_content={"sha256": sha256_file(part), "rows": meta.num_rows}))
+            outputs.append(dataset(location, poisonguard_content={"sha256": digests[part], "rows": meta.num_rows}))
         written[folder] = rows
     counts, total = result.counts, plan.total_rows
     n_clean, n_held = written[CLEAN], written[QUARANTINE]
@@ -47,6 +47,17 @@ def check_outputs(staging: str, plan: InputPlan, config: Config, result: EngineR
         raise IntegrityError(f"row count mismatch: {total} rows in, pipeline counted {counts.get('rows')}, "
                              f"wrote {n_clean} clean + {n_held} quarantined; nothing published")
     return written, outputs
+
+
+def _parts(staging: str, folder: str, schema: pa.Schema) -> list[str]:
+    for leftover in glob.glob(os.path.join(staging, folder, "*.tmp-*")):
+        os.remove(leftover)
+    parts = sorted(glob.glob(os.path.join(staging, folder, "*.parquet")))
+    if not parts:
+        empty = os.path.join(staging, folder, EMPTY_PART)
+        pq.write_table(schema.empty_table(), empty)
+        parts = [empty]
+    return parts
 
 
 def build_summary(run_id: str, plan: InputPlan, config: Config, result: EngineResult, written: dict,
