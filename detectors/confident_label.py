@@ -117,7 +117,10 @@ class ConfidentLabel(PoisonDetector):
         known = codes >= 0
         proba = np.zeros((len(X), len(self.labels_)))
         if known.any():
-            z = (np.asarray(X, dtype=np.float64)[known] - self.mean_) / self.scale_
+            X = np.asarray(X)
+            z = np.array(X if known.all() else X[known], dtype=np.float64)  # one copy, standardised in place
+            z -= self.mean_
+            z /= self.scale_
             proba[known] = (proba_fn or self.model_.predict_proba)(z)
         return proba, codes, known
 
