@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import keyword
@@ -59,9 +60,14 @@ def _facet(base, name: str, value: dict):
     bad = [key for key in value if not key.isidentifier() or keyword.iskeyword(key)]
     if bad:
         raise ValueError(f"facet {name} has keys that are not identifiers: {bad}")
+    return _facet_class(base, name)(producer=PRODUCER).with_additional_properties(**value)
+
+
+@functools.lru_cache(maxsize=256)
+def _facet_class(base, name: str):
+    """One class per facet name (a scan's hundreds of output parts share two)."""
     schema = f"{PRODUCER}/spec/facets/{name}.json"
-    cls = type(name, (base,), {"_get_schema": staticmethod(lambda: schema)})
-    return cls(producer=PRODUCER).with_additional_properties(**value)
+    return type(name, (base,), {"_get_schema": staticmethod(lambda: schema)})
 
 
 def _run_facets(facets: dict):
