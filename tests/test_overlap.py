@@ -71,3 +71,27 @@ def test_the_blas_limit_is_restored_for_the_caller():
     with blas_threads(1):
         assert set(blas()) == {1}
     assert blas() == before
+
+
+def test_the_memory_engine_fits_and_scores_with_the_configured_blas_threads(monkeypatch):
+    import pyarrow as pa
+    from threadpoolctl import threadpool_info
+
+    import poisonguard
+    import poisonguard.engines.memory as memory
+
+    seen = []
+    original = memory.fit_detectors
+
+    def recording(states, config):
+        seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return original(states, config)
+
+    monkeypatch.setattr(memory, "fit_detectors", recording)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    table = pa.table({"id": np.arange(400), "label": np.arange(400) % 2,
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 8)})
+    for threads in (1, 2):
+        poisonguard.screen(table, config={"blas_threads": threads, "detectors": [{"name": "spectral"}]})
+    assert seen == [{1}, {2}]
