@@ -48,8 +48,8 @@ bench-quality: venv
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) benchmarks/quality.py
 
-bench-scale: venv
-	$(PY) benchmarks/scale.py
+bench-scale: venv  # the committed table's run (appended to benchmarks/results/scale.md)
+	$(PY) benchmarks/scale.py --sizes 100000x128,1000000x128,3000000x128 --repeat 3
 
 bench-embed: venv
 	$(PY) benchmarks/embed.py

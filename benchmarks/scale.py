@@ -150,8 +150,8 @@ def run(sizes: list[tuple[int, int]], workdir: Path, scan_args: list[str], repea
              f"Machine: {os.cpu_count()} cores. Rows carry id, label, the embedding and a {FEATURES}-float "
              f"feature column; 10 classes, 5% planted in class {TARGET}. The default detectors "
              f"({', '.join(DEFAULT_DETECTORS)}), default config. "
-             f"Scan flags: `{' '.join(scan_args) or '(none: the default engine, in memory, in process)'}`. "
-             + (f"Each command ran {repeat} times, interleaved; the table gives the fastest wall time of each "
+             f"Scan flags: `{' '.join(scan_args) or '(none: the default engine, in memory, in process)'}`."
+             + (f" Each command ran {repeat} times, interleaved; the table gives the fastest wall time of each "
                 "and the largest peak RSS." if repeat > 1 else ""), "",
              "The floor is the in-memory engine (same core, no Beam); the reference is a plain numpy screen (read the "
              "Parquet, per-class spectral signature and activation clustering, nothing else).", "",
@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100000x128,1000000x128,3000000x128,1000000x512")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--scan-args", default="", help="extra flags for poisonguard scan (e.g. the runner)")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--out", default=str(RESULTS), help="results file: the tables are appended to it")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each command per size (fastest kept)")
     parser.add_argument("--floor", nargs=2, metavar=("DATA", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--reference", nargs=2, metavar=("DATA", "OUT"), help=argparse.SUPPRESS)
@@ -223,7 +223,14 @@ def main() -> None:
     else:
         text += "\nNo CUDA device on this machine: on a GPU machine the same command adds the cuda rows.\n"
     print(text)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    if out.exists() and out.read_text().strip():  # the results file is a history: each run is appended
+        title = text.split("\n", 1)[0].lstrip("# ")
+        text = f"\n## {title}: `scale.py {' '.join(sys.argv[1:])}` ({time.strftime('%Y-%m-%d')})\n" + text.split("\n", 1)[1]
+        with out.open("a") as handle:
+            handle.write(text)
+    else:
+        out.write_text(text)
 
 
 if __name__ == "__main__":
