@@ -34,7 +34,7 @@ import logging
 import numpy as np
 
 from poisonguard.config import Config
-from poisonguard.core.screening import Screener, fit_detectors
+from poisonguard.core.screening import FEATURE_VIEW, FEATURE_VIEW_DETECTORS, Screener, fit_detectors, split_views
 from poisonguard.core.threads import blas_threads
 from poisonguard.detectors.calibration import MIN_CLASS_ROWS
 from poisonguard.detectors.stats import ClassState, default_keys, states_by_class
@@ -53,9 +53,16 @@ def self_test(plan, config: Config, rows_per_item: int) -> dict:
     return result
 
 
-def _flagged(detectors: dict, x: np.ndarray, y: np.ndarray, keys: np.ndarray) -> np.ndarray:
+def _flagged(detectors: dict, x: np.ndarray, y: np.ndarray, keys: np.ndarray, features=None,
+             feature_view: bool = False) -> np.ndarray:
+    """Rows any detector flags; with ``feature_view`` the detectors that read the feature column score
+    ``features`` (none given: planted embedding rows have none, and those detectors are left out)."""
     flags = np.zeros(len(x), dtype=bool)
-    for detector in detectors.values():
+    for name, detector in detectors.items():
+        if feature_view and name in FEATURE_VIEW_DETECTORS:
+            if features is not None:
+                flags |= detector.flag(features, y, keys)
+            continue
         flags |= detector.flag(x, y, keys)
     return flags
 
@@ -77,7 +84,8 @@ def power_of(states: dict, config: Config, classes: list | None = None) -> dict:
     rng = np.random.default_rng(config.seed)
     settings = config.canaries
     per_class, planted, caught = {}, 0, 0
-    for label in classes if classes is not None else _eligible({c: s.n for c, s in states.items()},
+    feature_view = bool(split_views(states)[1])  # (model mode, label_view features: those checks are left out)
+    for label in classes if classes is not None else _eligible({c: s.n for c, s in split_views(states)[0].items()},
                                                                settings.max_classes):
         state = states[label]
         values, vectors = np.linalg.eigh(np.asarray(state.covariance, dtype=np.float64))
@@ -95,7 +103,8 @@ def power_of(states: dict, config: Config, classes: list | None = None) -> dict:
                 keys = rng.integers(0, np.iinfo(np.uint64).max, size=k, dtype=np.uint64, endpoint=True)
                 trial = dict(states)
                 trial[label] = state.merge(ClassState.from_block(rows, keys, state.capacity))
-                hits = int(_flagged(fit_detectors(trial, config), rows, np.full(k, label), keys).sum())
+                hits = int(_flagged(fit_detectors(trial, config), rows, np.full(k, label), keys,
+                                    feature_view=feature_view).sum())
                 trials.append({"distance_sd": distance, "share": share, "rows": k, "caught": hits})
                 planted, caught = planted + k, caught + hits
         smallest = {str(d): next((t["rows"] for t in trials if t["distance_sd"] == d and t["caught"] >= CAUGHT * t["rows"]),
@@ -173,11 +182,11 @@ def proxy_canaries(plan, config: Config) -> dict:
     canary_x, canary_y = np.concatenate(cx), np.concatenate(cy)
     model, info = fit_proxy(np.concatenate([x, canary_x]), np.concatenate([labels, canary_y]), plan, config,
                             layout)  # the layout the triggers were stamped in
+    all_x = np.concatenate([x, canary_x])
     with torch.inference_mode():
         embed = model.embed
-        rows = np.concatenate([x, canary_x])
-        emb = np.concatenate([embed(torch.from_numpy(rows[i:i + 8192]).reshape([-1, *shape])).numpy()
-                              for i in range(0, len(rows), 8192)])
+        emb = np.concatenate([embed(torch.from_numpy(all_x[i:i + 8192]).reshape([-1, *shape])).numpy()
+                              for i in range(0, len(all_x), 8192)])
     y = np.concatenate([labels, canary_y])
     keys = default_keys(len(y), config.seed)
     is_canary = np.r_[np.zeros(len(x), bool), np.ones(len(canary_x), bool)]
@@ -185,9 +194,13 @@ def proxy_canaries(plan, config: Config) -> dict:
     for target in targets:  # one attack at a time, as a real one would be: the cross-class gate sees one
         mine = is_canary & (y == target)
         rows = ~is_canary | mine
-        detectors = fit_detectors(states_by_class(emb[rows], y[rows], keys[rows], config.max_fit_rows_per_class),
-                                  config)
-        flags = _flagged(detectors, emb[rows], y[rows], keys[rows])
+        trial = states_by_class(emb[rows], y[rows], keys[rows], config.max_fit_rows_per_class)
+        if plan.label_view == "features":
+            trial.update({(FEATURE_VIEW, c): s for c, s in states_by_class(
+                all_x[rows], y[rows], keys[rows], config.max_fit_rows_per_class).items()})
+        detectors = fit_detectors(trial, config)
+        flags = _flagged(detectors, emb[rows], y[rows], keys[rows], features=all_x[rows],
+                         feature_view=plan.label_view == "features")
         found = int(flags[mine[rows]].sum())
         false_alarms.append(float(flags[~mine[rows]].mean()))
         planted, caught = planted + int(mine.sum()), caught + found

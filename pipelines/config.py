@@ -67,6 +67,10 @@ class EmbeddingConfig(_Strict):
     proxy_lr: float = Field(default=3e-3, gt=0)
     spill: bool = Field(default=True, description="model/proxy mode: keep pass 1's embeddings for pass 2 (disk) "
                                                   "instead of running the model again")
+    label_view: Literal["auto", "embedding", "features"] = Field(
+        default="auto", description="what confident learning reads: features (the feature column itself), embedding, "
+                                    "or auto: features for a proxy on a table (a proxy trained on the labels "
+                                    "memorises flipped ones), the embedding otherwise")
 
     @model_validator(mode="after")
     def _sources(self):
@@ -74,6 +78,8 @@ class EmbeddingConfig(_Strict):
             raise ValueError(f"embedding.source {self.source} needs embedding.features (the feature column)")
         if self.features_shape is not None and not 1 <= len(self.features_shape) <= 3:
             raise ValueError("embedding.features_shape is [length], [channels, length] or [channels, height, width]")
+        if self.label_view == "features" and self.source == "column":
+            raise ValueError("embedding.label_view features needs a feature column (source model or proxy)")
         if self.source == "model" and not self.model:
             raise ValueError("embedding.source model needs embedding.model (a TorchScript or state-dict file)")
         return self

@@ -55,6 +55,7 @@ class InputPlan:
     dim: int | None
     n_features: int | None = None
     model_path: str | None = None
+    label_view: str = "embedding"  # "features": confident learning reads the feature column (core.embedding)
 
     @property
     def total_rows(self) -> int:

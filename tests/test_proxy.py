@@ -168,3 +168,52 @@ def test_scan_summary_and_report_name_the_proxy_and_its_fit(tmp):
     assert 'id="proxy-fit"' in report and "held-out" in report
     log = [json.loads(line) for line in (tmp / "run" / "provenance.jsonl").read_text().splitlines()]
     assert log[-1]["run"]["facets"]["poisonguard_embedding"]["held_out_accuracy"] == info["held_out_accuracy"]
+
+
+def _flipped_table(tmp):
+    """Breast cancer with 20% of class 0 relabelled 1 (a targeted flip, as benchmarks/families.py makes one)."""
+    d = load_breast_cancer()
+    x, y = d.data.astype(np.float32), d.target.copy()
+    rng = np.random.default_rng(0)
+    flipped = rng.choice(np.flatnonzero(y == 0), size=int(round(0.2 * (y == 0).sum())), replace=False)
+    y[flipped] = 1
+    truth = np.zeros(len(y), bool)
+    truth[flipped] = True
+    table = pa.table({"id": pa.array([f"r{i}" for i in range(len(y))]), "label": pa.array(y),
+                      "f": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])})
+    return write(table, tmp / "flipped.parquet"), truth
+
+
+def _confident_flags(run) -> np.ndarray:
+    import pyarrow.dataset as ds
+
+    from poisonguard.names import QUARANTINE_REASONS
+
+    held = ds.dataset(str(run / "quarantine"), format="parquet").to_table(columns=["id", QUARANTINE_REASONS])
+    out = np.zeros(569, bool)
+    out[[int(r["id"][1:]) for r in held.to_pylist() if "detector:confident_label" in r[QUARANTINE_REASONS]]] = True
+    return out
+
+
+def test_on_a_table_confident_learning_reads_the_features_the_proxy_never_fitted(tmp):
+    """A proxy trained to near-zero loss on a table memorises flipped labels; confident learning on the
+    feature column (label_view auto -> features) still finds them, on both engines alike."""
+    path, truth = _flipped_table(tmp)
+    proxy = ["--set", "embedding.source=proxy", "--set", "embedding.features=f", "--set", "embedding.device=cpu"]
+    runs = {}
+    for name, extra in (("features", []), ("beam", ["--engine", "beam"]),
+                        ("embedding", ["--set", "embedding.label_view=embedding"])):
+        code, _, stderr = run_cli("scan", path, "--out", tmp / name, "--quiet", *proxy, *extra)
+        assert code in (0, 1), stderr
+        runs[name] = _confident_flags(tmp / name)
+    summary = json.loads((tmp / "features" / "summary.json").read_text())
+    assert summary["embedding"]["layout"]["kind"] == "table" and summary["embedding"]["label_view"] == "features"
+    found = runs["features"]
+    assert found[truth].mean() >= 0.6 and found[~truth].mean() <= 0.01
+    assert np.array_equal(runs["beam"], found)
+    assert runs["embedding"][truth].mean() <= 0.3  # the memorising proxy hides them
+
+
+def test_the_feature_view_needs_a_feature_column():
+    with pytest.raises(ValueError, match="label_view features needs a feature column"):
+        Config.model_validate({"embedding": {"label_view": "features"}})

@@ -30,6 +30,7 @@ class RowBlock:
     reasons: dict[str, np.ndarray] = field(default_factory=dict)
     released: np.ndarray | None = None  # rows a reviewer released: detector flags do not apply
     model_rows: int = 0  # rows this block ran through an embedding model (model and proxy modes)
+    features: np.ndarray | None = None  # float32 feature column, where confident learning reads it (label_view)
 
     def __len__(self) -> int:
         return len(self.ids)

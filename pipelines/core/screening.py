@@ -94,6 +94,10 @@ class Screener:
                               max_abs=config.embedding.max_abs_value, seed=config.seed,
                               embeddings=embeddings, bad_features=bad)
         block.model_rows = model_rows
+        if self.plan.label_view == "features":
+            from poisonguard.embed import features_to_numpy
+
+            block.features = features_to_numpy(table.column(config.embedding.features), self.plan.n_features)[0]
         return block
 
     def _spill_path(self, file_index: int, first_row: int) -> str:
@@ -186,13 +190,32 @@ class Screener:
 
 
 def class_states(block: RowBlock, capacity: int) -> list[tuple[object, ClassState]]:
-    """Per-class mergeable state of one batch's scorable rows (all classes in one sort)."""
+    """Per-class mergeable state of one batch's scorable rows (all classes in one sort); where the block
+    carries the feature column for confident learning, its states too, keyed (FEATURE_VIEW, label)."""
     ok = np.flatnonzero(block.scorable)
     if not len(ok):
         return []
     labels, codes = label_codes(block.labels[ok])
-    x, keys = (block.x, block.sample_keys) if len(ok) == len(block) else (block.x[ok], block.sample_keys[ok])
-    return list(zip(labels, states_of_block(x, codes, len(labels), keys, capacity)))
+    every = len(ok) == len(block)
+    x, keys = (block.x, block.sample_keys) if every else (block.x[ok], block.sample_keys[ok])
+    out = list(zip(labels, states_of_block(x, codes, len(labels), keys, capacity)))
+    if block.features is not None:
+        features = block.features if every else block.features[ok]
+        out += [((FEATURE_VIEW, label), state)
+                for label, state in zip(labels, states_of_block(features, codes, len(labels), keys, capacity))]
+    return out
+
+
+FEATURE_VIEW = "features-view"  # key of a class's state of the feature column: (FEATURE_VIEW, label)
+FEATURE_VIEW_DETECTORS = ("confident_label",)  # what reads the feature column where label_view is features
+
+
+def split_views(states: dict) -> tuple[dict, dict]:
+    """(the embedding's class states, the feature column's by label: empty unless label_view is features)."""
+    features = {key[1]: s for key, s in states.items() if isinstance(key, tuple) and key[:1] == (FEATURE_VIEW,)}
+    if not features:
+        return states, {}
+    return {k: s for k, s in states.items() if not (isinstance(k, tuple) and k[:1] == (FEATURE_VIEW,))}, features
 
 
 def merge_class_states(into: dict[object, ClassState], states) -> dict[object, ClassState]:
@@ -203,16 +226,24 @@ def merge_class_states(into: dict[object, ClassState], states) -> dict[object, C
 
 
 def fit_detectors(states: dict[object, ClassState], config: Config) -> dict[str, PoisonDetector]:
+    """Every configured detector fitted on the class states; with feature-column states
+    (``split_views``), confident learning is fitted on those, with a probe of its own."""
+    states, features = split_views(states)
     if len(states) > config.max_classes:
         from poisonguard.errors import InputError
 
         raise InputError(f"the data has {len(states)} classes, more than max_classes={config.max_classes}",
                          column=config.columns.label)
-    ordered = dict(sorted(states.items(), key=lambda kv: (str(type(kv[0])), kv[0])))
     detectors = {det.name: make_detector(det.name, **config.detector_params(det)) for det in config.detectors}
-    probe = shared_probe(ordered, detectors)
-    return {name: detector.fit_states(ordered, probe=probe) if name in PROBE_USERS else detector.fit_states(ordered)
-            for name, detector in detectors.items()}
+    views = {name: features if features and name in FEATURE_VIEW_DETECTORS else states for name in detectors}
+    fitted = {}
+    for view in ({id(v): v for v in views.values()}).values():  # the embedding, then (if used) the feature column
+        ordered = dict(sorted(view.items(), key=lambda kv: (str(type(kv[0])), kv[0])))
+        users = {name: detectors[name] for name in detectors if views[name] is view}
+        probe = shared_probe(ordered, users)
+        fitted.update({name: detector.fit_states(ordered, probe=probe) if name in PROBE_USERS
+                       else detector.fit_states(ordered) for name, detector in users.items()})
+    return {name: fitted[name] for name in detectors}
 
 
 PROBE_USERS = ("confident_label", "knn_label")
@@ -244,14 +275,16 @@ def score_block(block: RowBlock, fitted: dict[str, PoisonDetector], dup_hashes: 
     if len(dup_hashes):
         block.add_reason(ID_DUPLICATE, np.isin(block.id_hash, dup_hashes) & ~block.mask(ID_MISSING))
     x, y, keys = block.x[ok], block.labels[ok], block.sample_keys[ok]
+    features = block.features[ok] if block.features is not None else None
     for name, detector in fitted.items():
         column = np.full(len(block), np.nan)
         flags = np.zeros(len(block), dtype=bool)
+        rows = features if features is not None and name in FEATURE_VIEW_DETECTORS else x
         if len(ok):
             if scorer is not None:
-                column[ok], flags[ok] = scorer.score_and_flag(detector, x, y, keys)
+                column[ok], flags[ok] = scorer.score_and_flag(detector, rows, y, keys)
             else:
-                column[ok], flags[ok] = detector.score_and_flag(x, y, keys)
+                column[ok], flags[ok] = detector.score_and_flag(rows, y, keys)
         scores[name] = column
         if block.released is not None:
             flags &= ~block.released

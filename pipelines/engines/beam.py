@@ -18,7 +18,7 @@ from apache_beam.pvalue import AsSingleton
 
 from poisonguard import io as pio
 from poisonguard.core.screening import Fitted, Screener, duplicate_hashes, fit_detectors, fit_report, \
-    merge_class_states, merge_stats
+    merge_class_states, merge_stats, split_views
 from poisonguard.core.threads import blas_threads, limit_worker
 from poisonguard.detectors import merge_states
 from poisonguard.engines.outputs import load_error, reporting_errors, save_result, write_block
@@ -154,10 +154,10 @@ class FitDetectors(beam.PTransform):
         def fit(pairs):
             limit_worker(config.blas_threads)
             with reporting_errors(staging):
-                return fit_detectors(dict(pairs), config), {label: state.n for label, state in pairs}
+                return fit_detectors(dict(pairs), config), {c: s.n for c, s in split_views(dict(pairs))[0].items()}
 
         detectors = states | "Fit" >> beam.Map(fit)
-        moments = states | "ClassMoments" >> beam.Map(lambda pairs: class_moments(dict(pairs)))
+        moments = states | "ClassMoments" >> beam.Map(lambda pairs: class_moments(split_views(dict(pairs))[0]))
         dups = (
             parts
             | "Ids" >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == "ids" else [])

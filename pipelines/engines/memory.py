@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from poisonguard.core.screening import Fitted, Screener, duplicate_hashes, fit_detectors, fit_report, \
-    merge_class_states, merge_stats
+    merge_class_states, merge_stats, split_views
 from poisonguard.core.threads import blas_threads
 from poisonguard.engines.outputs import EngineResult
 from poisonguard.engines.overlap import Writer, read_ahead
@@ -71,7 +71,8 @@ def _run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tup
     config, plan = screener.config, screener.plan
     with phase("fit"):
         states, hashes = fit_pass(screener, rows_per_item)
-        fitted = Fitted(fit_detectors(states, config), duplicate_hashes(hashes), {c: s.n for c, s in states.items()})
+        classes = split_views(states)[0]
+        fitted = Fitted(fit_detectors(states, config), duplicate_hashes(hashes), {c: s.n for c, s in classes.items()})
         bounds = screener.report_bounds(fitted)
 
     counts: dict = {}
@@ -85,4 +86,4 @@ def _run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tup
             write(file_index, first_row, clean, held, screener.report_candidates(clean, bounds))
             counts = merge_stats(counts, stats)
             score_progress.add(table.num_rows)
-    return EngineResult(counts, fit_report(fitted.detectors), class_moments(states)), fitted
+    return EngineResult(counts, fit_report(fitted.detectors), class_moments(classes)), fitted
