@@ -84,8 +84,9 @@ def power_of(states: dict, config: Config, classes: list | None = None) -> dict:
     rng = np.random.default_rng(config.seed)
     settings = config.canaries
     per_class, planted, caught = {}, 0, 0
-    feature_view = bool(split_views(states)[1])  # (model mode, label_view features: those checks are left out)
-    for label in classes if classes is not None else _eligible({c: s.n for c, s in split_views(states)[0].items()},
+    embedded, featured = split_views(states)
+    feature_view = bool(featured)  # (model mode, label_view features: those checks are left out)
+    for label in classes if classes is not None else _eligible({c: s.n for c, s in embedded.items()},
                                                                settings.max_classes):
         state = states[label]
         values, vectors = np.linalg.eigh(np.asarray(state.covariance, dtype=np.float64))
@@ -180,9 +181,9 @@ def proxy_canaries(plan, config: Config) -> dict:
     if not cx:
         return {"mode": "proxy", "planted": 0, "caught": 0, "recall": float("nan"), "per_class": {}}
     canary_x, canary_y = np.concatenate(cx), np.concatenate(cy)
-    model, info = fit_proxy(np.concatenate([x, canary_x]), np.concatenate([labels, canary_y]), plan, config,
-                            layout)  # the layout the triggers were stamped in
     all_x = np.concatenate([x, canary_x])
+    model, info = fit_proxy(all_x, np.concatenate([labels, canary_y]), plan, config,
+                            layout)  # the layout the triggers were stamped in
     with torch.inference_mode():
         embed = model.embed
         emb = np.concatenate([embed(torch.from_numpy(all_x[i:i + 8192]).reshape([-1, *shape])).numpy()

@@ -212,10 +212,11 @@ FEATURE_VIEW_DETECTORS = ("confident_label",)  # what reads the feature column w
 
 def split_views(states: dict) -> tuple[dict, dict]:
     """(the embedding's class states, the feature column's by label: empty unless label_view is features)."""
-    features = {key[1]: s for key, s in states.items() if isinstance(key, tuple) and key[:1] == (FEATURE_VIEW,)}
-    if not features:
+    featured = {key for key in states if isinstance(key, tuple) and key[:1] == (FEATURE_VIEW,)}
+    if not featured:
         return states, {}
-    return {k: s for k, s in states.items() if not (isinstance(k, tuple) and k[:1] == (FEATURE_VIEW,))}, features
+    return ({k: s for k, s in states.items() if k not in featured},
+            {k[1]: s for k, s in states.items() if k in featured})
 
 
 def merge_class_states(into: dict[object, ClassState], states) -> dict[object, ClassState]:
