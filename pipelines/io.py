@@ -222,9 +222,9 @@ def sha256_file(path: str, chunk: int = 16 << 20) -> str:
     """Large reads into one buffer: hashing releases the GIL, and a thread that hashes while the
     main thread works takes the GIL back once per chunk (with 1 MiB chunks, 1,000 waits per GB)."""
     digest = hashlib.sha256()
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as handle:
+        buffer = bytearray(max(1, min(chunk, os.fstat(handle.fileno()).st_size)))  # output parts are a few MB
+        view = memoryview(buffer)
         while size := handle.readinto(buffer):
             digest.update(view[:size])
     return digest.hexdigest()

@@ -236,12 +236,12 @@ def fit_detectors(states: dict[object, ClassState], config: Config) -> dict[str,
         raise InputError(f"the data has {len(states)} classes, more than max_classes={config.max_classes}",
                          column=config.columns.label)
     detectors = {det.name: make_detector(det.name, **config.detector_params(det)) for det in config.detectors}
-    views = {name: features if features and name in FEATURE_VIEW_DETECTORS else states for name in detectors}
+    on_features = {name for name in detectors if features and name in FEATURE_VIEW_DETECTORS}
     fitted = {}
-    for view in ({id(v): v for v in views.values()}).values():  # the embedding, then (if used) the feature column
+    for view, names in ((states, set(detectors) - on_features), (features, on_features)):
         ordered = dict(sorted(view.items(), key=lambda kv: (str(type(kv[0])), kv[0])))
-        users = {name: detectors[name] for name in detectors if views[name] is view}
-        probe = shared_probe(ordered, users)
+        users = {name: detectors[name] for name in detectors if name in names}
+        probe = shared_probe(ordered, users) if users else None
         fitted.update({name: detector.fit_states(ordered, probe=probe) if name in PROBE_USERS
                        else detector.fit_states(ordered) for name, detector in users.items()})
     return {name: fitted[name] for name in detectors}
