@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -117,6 +118,31 @@ def fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config, layout=None):
     accuracy.  Training runs until a stop rule holds (``_train``; the record says which, and after
     how many epochs).  ``layout``: one already inferred for these features (else inferred here).
     """
+    with one_torch_thread():
+        return _fit_proxy(x, labels, plan, config, layout)
+
+
+TRAIN_THREADS = 1
+
+
+@contextmanager
+def one_torch_thread():
+    """Train on ``TRAIN_THREADS`` (one) torch thread, then restore the caller's count.  The backward
+    pass sums each minibatch's gradients in chunks, one per thread, so the trained weights (and every
+    decision read from them) depended on the machine's cores and on the caller's OpenMP setting: on
+    the digits clean control the same seed gave a proxy that flagged 0 rows with two threads and 135
+    (1.5%) with one.  Inference is unaffected (the same bytes with one or two threads and any batch
+    size).  The proxy is small (an MLP of 128 and 32 units, at most ``proxy_max_rows`` rows): on the
+    benchmark machine one thread trained the signals proxy in 1.5 s against 1.3 s with two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config, layout):
     from poisonguard.layout import infer_layout
 
     emb = config.embedding

@@ -141,6 +141,29 @@ def test_training_stops_at_the_epoch_budget_and_says_so():
     assert info == {**info, "epochs": 2, "stopped": "max_epochs", "converged": False}
 
 
+def test_the_trained_proxy_does_not_depend_on_the_callers_thread_count():
+    """The backward pass sums a minibatch's gradients in one chunk per thread: the same seed gave
+    other weights (and other decisions) on a machine with other cores, or under another OpenMP
+    setting.  The proxy trains on one thread and gives the caller's count back."""
+    import torch
+
+    from poisonguard.proxy import fit_proxy
+
+    d = load_digits()
+    x, y = (d.data / 16).astype(np.float32), d.target
+    before = torch.get_num_threads()
+    hashes = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            _, info = fit_proxy(x, y, _plan(64), _config(proxy_epochs=3))
+            assert torch.get_num_threads() == threads
+            hashes.append(info["weights_sha256"])
+    finally:
+        torch.set_num_threads(before)
+    assert hashes[0] == hashes[1]
+
+
 def test_a_cnn_on_a_table_is_refused_with_the_reason():
     from poisonguard.proxy import fit_proxy
 
