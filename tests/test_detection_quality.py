@@ -4,6 +4,7 @@ representation, natural sub-modes left alone, determinism."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from poisonguard.detectors import DEFAULT_DETECTORS, DETECTORS
 
@@ -233,3 +234,23 @@ def test_many_small_classes_take_the_batched_fits_deterministically_and_find_pla
     assert first.rows.equals(second.rows)
     flagged = first.rows["quarantined"].to_numpy()
     assert flagged[planted].mean() >= 0.8 and np.delete(flagged, planted).mean() <= 0.005
+
+
+@pytest.mark.parametrize("width, flagged", [(1.2, False), (1.4, False), (2.0, True), (4.0, True)])
+def test_a_weakly_separated_group_must_be_clearly_wider_than_its_class(width, flagged):
+    """A candidate split (3.5 <= D < 4) counts only where its group is 1.5-6 times as spread as the
+    rest of its class (tr(cov) ratio): on the development families every clean candidate holding 9%
+    or more of its class was 1.31-1.47 times as wide, dirty-label poison mostly 1.5 and more."""
+    from poisonguard.detectors.base import DIFFUSE, diffuse_minority
+    from poisonguard.detectors.calibration import CANDIDATE, ClassDecision
+    from poisonguard.detectors.stats import ClassState
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 16))
+    group = np.arange(400) < 40  # 10% of the class
+    x[group] = 3.0 + np.sqrt(width) * rng.normal(size=(40, 16))
+    state = ClassState.from_block(x.astype(np.float32), np.arange(400, dtype=np.uint64), capacity=5000)
+    candidate = ClassDecision(False, 1.0, 3.7, 0.1, 400, CANDIDATE)
+    decision = diffuse_minority(candidate, state, group)
+    assert abs(decision.spread_ratio - width) < 0.25 * width
+    assert decision.suspicious is flagged and decision.why.startswith(DIFFUSE) is flagged
