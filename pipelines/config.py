@@ -65,6 +65,9 @@ class EmbeddingConfig(_Strict):
     proxy_holdout: float = Field(default=0.1, ge=0, lt=0.5, description="share of the sample held out to measure fit")
     proxy_max_rows: int = Field(default=50000, ge=10)
     proxy_lr: float = Field(default=3e-3, gt=0)
+    proxy_threads: int = Field(default=1, ge=1, le=1024,
+                               description="torch threads training the proxy: 1 trains the same weights on any machine; "
+                                           "more trains faster, but the weights then depend on the thread count")
     spill: bool = Field(default=True, description="model/proxy mode: keep pass 1's embeddings for pass 2 (disk) "
                                                   "instead of running the model again")
     label_view: Literal["auto", "embedding", "features"] = Field(

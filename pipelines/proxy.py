@@ -118,24 +118,23 @@ def fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config, layout=None):
     accuracy.  Training runs until a stop rule holds (``_train``; the record says which, and after
     how many epochs).  ``layout``: one already inferred for these features (else inferred here).
     """
-    with one_torch_thread():
-        return _fit_proxy(x, labels, plan, config, layout)
-
-
-TRAIN_THREADS = 1
+    with torch_threads(config.embedding.proxy_threads):
+        model, info = _fit_proxy(x, labels, plan, config, layout)
+    return model, {**info, "train_threads": config.embedding.proxy_threads}
 
 
 @contextmanager
-def one_torch_thread():
-    """Train on ``TRAIN_THREADS`` (one) torch thread, then restore the caller's count.  The backward
-    pass sums each minibatch's gradients in chunks, one per thread, so the trained weights (and every
-    decision read from them) depended on the machine's cores and on the caller's OpenMP setting: on
-    the digits clean control the same seed gave a proxy that flagged 0 rows with two threads and 135
-    (1.5%) with one.  Inference is unaffected (the same bytes with one or two threads and any batch
-    size).  The proxy is small (an MLP of 128 and 32 units, at most ``proxy_max_rows`` rows): on the
-    benchmark machine one thread trained the signals proxy in 1.5 s against 1.3 s with two."""
+def torch_threads(n: int):
+    """Train on ``n`` torch threads (``embedding.proxy_threads``, default 1), then restore the
+    caller's count.  The backward pass sums each minibatch's gradients in chunks, one per thread, so
+    the trained weights (and every decision read from them) depended on the machine's cores and on
+    the caller's OpenMP setting: on the digits clean control the same seed gave a proxy that flagged
+    0 rows with two threads and 135 (1.5%) with one.  With one thread a seed trains the same proxy
+    on any machine.  Inference is unaffected (the same bytes with one or two threads and any batch
+    size).  The cost, 50,000 rows of 128 features on the 2-core benchmark machine: the default MLP
+    2.4 s against 1.9-2.3 s for 10 epochs; a CNN proxy 15-16 s against 10 s for 3 epochs."""
     before = torch.get_num_threads()
-    torch.set_num_threads(TRAIN_THREADS)
+    torch.set_num_threads(n)
     try:
         yield
     finally:

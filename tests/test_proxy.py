@@ -161,7 +161,16 @@ def test_the_trained_proxy_does_not_depend_on_the_callers_thread_count():
             hashes.append(info["weights_sha256"])
     finally:
         torch.set_num_threads(before)
-    assert hashes[0] == hashes[1]
+    assert hashes[0] == hashes[1] and info["train_threads"] == 1
+    seen = []
+    original = torch.set_num_threads
+    try:
+        torch.set_num_threads = lambda n: (seen.append(n), original(n))
+        _, info = fit_proxy(x, y, _plan(64), _config(proxy_epochs=1, proxy_threads=2))  # faster, machine-dependent
+    finally:
+        torch.set_num_threads = original
+        torch.set_num_threads(before)
+    assert info["train_threads"] == 2 and seen == [2, before]
 
 
 def test_a_cnn_on_a_table_is_refused_with_the_reason():
