@@ -141,7 +141,7 @@ def test_training_stops_at_the_epoch_budget_and_says_so():
     assert info == {**info, "epochs": 2, "stopped": "max_epochs", "converged": False}
 
 
-def test_the_trained_proxy_does_not_depend_on_the_callers_thread_count():
+def test_the_trained_proxy_does_not_depend_on_the_callers_thread_count(monkeypatch):
     """The backward pass sums a minibatch's gradients in one chunk per thread: the same seed gave
     other weights (and other decisions) on a machine with other cores, or under another OpenMP
     setting.  The proxy trains on one thread and gives the caller's count back."""
@@ -162,14 +162,9 @@ def test_the_trained_proxy_does_not_depend_on_the_callers_thread_count():
     finally:
         torch.set_num_threads(before)
     assert hashes[0] == hashes[1] and info["train_threads"] == 1
-    seen = []
-    original = torch.set_num_threads
-    try:
-        torch.set_num_threads = lambda n: (seen.append(n), original(n))
-        _, info = fit_proxy(x, y, _plan(64), _config(proxy_epochs=1, proxy_threads=2))  # faster, machine-dependent
-    finally:
-        torch.set_num_threads = original
-        torch.set_num_threads(before)
+    seen, original = [], torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), original(n)))
+    _, info = fit_proxy(x, y, _plan(64), _config(proxy_epochs=1, proxy_threads=2))  # faster, machine-dependent
     assert info["train_threads"] == 2 and seen == [2, before]
 
 
