@@ -38,8 +38,10 @@ from poisonguard.core.screening import FEATURE_VIEW, FEATURE_VIEW_DETECTORS, Scr
 from poisonguard.core.threads import blas_threads
 from poisonguard.detectors.calibration import MIN_CLASS_ROWS
 from poisonguard.detectors.stats import ClassState, default_keys, states_by_class
+from poisonguard.engines.progress import Progress
 
 log = logging.getLogger("poisonguard")
+PROGRESS_EVERY_S = 10.0  # the power analysis refits every detector per planted group: minutes on large classes
 CAUGHT = 0.9  # share of a planted cluster's rows that must be flagged for it to count as caught
 
 
@@ -86,8 +88,11 @@ def power_of(states: dict, config: Config, classes: list | None = None) -> dict:
     per_class, planted, caught = {}, 0, 0
     embedded, featured = split_views(states)
     feature_view = bool(featured)  # (model mode, label_view features: those checks are left out)
-    for label in classes if classes is not None else _eligible({c: s.n for c, s in embedded.items()},
-                                                               settings.max_classes):
+    if classes is None:
+        classes = _eligible({c: s.n for c, s in embedded.items()}, settings.max_classes)
+    progress = Progress("canaries", len(classes) * len(settings.distances) * len(settings.sizes),
+                        every_s=PROGRESS_EVERY_S, unit="planted groups")
+    for label in classes:
         state = states[label]
         values, vectors = np.linalg.eigh(np.asarray(state.covariance, dtype=np.float64))
         root = vectors * np.sqrt(np.maximum(values, 0.0))  # cov = root @ root.T
@@ -107,6 +112,7 @@ def power_of(states: dict, config: Config, classes: list | None = None) -> dict:
                 hits = int(_flagged(fit_detectors(trial, config), rows, np.full(k, label), keys,
                                     feature_view=feature_view).sum())
                 trials.append({"distance_sd": distance, "share": share, "rows": k, "caught": hits})
+                progress.add(1)
                 planted, caught = planted + k, caught + hits
         smallest = {str(d): next((t["rows"] for t in trials if t["distance_sd"] == d and t["caught"] >= CAUGHT * t["rows"]),
                                  None) for d in settings.distances}

@@ -77,3 +77,25 @@ def test_input_rows_may_not_use_the_canary_id_prefix(tmp):
     held = read_outputs(tmp / "run")[1]
     reasons = dict(zip(held.column("id").to_pylist(), held.column("quarantine_reasons").to_pylist()))
     assert "validation:builtin:id_reserved" in reasons["__poisonguard_canary__:1"]
+
+
+def test_the_power_analysis_reports_progress_with_its_total(monkeypatch, caplog):
+    """It refits every detector per planted group (minutes on large classes): a scheduler's log shows
+    how far it is, of how many."""
+    import logging
+
+    from poisonguard import canaries
+    from poisonguard.config import Config
+    from poisonguard.detectors.stats import ClassState
+
+    rng = np.random.default_rng(0)
+    states = {c: ClassState.from_block((rng.normal(size=(200, 4)) + 8 * c).astype(np.float32),
+                                       rng.integers(0, 2**63, size=200).astype(np.uint64), 5000) for c in range(3)}
+    config = Config.model_validate({"canaries": {"sizes": [0.05], "distances": [8.0, 2.0], "max_classes": 2},
+                                    "detectors": [{"name": "spectral"}]})
+    monkeypatch.setattr(canaries, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="poisonguard"):
+        result = canaries.power_of(states, config)
+    assert len(result["per_class"]) == 2
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("canaries: ")]
+    assert [line.split(",")[0] for line in lines] == [f"canaries: {k} of 4 planted groups" for k in (1, 2, 3, 4)]

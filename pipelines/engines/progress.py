@@ -1,4 +1,5 @@
-"""Progress of a pass: rows done of the total, with an ETA, logged at most every ``every_s`` seconds."""
+"""Progress of a pass: rows (or other units) done of the total, with an ETA, logged at most every
+``every_s`` seconds."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ log = logging.getLogger("poisonguard")
 
 
 class Progress:
-    def __init__(self, stage: str, total: int, every_s: float = 10.0):
-        self.stage, self.total, self.every_s = stage, total, every_s
+    def __init__(self, stage: str, total: int, every_s: float = 10.0, unit: str = "rows"):
+        self.stage, self.total, self.every_s, self.unit = stage, total, every_s, unit
         self.rows, self.start = 0, time.monotonic()
         self.last = self.start
 
@@ -20,5 +21,5 @@ class Progress:
         if now - self.last >= self.every_s:
             self.last = now
             rate = self.rows / max(now - self.start, 1e-9)
-            log.info("%s: %d of %d rows, %.0f s, ETA %.0f s", self.stage, self.rows, self.total,
+            log.info("%s: %d of %d %s, %.0f s, ETA %.0f s", self.stage, self.rows, self.total, self.unit,
                      now - self.start, max(self.total - self.rows, 0) / max(rate, 1e-9))
