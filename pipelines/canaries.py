@@ -30,12 +30,13 @@ Canary ids carry the reserved prefix ``names.CANARY_PREFIX``; an input row using
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import numpy as np
 
 from poisonguard.config import Config
 from poisonguard.core.screening import FEATURE_VIEW, FEATURE_VIEW_DETECTORS, Screener, fit_detectors, split_views
-from poisonguard.core.threads import blas_threads
+from poisonguard.core.threads import blas_threads, limit_worker
 from poisonguard.detectors.calibration import MIN_CLASS_ROWS
 from poisonguard.detectors.stats import ClassState, default_keys, states_by_class
 from poisonguard.engines.progress import Progress
@@ -92,35 +93,90 @@ def power_of(states: dict, config: Config, classes: list | None = None) -> dict:
         classes = _eligible({c: s.n for c, s in embedded.items()}, settings.max_classes)
     progress = Progress("canaries", len(classes) * len(settings.distances) * len(settings.sizes),
                         every_s=PROGRESS_EVERY_S, unit="planted groups")
-    for label in classes:
-        state = states[label]
-        values, vectors = np.linalg.eigh(np.asarray(state.covariance, dtype=np.float64))
-        root = vectors * np.sqrt(np.maximum(values, 0.0))  # cov = root @ root.T
-        direction = root @ rng.normal(size=state.dim)  # along the class's own variation, as real poison moves
-        direction /= max(np.linalg.norm(direction), 1e-300)
-        sd_along = float(np.sqrt(max(direction @ state.covariance @ direction, 1e-24)))
-        shape = root * np.sqrt(settings.spread)  # rows ~ N(0, spread * cov)
-        trials = []
-        for distance in settings.distances:
-            for share in settings.sizes:
-                k = max(3, int(round(share * state.n)))
-                centre = state.mean + distance * sd_along * direction
-                rows = (centre + rng.normal(size=(k, state.dim)) @ shape.T).astype(np.float32)
-                keys = rng.integers(0, np.iinfo(np.uint64).max, size=k, dtype=np.uint64, endpoint=True)
-                trial = dict(states)
-                trial[label] = state.merge(ClassState.from_block(rows, keys, state.capacity))
-                hits = int(_flagged(fit_detectors(trial, config), rows, np.full(k, label), keys,
-                                    feature_view=feature_view).sum())
-                trials.append({"distance_sd": distance, "share": share, "rows": k, "caught": hits})
-                progress.add(1)
-                planted, caught = planted + k, caught + hits
-        smallest = {str(d): next((t["rows"] for t in trials if t["distance_sd"] == d and t["caught"] >= CAUGHT * t["rows"]),
-                                 None) for d in settings.distances}
-        per_class[str(label)] = {"rows": int(state.n), "trials": trials, "smallest_caught_rows": smallest,
-                                 "finding": _finding(label, smallest, trials[-1]["rows"])}
+    with _trials(states, config, feature_view, progress) as caught_of:
+        for label in classes:
+            state = states[label]
+            groups = _planted_groups(state, settings, rng)
+            hits = caught_of(label, [(rows, keys) for _, _, rows, keys in groups])
+            trials = [{"distance_sd": distance, "share": share, "rows": len(rows), "caught": h}
+                      for (distance, share, rows, _), h in zip(groups, hits)]
+            planted, caught = planted + sum(t["rows"] for t in trials), caught + sum(hits)
+            smallest = {str(d): next((t["rows"] for t in trials if t["distance_sd"] == d and t["caught"] >= CAUGHT * t["rows"]),
+                                     None) for d in settings.distances}
+            per_class[str(label)] = {"rows": int(state.n), "trials": trials, "smallest_caught_rows": smallest,
+                                     "finding": _finding(label, smallest, trials[-1]["rows"])}
     return {"mode": "embedding", "distances_sd": settings.distances, "spread": settings.spread,
             "planted": planted, "caught": caught,
             "recall": caught / planted if planted else float("nan"), "per_class": per_class}
+
+
+def _planted_groups(state: ClassState, settings, rng: np.random.Generator) -> list:
+    """(distance, share, rows, keys) of every group planted in one class, grid order."""
+    values, vectors = np.linalg.eigh(np.asarray(state.covariance, dtype=np.float64))
+    root = vectors * np.sqrt(np.maximum(values, 0.0))  # cov = root @ root.T
+    direction = root @ rng.normal(size=state.dim)  # along the class's own variation, as real poison moves
+    direction /= max(np.linalg.norm(direction), 1e-300)
+    sd_along = float(np.sqrt(max(direction @ state.covariance @ direction, 1e-24)))
+    shape = root * np.sqrt(settings.spread)  # rows ~ N(0, spread * cov)
+    groups = []
+    for distance in settings.distances:
+        for share in settings.sizes:
+            k = max(3, int(round(share * state.n)))
+            centre = state.mean + distance * sd_along * direction
+            rows = (centre + rng.normal(size=(k, state.dim)) @ shape.T).astype(np.float32)
+            keys = rng.integers(0, np.iinfo(np.uint64).max, size=k, dtype=np.uint64, endpoint=True)
+            groups.append((distance, share, rows, keys))
+    return groups
+
+
+@contextmanager
+def _trials(states: dict, config: Config, feature_view: bool, progress: Progress):
+    """A function (label, [(rows, keys)]) -> rows of each planted group flagged, in order: each group
+    planted alone in its class and every detector refitted.  ``canaries.workers`` > 1 refits in that
+    many processes (spawned; each holds a copy of the class states); the groups are drawn here, so
+    the results are those of one process."""
+    if config.canaries.workers == 1:
+        def caught_of(label, groups):
+            return [_progressed(progress, _caught(states, config, feature_view, label, rows, keys)) for rows, keys in groups]
+
+        yield caught_of
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(config.canaries.workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker, initargs=(states, config, feature_view)) as pool:
+        def caught_of(label, groups):
+            return [_progressed(progress, h) for h in pool.map(_caught_in_worker, [(label, r, k) for r, k in groups])]
+
+        yield caught_of
+
+
+def _progressed(progress: Progress, hits: int) -> int:
+    progress.add(1)
+    return hits
+
+
+def _caught(states: dict, config: Config, feature_view: bool, label, rows: np.ndarray, keys: np.ndarray) -> int:
+    state = states[label]
+    trial = dict(states)
+    trial[label] = state.merge(ClassState.from_block(rows, keys, state.capacity))
+    return int(_flagged(fit_detectors(trial, config), rows, np.full(len(rows), label), keys,
+                        feature_view=feature_view).sum())
+
+
+_worker: tuple | None = None
+
+
+def _start_worker(states: dict, config: Config, feature_view: bool) -> None:
+    global _worker
+    limit_worker(config.blas_threads)
+    _worker = (states, config, feature_view)
+
+
+def _caught_in_worker(task) -> int:
+    label, rows, keys = task
+    return _caught(*_worker, label, rows, keys)
 
 
 def _finding(label, smallest: dict, largest: int) -> str:

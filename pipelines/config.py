@@ -120,6 +120,9 @@ class CanaryConfig(_Strict):
     spread: float = Field(default=1.8, gt=0, le=100,
                           description="embedding mode: planted group's covariance over the class's (the same median)")
     max_classes: int = Field(default=20, ge=1, le=1000, description="classes tested (the largest)")
+    workers: int = Field(default=1, ge=1, le=256,
+                         description="embedding mode: processes refitting the detectors per planted group (the same "
+                                     "results, faster on more cores; each holds a copy of the class samples)")
     min_recall: float | None = Field(default=None, ge=0, le=1, description="exit 1 when the measured recall is lower")
 
     @field_validator("sizes")

@@ -99,3 +99,17 @@ def test_the_power_analysis_reports_progress_with_its_total(monkeypatch, caplog)
     assert len(result["per_class"]) == 2
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("canaries: ")]
     assert [line.split(",")[0] for line in lines] == [f"canaries: {k} of 4 planted groups" for k in (1, 2, 3, 4)]
+
+
+def test_the_power_analysis_gives_the_same_findings_in_worker_processes():
+    from poisonguard import canaries
+    from poisonguard.config import Config
+    from poisonguard.detectors.stats import ClassState
+
+    rng = np.random.default_rng(1)
+    states = {c: ClassState.from_block((rng.normal(size=(300, 6)) + 6 * c).astype(np.float32),
+                                       rng.integers(0, 2**63, size=300).astype(np.uint64), 5000) for c in range(3)}
+    settings = {"sizes": [0.02, 0.1], "distances": [8.0, 2.0], "max_classes": 2}
+    one, two = (canaries.power_of(states, Config.model_validate({"canaries": {**settings, "workers": workers}}))
+                for workers in (1, 2))
+    assert one == two and one["planted"] == 2 * (6 + 30) * 2 and one["caught"] > 0
