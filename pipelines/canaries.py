@@ -135,16 +135,22 @@ def _trials(states: dict, config: Config, feature_view: bool, progress: Progress
     planted alone in its class and every detector refitted.  ``canaries.workers`` > 1 refits in that
     many processes (spawned; each holds a copy of the class states); the groups are drawn here, so
     the results are those of one process."""
-    if config.canaries.workers == 1:
+    import multiprocessing
+
+    workers = config.canaries.workers
+    if workers > 1 and multiprocessing.current_process().daemon:
+        log.warning("canaries: this process is a daemon (a worker pool's?) and may not start processes; "
+                    "canaries.workers=%d runs in this one", workers)
+        workers = 1
+    if workers == 1:
         def caught_of(label, groups):
             return [_progressed(progress, _caught(states, config, feature_view, label, rows, keys)) for rows, keys in groups]
 
         yield caught_of
         return
-    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(config.canaries.workers, mp_context=multiprocessing.get_context("spawn"),
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_start_worker, initargs=(states, config, feature_view)) as pool:
         def caught_of(label, groups):
             return [_progressed(progress, h) for h in pool.map(_caught_in_worker, [(label, r, k) for r, k in groups])]

@@ -113,3 +113,25 @@ def test_the_power_analysis_gives_the_same_findings_in_worker_processes():
     one, two = (canaries.power_of(states, Config.model_validate({"canaries": {**settings, "workers": workers}}))
                 for workers in (1, 2))
     assert one == two and one["planted"] == 2 * (6 + 30) * 2 and one["caught"] > 0
+
+
+def test_a_daemon_process_runs_the_power_analysis_itself(monkeypatch, caplog):
+    """A daemonic process (a multiprocessing pool's worker) may not start processes: the power
+    analysis runs in it, says so, and finds the same."""
+    import logging
+    import multiprocessing
+    import types
+
+    from poisonguard import canaries
+    from poisonguard.config import Config
+    from poisonguard.detectors.stats import ClassState
+
+    rng = np.random.default_rng(2)
+    states = {c: ClassState.from_block((rng.normal(size=(120, 3)) + 6 * c).astype(np.float32),
+                                       rng.integers(0, 2**63, size=120).astype(np.uint64), 5000) for c in range(2)}
+    settings = {"sizes": [0.05], "distances": [8.0], "max_classes": 1}
+    alone = canaries.power_of(states, Config.model_validate({"canaries": settings}))
+    monkeypatch.setattr(multiprocessing, "current_process", lambda: types.SimpleNamespace(daemon=True, name="pool-worker"))
+    with caplog.at_level(logging.WARNING, logger="poisonguard"):
+        found = canaries.power_of(states, Config.model_validate({"canaries": {**settings, "workers": 4}}))
+    assert found == alone and "may not start processes" in caplog.text
