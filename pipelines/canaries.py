@@ -150,12 +150,20 @@ def _trials(states: dict, config: Config, feature_view: bool, progress: Progress
         return
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker, initargs=(states, config, feature_view)) as pool:
-        def caught_of(label, groups):
-            return [_progressed(progress, h) for h in pool.map(_caught_in_worker, [(label, r, k) for r, k in groups])]
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(states, config, feature_view))
 
+    def caught_of(label, groups):
+        return [_progressed(progress, h) for h in pool.map(_caught_in_worker, [(label, r, k) for r, k in groups])]
+
+    try:
         yield caught_of
+    except BaseException:  # Ctrl-C / SIGTERM: stop the refits under way, drop the groups not started
+        for process in list((pool._processes or {}).values()):
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _progressed(progress: Progress, hits: int) -> int:
