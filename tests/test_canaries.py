@@ -158,6 +158,7 @@ def test_an_interrupted_power_analysis_leaves_no_worker_process_behind(monkeypat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(canaries, "_progressed", interrupted)
+    others = set(multiprocessing.active_children())  # another test's (this xdist worker's) may still run
     with pytest.raises(KeyboardInterrupt):
         canaries.power_of(states, Config.model_validate({"canaries": {"workers": 2, "max_classes": 3}}))
-    assert multiprocessing.active_children() == []
+    assert not set(multiprocessing.active_children()) - others
