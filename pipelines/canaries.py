@@ -30,6 +30,8 @@ Canary ids carry the reserved prefix ``names.CANARY_PREFIX``; an input row using
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -135,8 +137,6 @@ def _trials(states: dict, config: Config, feature_view: bool, progress: Progress
     planted alone in its class and every detector refitted.  ``canaries.workers`` > 1 refits in that
     many processes (spawned; each holds a copy of the class states); the groups are drawn here, so
     the results are those of one process."""
-    import multiprocessing
-
     workers = config.canaries.workers
     if workers > 1 and multiprocessing.current_process().daemon:
         log.warning("canaries: this process is a daemon (a worker pool's?) and may not start processes; "
@@ -148,8 +148,6 @@ def _trials(states: dict, config: Config, feature_view: bool, progress: Progress
 
         yield caught_of
         return
-    from concurrent.futures import ProcessPoolExecutor
-
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_start_worker, initargs=(states, config, feature_view))
 
