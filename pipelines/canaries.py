@@ -255,27 +255,25 @@ def proxy_canaries(plan, config: Config) -> dict:
     if not cx:
         return {"mode": "proxy", "planted": 0, "caught": 0, "recall": float("nan"), "per_class": {}}
     canary_x, canary_y = np.concatenate(cx), np.concatenate(cy)
-    all_x = np.concatenate([x, canary_x])
-    model, info = fit_proxy(all_x, np.concatenate([labels, canary_y]), plan, config,
-                            layout)  # the layout the triggers were stamped in
+    all_x, y = np.concatenate([x, canary_x]), np.concatenate([labels, canary_y])
+    model, info = fit_proxy(all_x, y, plan, config, layout)  # the layout the triggers were stamped in
     with torch.inference_mode():
         embed = model.embed
         emb = np.concatenate([embed(torch.from_numpy(all_x[i:i + 8192]).reshape([-1, *shape])).numpy()
                               for i in range(0, len(all_x), 8192)])
-    y = np.concatenate([labels, canary_y])
     keys = default_keys(len(y), config.seed)
     is_canary = np.r_[np.zeros(len(x), bool), np.ones(len(canary_x), bool)]
     per_class, planted, caught, false_alarms = {}, 0, 0, []
     for target in targets:  # one attack at a time, as a real one would be: the cross-class gate sees one
         mine = is_canary & (y == target)
         rows = ~is_canary | mine
-        trial = states_by_class(emb[rows], y[rows], keys[rows], config.max_fit_rows_per_class)
+        e, yr, kr, fx = emb[rows], y[rows], keys[rows], all_x[rows]
+        trial = states_by_class(e, yr, kr, config.max_fit_rows_per_class)
         if plan.label_view == "features":
             trial.update({(FEATURE_VIEW, c): s for c, s in states_by_class(
-                all_x[rows], y[rows], keys[rows], config.max_fit_rows_per_class).items()})
+                fx, yr, kr, config.max_fit_rows_per_class).items()})
         detectors = fit_detectors(trial, config)
-        flags = _flagged(detectors, emb[rows], y[rows], keys[rows], features=all_x[rows],
-                         feature_view=plan.label_view == "features")
+        flags = _flagged(detectors, e, yr, kr, features=fx, feature_view=plan.label_view == "features")
         found = int(flags[mine[rows]].sum())
         false_alarms.append(float(flags[~mine[rows]].mean()))
         planted, caught = planted + int(mine.sum()), caught + found
