@@ -133,6 +133,31 @@ def test_early_stopping_keeps_the_best_held_out_epoch():
     assert runs["held_out"][0] >= 0.7 and runs["held_out"][0] > runs["train_loss"][0] + 0.2
 
 
+def test_the_held_out_rule_also_stops_once_every_training_row_is_fit():
+    """A network that fits its training rows (loss under proxy_target_loss) has learnt what a
+    backdoor teaches; the held-out rule stops there too, with that epoch's weights, instead of
+    training on while the held-out loss still creeps down (which blurred the poison into its class)."""
+    import torch
+
+    from poisonguard.proxy import _train
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 2
+    x = (rng.normal(size=(400, 8)) + 3.0 * y[:, None]).astype(np.float32)  # separable: training loss -> 0
+    y[380:] = 1 - y[380:]  # half the held-out rows mislabelled: the held-out loss never gets there
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    train, test = torch.arange(360), torch.arange(360, 400)
+    emb = _config(proxy_target_loss=0.05, proxy_patience=1000, proxy_epochs=200).embedding
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    fit = _train(model, xt, yt, train, test, emb, "held_out", seed=0)
+    assert fit["stopped"] == "target_loss" and fit["final_training_loss"] < 0.05
+    assert fit["epochs"] < 200 and fit["kept_epoch"] == fit["epochs"]
+    with torch.no_grad():  # the weights kept are those of the stopping epoch
+        loss = torch.nn.functional.cross_entropy(model(xt[train]), yt[train])
+    assert float(loss) < 0.05
+
+
 def test_training_stops_at_the_epoch_budget_and_says_so():
     from poisonguard.proxy import fit_proxy
 
