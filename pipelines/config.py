@@ -61,7 +61,8 @@ class EmbeddingConfig(_Strict):
     proxy_patience: int = Field(default=5, ge=1, description="converged: no 1% better epoch in this many")
     proxy_stop: Literal["auto", "train_loss", "held_out"] = Field(
         default="auto", description="train_loss: to near-zero training loss; held_out: early stopping on the "
-                                    "held-out rows; auto: held_out for images and sequences, train_loss for tables")
+                                    "held-out rows, or at near-zero training loss if that comes first; auto: "
+                                    "held_out for images and sequences, train_loss for tables")
     proxy_holdout: float = Field(default=0.1, ge=0, lt=0.5, description="share of the sample held out to measure fit")
     proxy_max_rows: int = Field(default=50000, ge=10)
     proxy_lr: float = Field(default=3e-3, gt=0)
