@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import warnings
@@ -33,6 +34,7 @@ import poisonguard  # noqa: E402
 from poisonguard.detectors import DEFAULT_DETECTORS, DETECTORS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.md"
+TARGETS = "## Targets (default fusion, no oracle)"
 
 
 # ---- data and attacks ---------------------------------------------------------------------
@@ -239,7 +241,7 @@ def verdicts(rows) -> str:
     by_case: dict[str, dict[str, dict]] = {}
     for case, name, m in rows:
         by_case.setdefault(case, {})[name] = m
-    out = ["## Targets (default fusion, no oracle)", ""]
+    out = [TARGETS, ""]
     for case, methods in by_case.items():
         fusion = methods["fusion:default"]
         art = [m for n, m in methods.items() if n.startswith("ART")]
@@ -275,14 +277,10 @@ def main() -> None:
 
 def write_keeping_other_sections(path: Path, text: str) -> None:
     """This benchmark's table and targets replace the file's head; the sections other benchmarks
-    write after it (``canaries.py``, ``label_checks.py``) stay."""
+    write after it (``canaries.py``, ``label_checks.py``: every ``## `` section but its own) stay."""
     old = path.read_text() if path.exists() else ""
-    starts = [i for i in (old.find("\n## " + h) for h in OTHER_SECTIONS) if i >= 0]
-    tail = old[min(starts):] if starts else ""
-    path.write_text(text.rstrip() + "\n" + tail)
-
-
-OTHER_SECTIONS = ("Canary recall beside the real attack's", "Label checks: k-NN beside confident learning")
+    starts = [m.start() for m in re.finditer(r"^## .*$", old, flags=re.M) if m.group(0) != TARGETS]
+    path.write_text(text.rstrip() + "\n" + ("\n" + old[starts[0]:] if starts else ""))
 
 
 if __name__ == "__main__":
