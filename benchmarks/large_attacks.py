@@ -12,8 +12,6 @@ of 2) 30 of the 80 cases were found (28 now) and digits/CNN's 10% targeted flip 
 0.59 (a clean sub-mode 1.5-2 times as spread as its class flagged beside it); at 1.2, 32 of 80, and
 three development families lost F1 to clean sub-modes (1.4-1.7% of their clean rows flagged).
 
-
-
     python benchmarks/large_attacks.py [--jobs 2] [--seeds 2]
 """
 
