@@ -8,6 +8,7 @@ development set (where every threshold, default and fusion rule is chosen) and a
 Sources (real data that scikit-learn ships, and synthetic data whose classes have natural sub-modes):
   digits         8,985 8x8 images (the digits and four one-pixel shifts)            dev
   breast_cancer  569 rows x 30 features                                              dev
+  iris           150 rows x 4 features, 3 classes of 50                             dev
   modes          6,000 rows x 20 features, make_classification, 3 clusters per class  dev
   signals        8,000 1-D signals of 64 steps, 10 classes of two waveforms (60/40),  dev
                  each shifted at random (a shift-invariant sequence task)
@@ -39,7 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache" / "families"
-SOURCES = {"digits": "dev", "breast_cancer": "dev", "modes": "dev", "signals": "dev",
+SOURCES = {"digits": "dev", "breast_cancer": "dev", "iris": "dev", "modes": "dev", "signals": "dev",
            "wine": "heldout", "mixture": "heldout", "shapes": "heldout"}
 MODELS = {"mlp": "dev", "cnn": "dev", "random": "dev", "linear": "heldout"}
 IMAGE_SOURCES = {"digits": (8, 8), "shapes": (12, 12)}
@@ -65,15 +66,15 @@ def families():
 
 def load(source: str):
     """(x float32 [n, f], y int64, target class)."""
-    from sklearn.datasets import load_breast_cancer, load_digits, load_wine, make_classification
+    from sklearn.datasets import load_breast_cancer, load_digits, load_iris, load_wine, make_classification
 
     if source == "digits":
         d = load_digits()
         images = d.images.astype(np.float32) / 16.0
         shifted = [images] + [np.roll(images, s, axis=a) for a in (1, 2) for s in (-1, 1)]
         return np.concatenate(shifted).reshape(-1, 64), np.tile(d.target, 5), 0
-    if source in ("breast_cancer", "wine"):
-        d = load_breast_cancer() if source == "breast_cancer" else load_wine()
+    if source in ("breast_cancer", "wine", "iris"):
+        d = {"breast_cancer": load_breast_cancer, "wine": load_wine, "iris": load_iris}[source]()
         x = d.data.astype(np.float32)
         return (x - x.mean(0)) / x.std(0), d.target, 1 if source == "breast_cancer" else 0
     if source == "modes":
