@@ -298,3 +298,63 @@ def test_a_sub_mode_deep_inside_another_class_is_a_label_flip(inside, flagged):
 
     decision, state, group, others = _submode_case(1.0, inside=inside)
     assert natural_submode(decision, state, group, others).suspicious is flagged
+
+
+def _half_learnt_flips(n_classes: int, per: int = 400, planted: int = 30):
+    """Well-separated classes; ``planted`` rows labelled 0 inside class 1 (class 0 is then
+    suspicious); apart from every class, four rows labelled 0 among seven of class 1 (each one's
+    neighbours: 7 of 10 class 1), and the same 4 + 7 for the last class, which holds no planted rows."""
+    rng = np.random.default_rng(5)
+    centres = np.array([[0.0, 0.0], [12.0, 0.0], [0.0, 12.0]])[:n_classes]
+    y = np.repeat(np.arange(n_classes), per)
+    x = centres[y] + rng.normal(size=(len(y), 2))
+    inside = centres[1] + rng.normal(size=(planted, 2))
+    groups = [(0, np.array([24.0, 24.0]))] + ([(n_classes - 1, np.array([-12.0, 24.0]))] if n_classes > 2 else [])
+    xs, ys = [x, inside], [y, np.zeros(planted, int)]
+    for label, at in groups:
+        xs.append(at + rng.normal(scale=0.1, size=(11, 2)))
+        ys.append(np.r_[np.full(4, label), np.ones(7, int)])
+    return np.vstack(xs).astype(np.float32), np.concatenate(ys), len(y) + planted
+
+
+def test_knn_label_flags_from_seven_of_ten_inside_a_class_it_found_suspicious():
+    """In class 0 (suspicious: 30 rows inside class 1) the four rows whose neighbours are 7 of 10
+    class 1 are flagged; the same rows in class 2 (no planted rows) are not: it keeps 8 of 10."""
+    from poisonguard.detectors import KnnLabel
+
+    x, y, far = _half_learnt_flips(3)
+    keys = np.arange(len(y), dtype=np.uint64)  # a row is not its own neighbour
+    det = KnnLabel(random_state=0).fit(x, y, keys)
+    flags = det.flag(x, y, keys)
+    scores = det.set_params(score_every_row=True).score_samples(x, y, keys)
+    assert det.decisions_[0].suspicious and not det.decisions_[2].suspicious and not det.representation_["weak"]
+    assert np.allclose(scores[far:far + 4], 0.7) and np.allclose(scores[far + 11:far + 15], 0.7)
+    assert flags[far:far + 4].all() and not flags[far + 11:far + 15].any()
+    assert flags[far - 30:far].mean() > 0.9 and not flags[:far - 30].any()
+    strict = KnnLabel(random_state=0, flag_disagreement=None).fit(x, y, keys).flag(x, y, keys)
+    assert not strict[far:far + 4].any() and 0.8 <= strict[far - 30:far].mean() <= flags[far - 30:far].mean()
+
+
+def test_knn_label_keeps_eight_of_ten_with_two_classes():
+    """With two classes any disagreement names "one other label": the lower row threshold is not used."""
+    from poisonguard.detectors import KnnLabel
+
+    x, y, far = _half_learnt_flips(2)
+    keys = np.arange(len(y), dtype=np.uint64)
+    det = KnnLabel(random_state=0).fit(x, y, keys)
+    assert det.decisions_[0].suspicious and det.flag_disagreement_ == det.min_disagreement_ == 0.8
+    assert np.allclose(det.score_samples(x[far:far + 4], y[far:far + 4], keys[far:far + 4]), 0.7)
+    assert not det.flag(x, y, keys)[far:far + 4].any()
+
+
+def test_knn_label_keeps_eight_of_ten_where_a_small_class_has_two_hits():
+    """A class of 50 with two rows inside another class reaches min_share (suspicious), but two rows
+    are not enough evidence to flag its 7-of-10 rows."""
+    from poisonguard.detectors import KnnLabel
+
+    x, y, far = _half_learnt_flips(3, per=50, planted=2)
+    keys = np.arange(len(y), dtype=np.uint64)
+    det = KnnLabel(random_state=0).fit(x, y, keys)
+    flags = det.flag(x, y, keys)
+    assert det.decisions_[0].suspicious and flags[far - 2:far].all() and not det.representation_["weak"]
+    assert not flags[far:far + 4].any()
