@@ -170,13 +170,13 @@ class KnnLabel(PoisonDetector):
         self.class_models_ = {label: self.k_ > 0 for label in states}
         self.decisions_ = {label: NOT_TESTED for label in states}
         self.mass_quarantine_ = self.representation_ = None
-        if self.k_ == 0:
-            return self
-        threshold = float(np.nextafter(self.min_disagreement_, -np.inf))
         # inside a class the decision found suspicious: a neighbourhood mostly of one other label
         self.flag_disagreement_ = self.min_disagreement_
         if self.flag_disagreement is not None and not weak and len(states) >= 3:
             self.flag_disagreement_ = min(self.flag_disagreement, self.min_disagreement_)
+        if self.k_ == 0:
+            return self
+        threshold = float(np.nextafter(self.min_disagreement_, -np.inf))
         reach = self._reachable_share(len(xs))
         if self.expected_poison_rate is None and not (reach > threshold).any():
             # no neighbourhood can name one other label often enough: nothing to search for
