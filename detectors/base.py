@@ -308,7 +308,7 @@ def _spread_ratio(x: np.ndarray, flagged: np.ndarray) -> float:
 
 
 SUBMODE_SHARE = 0.15  # a separated group this large ...
-SUBMODE_SPREAD = (0.0, 2.0)  # ... no more than this spread relative to the rest of its class is a natural sub-mode ...
+SUBMODE_MAX_SPREAD = 2.0  # ... no more than this spread relative to the rest of its class is a natural sub-mode ...
 INSIDE_OTHER = 0.5  # ... unless its mean sits this deep inside another class (squared distance / that class's tr(cov))
 
 
@@ -319,7 +319,7 @@ def natural_submode(decision: ClassDecision, state: ClassState, flagged: np.ndar
     spreads wider than the class it was relabelled into (4.2 times on the poisoned sample, 3 to 5
     times on the breast-cancer families), and an attack's planted minority is small.  So a
     separated group of at least ``SUBMODE_SHARE`` of the class with spread tr(cov(group)) /
-    tr(cov(rest)) at most ``SUBMODE_SPREAD[1]`` is taken for a sub-mode and the class is not
+    tr(cov(rest)) at most ``SUBMODE_MAX_SPREAD`` is taken for a sub-mode and the class is not
     flagged, unless the group sits deep inside another class (its mean within ``INSIDE_OTHER`` of
     that class's mean squared radius: ||g - mu_k||^2 <= 0.5 tr(cov_k)): rows of another class under
     this label are a targeted label flip, however class-like their spread.
@@ -340,7 +340,7 @@ def natural_submode(decision: ClassDecision, state: ClassState, flagged: np.ndar
         return decision
     x = np.asarray(state.sample_x, dtype=np.float64)
     spread = _spread_ratio(x, flagged)
-    if not SUBMODE_SPREAD[0] <= spread <= SUBMODE_SPREAD[1]:
+    if spread > SUBMODE_MAX_SPREAD:
         return decision
     states, means, radii = other_classes()
     others = [k for k, other in enumerate(states) if other is not state]

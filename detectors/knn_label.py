@@ -242,8 +242,8 @@ class KnnLabel(PoisonDetector):
                    "what natural class boundaries give")
             return ClassDecision(False, float("inf"), float("nan"), share, len(scores), why)
         if hits >= self.min_rows and share <= self.max_share:
-            if hits >= FLAG_MIN_ROWS:
-                threshold = min(threshold, float(np.nextafter(self.flag_disagreement_, -np.inf)))
+            if hits >= FLAG_MIN_ROWS:  # (flag_disagreement_ <= min_disagreement_: set so in the fit)
+                threshold = float(np.nextafter(self.flag_disagreement_, -np.inf))
             return ClassDecision(True, threshold, float("nan"), share, len(scores), "label-inconsistent rows")
         if self.min_rows == 1 and share <= self.max_share:
             # one row's neighbourhood is its own evidence: the score pass flags any such row of the class
