@@ -74,9 +74,7 @@ class PoisonDetector(BaseEstimator):
             if state.n < MIN_CLASS_ROWS and self.expected_poison_rate is None:
                 self.class_models_[label], self.decisions_[label] = None, too_small(state.n)
                 continue
-            model = models.get(label)
-            self.class_models_[label] = model
-            self.decisions_[label] = self._decide(model, state)
+            self.class_models_[label], self.decisions_[label] = self._decide(models.get(label), state)
         if self.min_class_z is not None and self.expected_poison_rate is None:
             gated = gate_by_other_classes(self.decisions_, min_class_z=self.min_class_z)
             self.decisions_ = {c: diffuse_despite_gate(self.decisions_[c], d) for c, d in gated.items()}
@@ -118,12 +116,15 @@ class PoisonDetector(BaseEstimator):
 
     _second_look = "in a second view"
 
-    def _decide(self, model, state: ClassState) -> ClassDecision:
+    def _decide(self, model, state: ClassState, past_submode: bool = True, own: ClassState | None = None):
+        """(the class model, its decision); where the best split is a natural sub-mode, possibly a
+        model refitted past it (``_past_natural_submode``).  ``own``: the class whose rows ``state``
+        holds part of (not "another class" to ``natural_submode``)."""
         if model is None:
-            return NOT_TESTED
+            return model, NOT_TESTED
         scores = self._score_class(model, state.sample_x)
         if self.expected_poison_rate is not None:
-            return top_fraction(scores, self.expected_poison_rate)
+            return model, top_fraction(scores, self.expected_poison_rate)
         decision = separated_minority(
             self._test_transform(scores),
             max_share=self.max_share,
@@ -134,14 +135,37 @@ class PoisonDetector(BaseEstimator):
         )
         if decision.why == CANDIDATE:
             threshold = float(self._untransform(decision.threshold))
-            return diffuse_minority(replace(decision, threshold=threshold), state, scores > threshold)
+            return model, diffuse_minority(replace(decision, threshold=threshold), state, scores > threshold)
         if decision.suspicious:
             decision = replace(decision, threshold=float(self._untransform(decision.threshold)))
             flagged = scores > decision.threshold
-            decision = natural_submode(decision, state, flagged, self._other_classes)
-            if decision.suspicious:
-                decision = replace(decision, spread_ratio=_spread_ratio(np.asarray(state.sample_x, np.float64), flagged))
-        return decision
+            submode = natural_submode(decision, state, flagged, self._other_classes, own=own)
+            if submode.suspicious:
+                return model, replace(submode, spread_ratio=_spread_ratio(np.asarray(state.sample_x, np.float64), flagged))
+            if past_submode and submode.why.startswith(SUBMODE) and len(state.sample_x) >= PAST_SUBMODE_MIN_ROWS:
+                return self._past_natural_submode(model, submode, state, flagged, decision.threshold)
+            decision = submode
+        return model, decision
+
+    def _past_natural_submode(self, model, decision: ClassDecision, state: ClassState, submode: np.ndarray,
+                              threshold: float):
+        """A natural sub-mode that holds a class's best split can hide poison beside it: the class's
+        leading directions (SPECTRE's robust whitening too) are spent on the sub-mode.  So the sub-mode
+        is set aside (the rows the first model scores above ``threshold``), the class model refitted on
+        the rest of its sample and the rest decided again with the same tests.  Where that finds a
+        separated minority smaller than ``SUBMODE_SHARE`` of the whole class (a second large group
+        is a second sub-mode: signals' classes hold two styles, each shifted), the refitted model is
+        the class model and carries the first one: in the
+        score pass a row the first model puts in the sub-mode is not scored (NaN), so no row of the
+        natural sub-mode is flagged (``_set_aside``)."""
+        rest = ClassState.from_block(state.sample_x[~submode], state.sample_keys[~submode], len(state.sample_x))
+        refit, second = self._decide(self._fit_classes({0: rest}).get(0), rest, past_submode=False, own=state)
+        if refit is None or not second.suspicious or second.minority_share * len(rest.sample_x) >= SUBMODE_SHARE * len(submode):
+            return model, replace(decision, past_submode=second.separation)
+        share = float(submode.mean())
+        refit = {**refit, "set_aside": (model, threshold), "set_aside_share": share}
+        return refit, replace(second, past_submode=second.separation,
+                              why=f"{second.why}, past a natural sub-mode ({share:.0%} of the class, set aside)")
 
     def _other_classes(self):
         """(states, means, mean squared radius tr(cov)) of the tested classes, built once per fit."""
@@ -188,11 +212,30 @@ class PoisonDetector(BaseEstimator):
             code = codes_in(index, y)
             ok = np.flatnonzero(code >= 0)
             scores[ok] = self._from_linear(project(X[ok], w[code[ok]], b[code[ok]]))
-            return scores
+            return self.set_aside_submodes(X, y, scores)
         for label, rows in rows_by_label(y):
             model = self.class_models_.get(label)
             if model is not None:
                 scores[rows] = self._score_class(model, X[rows])
+        return self.set_aside_submodes(X, y, scores)
+
+    def set_aside_submodes(self, X, y, scores: np.ndarray) -> np.ndarray:
+        """``scores`` with NaN ("not scored") for the rows of each class refitted past its natural
+        sub-mode (``_past_natural_submode``) that the class's first model puts in that sub-mode.  The
+        loop runs over those classes only (each needs ``PAST_SUBMODE_MIN_ROWS`` sample rows and a
+        sub-mode verdict), not over every class."""
+        import pandas as pd
+
+        aside = {c: m["set_aside"] for c, m in self.class_models_.items() if isinstance(m, dict) and "set_aside" in m}
+        if not aside or not len(y):
+            return scores
+        codes = codes_in(pd.Index(list(aside), dtype=object), np.asarray(y))
+        hit = np.flatnonzero(codes >= 0)
+        for code, rows in rows_by_label(codes[hit]):
+            rows = hit[rows]
+            first, threshold = aside[list(aside)[code]]
+            inside = self._score_class(first, np.asarray(X)[rows]) > threshold
+            scores[rows[inside]] = np.nan
         return scores
 
     def _linear_table(self):
@@ -307,12 +350,15 @@ def _spread_ratio(x: np.ndarray, flagged: np.ndarray) -> float:
     return float(x[flagged].var(axis=0).sum() / max(x[~flagged].var(axis=0).sum(), 1e-300))
 
 
+SUBMODE = "a natural sub-mode"  # how natural_submode's verdict begins
+PAST_SUBMODE_MIN_ROWS = 150  # sample rows a class needs before it is refitted past its natural sub-mode
 SUBMODE_SHARE = 0.15  # a separated group this large ...
 SUBMODE_MAX_SPREAD = 2.0  # ... no more than this spread relative to the rest of its class is a natural sub-mode ...
 INSIDE_OTHER = 0.5  # ... unless its mean sits this deep inside another class (squared distance / that class's tr(cov))
 
 
-def natural_submode(decision: ClassDecision, state: ClassState, flagged: np.ndarray, other_classes) -> ClassDecision:
+def natural_submode(decision: ClassDecision, state: ClassState, flagged: np.ndarray, other_classes,
+                    own: ClassState | None = None) -> ClassDecision:
     """Cluster shape, not only distance.  A natural sub-mode (two ways of writing a digit, or a
     dataset's augmented copies: one-pixel shifts of every image) is a large sub-population as
     diffuse as the rest of its class, or tighter.  Dirty-label poison from several source classes
@@ -343,13 +389,13 @@ def natural_submode(decision: ClassDecision, state: ClassState, flagged: np.ndar
     if spread > SUBMODE_MAX_SPREAD:
         return decision
     states, means, radii = other_classes()
-    others = [k for k, other in enumerate(states) if other is not state]
+    others = [k for k, other in enumerate(states) if other is not (state if own is None else own)]
     if others:
         group = x[flagged].mean(axis=0)
         if np.min(((means[others] - group) ** 2).sum(axis=1) / radii[others]) <= INSIDE_OTHER:
             return decision
     return replace(decision, suspicious=False, threshold=float("inf"),
-                   why=f"a natural sub-mode: {share:.0%} of the class, no more diffuse than the rest "
+                   why=f"{SUBMODE}: {share:.0%} of the class, no more diffuse than the rest "
                        f"(spread ratio {spread:.2f})")
 
 

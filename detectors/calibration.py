@@ -45,10 +45,16 @@ class ClassDecision:
     why: str
     class_z: float = float("nan")
     spread_ratio: float = float("nan")  # tr(cov) of the flagged group over the rest's (detectors.base)
+    past_submode: float = float("nan")  # D of the best split once a natural sub-mode is set aside (detectors.base)
+
+    @property
+    def gate_separation(self) -> float:
+        """The separation the cross-class gate compares: past a natural sub-mode where one was set aside."""
+        return self.past_submode if np.isfinite(self.past_submode) else self.separation
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        for key in ("threshold", "separation", "minority_share", "class_z", "spread_ratio"):
+        for key in ("threshold", "separation", "minority_share", "class_z", "spread_ratio", "past_submode"):
             out[key] = _finite_or_none(out[key])
         return out
 
@@ -128,13 +134,14 @@ def gate_by_other_classes(decisions: dict, *, min_class_z: float, min_classes: i
     Natural sub-modes (two ways of writing a digit) give separations of 4-5 in real embeddings;
     what sets a poisoned class apart is that it stands out from the *other* classes of the
     same dataset.  For each class, z = (D_c - median_{k != c} D_k) / max(1.4826 MAD_{k != c}, min_spread);
-    the class stays suspicious when z >= min_class_z.  With fewer than ``min_classes`` tested
+    the class stays suspicious when z >= min_class_z.  A class whose best split was a natural sub-mode
+    enters with the D of its rest, the sub-mode set aside (``ClassDecision.gate_separation``).  With fewer than ``min_classes`` tested
     classes there is no usable reference and only the absolute test applies.
     """
-    tested = [c for c, d in decisions.items() if np.isfinite(d.separation)]
+    tested = [c for c, d in decisions.items() if np.isfinite(d.gate_separation)]
     if len(tested) < min_classes:
         return decisions
-    values = np.array([decisions[c].separation for c in tested])
+    values = np.array([decisions[c].gate_separation for c in tested])
     z = _leave_one_out_z(values, min_spread)
     out = dict(decisions)
     for label, zc in zip(tested, z.tolist()):

@@ -178,7 +178,7 @@ class Spectre(PoisonDetector):
         for start in range(0, len(rows), step):  # chunks of rows, bounding the gathered maps' memory
             r = rows[start:start + step]
             scores[r] = quadratic_scores(X[r], A[codes[r]], a[codes[r]])
-        return scores
+        return self.set_aside_submodes(X, y, scores)
 
     @staticmethod
     def _test_transform(scores):

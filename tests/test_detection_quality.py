@@ -375,3 +375,63 @@ def test_knn_label_keeps_eight_of_ten_where_a_small_class_has_two_hits():
     flags = det.flag(x, y, keys)
     assert det.decisions_[0].suspicious and flags[far - 2:far].all() and not det.representation_["weak"]
     assert not flags[far:far + 4].any()
+
+
+def _sub_modes_and_a_cluster(seed=0):
+    """Six classes of 400 rows, each with a natural sub-mode (a quarter of it, 8 sd away, as wide as
+    the class: every class's best split), and in class 0 a tight cluster of 16 rows (4%) 6 sd away in
+    another direction."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=5.0, size=(6, 16))
+    y = np.repeat(np.arange(6), 400)
+    x = centres[y] + rng.normal(size=(len(y), 16))
+    sub_modes = np.concatenate([np.flatnonzero(y == c)[:100] for c in range(6)])
+    for c in range(6):
+        d = rng.normal(size=16)
+        x[np.flatnonzero(y == c)[:100]] += 8.0 * d / np.linalg.norm(d)
+    target = np.flatnonzero(y == 0)
+    planted = target[-16:]
+    d = rng.normal(size=16)
+    x[planted] = x[target[100:]].mean(axis=0) + 6.0 * d / np.linalg.norm(d) + 0.3 * rng.normal(size=(16, 16))
+    return x.astype(np.float32), y, planted, sub_modes
+
+
+def test_a_cluster_beside_a_natural_sub_mode_is_found_past_it(monkeypatch):
+    """The sub-mode holds the class's best split; set aside, the rest is refitted and the cluster
+    found, with no row of any sub-mode flagged.  Without the refit nothing is found."""
+    import poisonguard
+    import poisonguard.detectors.base as base
+
+    x, y, planted, sub_modes = _sub_modes_and_a_cluster()
+    found = poisonguard.screen(x, y)
+    flagged = found.rows["quarantined"].to_numpy()
+    assert flagged[planted].all() and not flagged[sub_modes].any()
+    assert flagged.sum() <= len(planted) + 3
+    whys = [rep["classes"]["0"]["why"] for rep in found.summary["detectors"].values() if "0" in rep["classes"]]
+    assert any("past a natural sub-mode (25% of the class, set aside)" in why for why in whys), whys
+    monkeypatch.setattr(base, "PAST_SUBMODE_MIN_ROWS", 10**9)
+    assert not poisonguard.screen(x, y).rows["quarantined"].to_numpy()[planted].any()
+
+
+def test_rows_set_aside_as_a_sub_mode_are_not_scored_on_either_scoring_path():
+    """The refitted model carries the first: its sub-mode's rows score NaN, with numpy and torch alike."""
+    from poisonguard.config import Config
+    from poisonguard.core.screening import fit_detectors
+    from poisonguard.core.torch_scoring import TorchScorer
+    from poisonguard.detectors.stats import default_keys, states_by_class
+
+    x, y, planted, sub_modes = _sub_modes_and_a_cluster()
+    keys = default_keys(len(y), 0)
+    fitted = fit_detectors(states_by_class(x, y, keys, 5000), Config())
+    refitted = [d for d in fitted.values() if isinstance(getattr(d, "class_models_", {}).get(0), dict)
+                and "set_aside" in d.class_models_[0]]
+    assert refitted
+    scorer = TorchScorer("cpu")
+    for detector in refitted:
+        scores = detector.score_samples(x, y, keys)
+        class0 = sub_modes[y[sub_modes] == 0]
+        assert np.isnan(scores[class0]).all() and np.isfinite(scores[planted]).all()
+        assert np.isfinite(scores[y != 0]).all()
+        torch_scores, flags = scorer.score_and_flag(detector, x, y, keys)
+        np.testing.assert_allclose(torch_scores, scores, rtol=1e-9, atol=1e-12)
+        assert flags[planted].all() and not flags[sub_modes].any()

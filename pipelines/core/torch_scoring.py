@@ -67,9 +67,9 @@ class TorchScorer:
         if isinstance(detector, KnnLabel):
             scores = detector.score_with(X, y, keys, self._neighbours(detector))
         elif getattr(detector, "linear_", None) is not None:
-            scores = self._linear(detector, X, y)
+            scores = detector.set_aside_submodes(X, y, self._linear(detector, X, y))
         elif isinstance(detector, Spectre):
-            scores = self._spectre(detector, X, y)
+            scores = detector.set_aside_submodes(X, y, self._spectre(detector, X, y))
         else:
             return detector.score_and_flag(X, y, keys)
         return scores, detector.flag(X, y, keys, scores=scores)
