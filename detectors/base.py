@@ -155,12 +155,14 @@ class PoisonDetector(BaseEstimator):
         the rest of its sample and the rest decided again with the same tests.  Where that finds a
         separated minority smaller than ``SUBMODE_SHARE`` of the whole class (a second large group
         is a second sub-mode: signals' classes hold two styles, each shifted), the refitted model is
-        the class model and carries the first one: in the
-        score pass a row the first model puts in the sub-mode is not scored (NaN), so no row of the
-        natural sub-mode is flagged (``_set_aside``)."""
+        the class model and carries the first one: in the score pass a row the first model puts in
+        the sub-mode is not scored (NaN), so no row of the natural sub-mode is flagged
+        (``set_aside_submodes``).  Either way the decision records the rest's separation for the
+        cross-class gate (``ClassDecision.gate_separation``)."""
         rest = ClassState.from_block(state.sample_x[~submode], state.sample_keys[~submode], len(state.sample_x))
         refit, second = self._decide(self._fit_classes({0: rest}).get(0), rest, past_submode=False, own=state)
-        if refit is None or not second.suspicious or second.minority_share * len(rest.sample_x) >= SUBMODE_SHARE * len(submode):
+        small = second.minority_share * len(rest.sample_x) < SUBMODE_SHARE * len(submode)
+        if refit is None or not second.suspicious or not small:
             return model, replace(decision, past_submode=second.separation)
         share = float(submode.mean())
         refit = {**refit, "set_aside": (model, threshold), "set_aside_share": share}
@@ -229,11 +231,12 @@ class PoisonDetector(BaseEstimator):
         aside = {c: m["set_aside"] for c, m in self.class_models_.items() if isinstance(m, dict) and "set_aside" in m}
         if not aside or not len(y):
             return scores
-        codes = codes_in(pd.Index(list(aside), dtype=object), np.asarray(y))
+        labels = list(aside)
+        codes = codes_in(pd.Index(labels, dtype=object), np.asarray(y))
         hit = np.flatnonzero(codes >= 0)
         for code, rows in rows_by_label(codes[hit]):
             rows = hit[rows]
-            first, threshold = aside[list(aside)[code]]
+            first, threshold = aside[labels[code]]
             inside = self._score_class(first, np.asarray(X)[rows]) > threshold
             scores[rows[inside]] = np.nan
         return scores
