@@ -225,18 +225,22 @@ class PoisonDetector(BaseEstimator):
         """``scores`` with NaN ("not scored") for the rows of each class refitted past its natural
         sub-mode (``_past_natural_submode``) that the class's first model puts in that sub-mode.  The
         loop runs over those classes only (each needs ``PAST_SUBMODE_MIN_ROWS`` sample rows and a
-        sub-mode verdict), not over every class."""
+        sub-mode verdict), not over every class; their table is built once per fit."""
         import pandas as pd
 
-        aside = {c: m["set_aside"] for c, m in self.class_models_.items() if isinstance(m, dict) and "set_aside" in m}
+        table = getattr(self, "_aside_table", None)
+        if table is None or table[0] is not self.class_models_:
+            aside = [(c, m["set_aside"]) for c, m in self.class_models_.items() if isinstance(m, dict) and "set_aside" in m]
+            table = (self.class_models_, pd.Index([c for c, _ in aside], dtype=object), [a for _, a in aside])
+            self._aside_table = table
+        _, index, aside = table
         if not aside or not len(y):
             return scores
-        labels = list(aside)
-        codes = codes_in(pd.Index(labels, dtype=object), np.asarray(y))
+        codes = codes_in(index, np.asarray(y))
         hit = np.flatnonzero(codes >= 0)
         for code, rows in rows_by_label(codes[hit]):
             rows = hit[rows]
-            first, threshold = aside[labels[code]]
+            first, threshold = aside[code]
             inside = self._score_class(first, np.asarray(X)[rows]) > threshold
             scores[rows[inside]] = np.nan
         return scores
