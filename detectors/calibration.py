@@ -134,9 +134,10 @@ def gate_by_other_classes(decisions: dict, *, min_class_z: float, min_classes: i
     Natural sub-modes (two ways of writing a digit) give separations of 4-5 in real embeddings;
     what sets a poisoned class apart is that it stands out from the *other* classes of the
     same dataset.  For each class, z = (D_c - median_{k != c} D_k) / max(1.4826 MAD_{k != c}, min_spread);
-    the class stays suspicious when z >= min_class_z.  A class whose best split was a natural sub-mode
-    enters with the D of its rest, the sub-mode set aside (``ClassDecision.gate_separation``).  With fewer than ``min_classes`` tested
-    classes there is no usable reference and only the absolute test applies.
+    the class stays suspicious when z >= min_class_z.  A class whose best split was a natural
+    sub-mode enters with the D of its rest, the sub-mode set aside (``ClassDecision.gate_separation``).
+    With fewer than ``min_classes`` tested classes there is no usable reference and only the
+    absolute test applies.
     """
     tested = [c for c, d in decisions.items() if np.isfinite(d.gate_separation)]
     if len(tested) < min_classes:
