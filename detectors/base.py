@@ -161,9 +161,13 @@ class PoisonDetector(BaseEstimator):
         cross-class gate (``ClassDecision.gate_separation``)."""
         rest = ClassState.from_block(state.sample_x[~submode], state.sample_keys[~submode], len(state.sample_x))
         refit, second = self._decide(self._fit_classes({0: rest}).get(0), rest, past_submode=False, own=state)
-        small = second.minority_share * len(rest.sample_x) < SUBMODE_SHARE * len(submode)
-        if refit is None or not second.suspicious or not small:
-            return model, replace(decision, past_submode=second.separation)
+        group = second.minority_share * len(rest.sample_x) / len(submode)  # as a share of the whole class
+        if refit is None or not second.suspicious or group >= SUBMODE_SHARE:
+            if not np.isfinite(second.separation):
+                return model, decision
+            rest_why = f"a second group of {group:.0%} of the class: another sub-mode" if second.suspicious else second.why
+            return model, replace(decision, past_submode=second.separation,
+                                  why=f"{decision.why}; the rest, refitted without it: D = {second.separation:.2f}, {rest_why}")
         share = float(submode.mean())
         refit = {**refit, "set_aside": (model, threshold), "set_aside_share": share}
         return refit, replace(second, past_submode=second.separation,

@@ -409,6 +409,10 @@ def test_a_cluster_beside_a_natural_sub_mode_is_found_past_it(monkeypatch):
     assert flagged.sum() <= len(planted) + 3
     whys = [rep["classes"]["0"]["why"] for rep in found.summary["detectors"].values() if "0" in rep["classes"]]
     assert any("past a natural sub-mode (25% of the class, set aside)" in why for why in whys), whys
+    # a clean class's sub-mode verdict says what its rest showed, the separation the cross-class gate read
+    rests = [c for rep in found.summary["detectors"].values() for label, c in rep["classes"].items()
+             if label != "0" and "the rest, refitted without it: D = " in c["why"]]
+    assert rests and all(c["past_submode"] is not None and not c["suspicious"] for c in rests)
     monkeypatch.setattr(base, "PAST_SUBMODE_MIN_ROWS", 10**9)
     assert not poisonguard.screen(x, y).rows["quarantined"].to_numpy()[planted].any()
 
