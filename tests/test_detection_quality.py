@@ -63,6 +63,41 @@ def test_a_weak_representation_is_still_held_back():
     assert flagged <= 0.02 or det.mass_quarantine_["unreliable"]
 
 
+
+def _scattered_modes(flip: float, seed: int = 0, classes: int = 6, modes: int = 8):
+    """Every class is 8 tight modes scattered among the other classes' in 4 dimensions: no linear
+    probe separates the labels, while every row's neighbours share its label.  ``flip``: that share
+    of class 1 relabelled 0 (a targeted flip)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=8.0, size=(classes * modes, 4))
+    mode = np.repeat(np.arange(classes * modes), 50)
+    y = mode // modes
+    x = (centres[mode] + rng.normal(size=(len(mode), 4))).astype(np.float32)
+    truth = (y == 1) & (rng.random(len(y)) < flip)
+    y[truth] = 0
+    return x, y, truth
+
+
+def test_neighbourhoods_that_agree_keep_the_knn_check_at_full_strength_where_a_linear_probe_is_weak():
+    """The linear probe calls this representation weak (most of its errors are no label issue), but
+    the k-NN check's own evidence says otherwise: almost every row's neighbourhood is its own label or
+    mostly one other.  So a 20% targeted flip is found at the usual thresholds (not a unanimous
+    neighbourhood, which finds none of these rows), the clean data flags nothing, and confident
+    learning, which reads the weak probe, stays withheld."""
+    x, y, truth = _scattered_modes(flip=0.20)
+    knn = DETECTORS["knn_label"](random_state=0).fit(x, y)
+    flags = knn.flag(x, y)
+    rep = knn.representation_
+    assert rep["linear_probe_weak"] and rep["unexplained_error"] > 0.12 and not rep["weak"]
+    assert rep["knn_unexplained"] <= 0.08 and "neighbourhoods do" in rep["why"]
+    assert knn.min_disagreement_ == 0.8 and knn.flag_disagreement_ == 0.7
+    assert flags[truth].mean() >= 0.7 and flags[~truth].mean() <= 0.005  # a unanimous neighbourhood: none
+    assert DETECTORS["confident_label"](random_state=0).fit(x, y).representation_["weak"]
+    x, y, _ = _scattered_modes(flip=0.0)
+    knn = DETECTORS["knn_label"](random_state=0).fit(x, y)
+    assert knn.representation_["linear_probe_weak"] and not knn.flag(x, y).any()
+
+
 def test_an_underfit_probe_on_a_small_clean_table_refits_before_naming_label_issues():
     """Iris (150 rows, two overlapping classes), clean: at C = 0.01 the probe underfits (10.7% of
     its errors unexplained, under the 12% that calls a representation weak) and names a sixth of a

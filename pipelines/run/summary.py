@@ -132,6 +132,8 @@ def console_summary(summary: dict, run_dir: str) -> str:
         representation = report.get("representation") or {}
         if representation.get("weak"):
             lines.append(f"  {name}: {representation['effect']}: {representation['why']}")
+        elif representation.get("linear_probe_weak"):
+            lines.append(f"  {name}: {representation['why']}")
         guard = report.get("mass_quarantine") or {}
         if guard.get("unreliable"):
             lines.append(f"  {name}: unreliable here: it would flag {guard['mean_share_flagged']:.0%} of the rows in "
