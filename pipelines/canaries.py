@@ -37,7 +37,8 @@ from contextlib import contextmanager
 import numpy as np
 
 from poisonguard.config import Config
-from poisonguard.core.screening import FEATURE_VIEW, FEATURE_VIEW_DETECTORS, Screener, fit_detectors, split_views
+from poisonguard.core.screening import FEATURE_VIEW, FEATURE_VIEW_DETECTORS, Screener, fit_detectors, split_views, \
+    view_rows
 from poisonguard.core.threads import blas_threads, limit_worker
 from poisonguard.detectors.calibration import MIN_CLASS_ROWS
 from poisonguard.detectors.stats import ClassState, default_keys, states_by_class
@@ -64,11 +65,9 @@ def _flagged(detectors: dict, x: np.ndarray, y: np.ndarray, keys: np.ndarray, fe
     ``features`` (none given: planted embedding rows have none, and those detectors are left out)."""
     flags = np.zeros(len(x), dtype=bool)
     for name, detector in detectors.items():
-        if feature_view and name in FEATURE_VIEW_DETECTORS:
-            if features is not None:
-                flags |= detector.flag(features, y, keys)
+        if feature_view and features is None and name in FEATURE_VIEW_DETECTORS:
             continue
-        flags |= detector.flag(x, y, keys)
+        flags |= detector.flag(view_rows(name, x, features if feature_view else None), y, keys)
     return flags
 
 

@@ -210,6 +210,12 @@ FEATURE_VIEW = "features-view"  # key of a class's state of the feature column: 
 FEATURE_VIEW_DETECTORS = ("confident_label",)  # what reads the feature column where label_view is features
 
 
+def view_rows(name: str, x: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+    """The rows detector ``name`` reads: the feature column for the label checks of the feature view
+    (``features`` given), else the embedding."""
+    return features if features is not None and name in FEATURE_VIEW_DETECTORS else x
+
+
 def split_views(states: dict) -> tuple[dict, dict]:
     """(the embedding's class states, the feature column's by label: empty unless label_view is features)."""
     featured = {key for key in states if isinstance(key, tuple) and key[:1] == (FEATURE_VIEW,)}
@@ -280,7 +286,7 @@ def score_block(block: RowBlock, fitted: dict[str, PoisonDetector], dup_hashes: 
     for name, detector in fitted.items():
         column = np.full(len(block), np.nan)
         flags = np.zeros(len(block), dtype=bool)
-        rows = features if features is not None and name in FEATURE_VIEW_DETECTORS else x
+        rows = view_rows(name, x, features)
         if len(ok):
             if scorer is not None:
                 column[ok], flags[ok] = scorer.score_and_flag(detector, rows, y, keys)
