@@ -196,7 +196,6 @@ class KnnLabel(PoisonDetector):
         self.mass_quarantine_ = self.representation_ = None
         if self.k_ == 0:
             return self
-        threshold = float(np.nextafter(self.min_disagreement_, -np.inf))
         reach = self._reachable_share(len(xs))
         if self.expected_poison_rate is None and not (reach >= self.min_disagreement).any():
             # no neighbourhood can name one other label often enough: nothing to search for
@@ -218,11 +217,9 @@ class KnnLabel(PoisonDetector):
         self.representation_ = {**(probe.representation if probe is not None else {}),
                                 "knn_accuracy": round(accuracy, 4), "knn_unexplained": round(unexplained, 4),
                                 "rows": int(len(scores)), "weak": weak, "effect": "weakened" if weak else None}
-        supported = weak and unexplained <= NEIGHBOURS_SUPPORT
-        if supported:
+        if weak and unexplained <= NEIGHBOURS_SUPPORT:
             weak = False
             self._set_thresholds(weak, len(states))
-            threshold = float(np.nextafter(self.min_disagreement_, -np.inf))
             self.representation_.update(
                 weak=False, effect=None, linear_probe_weak=True,
                 why=(f"a linear probe separates the labels weakly, but neighbourhoods do: only {unexplained:.1%} of the "
@@ -232,6 +229,7 @@ class KnnLabel(PoisonDetector):
         if weak:
             self.representation_["why"] += (f"; a row is flagged only where {self.min_disagreement_:.0%} of its "
                                             "neighbours carry one other label")
+        threshold = float(np.nextafter(self.min_disagreement_, -np.inf))
         starts = np.concatenate([[0], np.cumsum(counts)])
         hits = np.add.reduceat(scores > threshold, starts[:-1]) if len(scores) else np.zeros(len(labels), int)
         for i, label in enumerate(labels):
