@@ -60,16 +60,20 @@ def test_weakly_separated_classes_leave_the_label_checks_quiet_and_say_so(tmp):
 def test_a_detector_flagging_most_classes_is_held_back_and_reported(tmp):
     """The k-NN check would flag about 9% of every class.  The linear probe calls the representation
     weak, but the neighbourhoods are crisp (a row's neighbours are its own label or mostly one other),
-    so the check runs at full strength; the guard, which reads the probe's unsure issues, holds it
-    back.  With the weak-representation rule off it is the guard again."""
+    so the check is tried at full strength; there the guard, which reads the probe's unsure issues,
+    would hold it back, so the probe's weakening stands (a unanimous neighbourhood), which flags
+    under 5% of the rows, and the report says why.  With the weak-representation rule off the guard
+    holds the check back."""
     data = write(_collapsed(), tmp / "weak.parquet")
-    code, _, stderr = run_cli("scan", data, "--out", tmp / "defaults", "--quiet",
-                              "--set", "detectors=[{name: knn_label}]")
+    code, stdout, stderr = run_cli("scan", data, "--out", tmp / "defaults", "--set", "detectors=[{name: knn_label}]")
     assert code == 0, stderr
     defaults = json.loads((tmp / "defaults" / "summary.json").read_text())
-    knn_report = defaults["detectors"]["knn_label"]
-    assert knn_report["representation"]["linear_probe_weak"] and not knn_report["representation"]["weak"]
-    assert knn_report["mass_quarantine"]["unreliable"] and defaults["counts"]["quarantined"] == 0
+    representation = defaults["detectors"]["knn_label"]["representation"]
+    assert representation["linear_probe_weak"] and representation["weak"]
+    assert representation["full_strength"]["unreliable"] and representation["full_strength"]["classes_flagging_5pct"] > 3
+    assert not defaults["detectors"]["knn_label"]["mass_quarantine"]["unreliable"]
+    assert 0 < defaults["counts"]["quarantined"] < 0.05 * 1800
+    assert "its neighbourhoods would support full strength, but there it would flag" in stdout
     knn = ["--set", "detectors=[{name: knn_label, params: {weak_min_disagreement: null}}]"]
     code, stdout, stderr = run_cli("scan", data, "--out", tmp / "run", *knn)
     assert code == 0, stderr
