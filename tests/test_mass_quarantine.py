@@ -74,6 +74,12 @@ def test_a_detector_flagging_most_classes_is_held_back_and_reported(tmp):
     assert not defaults["detectors"]["knn_label"]["mass_quarantine"]["unreliable"]
     assert 0 < defaults["counts"]["quarantined"] < 0.05 * 1800
     assert "its neighbourhoods would support full strength, but there it would flag" in stdout
+    code, _, stderr = run_cli("scan", data, "--out", tmp / "accepted-defaults", "--quiet", "--accept-mass-quarantine",
+                              "--set", "fail_on=1", "--set", "detectors=[{name: knn_label}]")
+    accepted = json.loads((tmp / "accepted-defaults" / "summary.json").read_text())
+    assert code == 0, stderr
+    assert not accepted["detectors"]["knn_label"]["representation"]["weak"]  # accepted: full strength applies
+    assert accepted["counts"]["quarantined"] > 0.05 * 1800
     knn = ["--set", "detectors=[{name: knn_label, params: {weak_min_disagreement: null}}]"]
     code, stdout, stderr = run_cli("scan", data, "--out", tmp / "run", *knn)
     assert code == 0, stderr
