@@ -323,7 +323,7 @@ def score_every_row(config: dict | None) -> dict:
     config = json.loads(json.dumps(config or {}))
     detectors = config.setdefault("detectors", [{"name": name} for name in DEFAULT_DETECTORS])
     for det in detectors:
-        if det["name"] == "knn_label":
+        if det["name"] in ("knn_label", "knn_distance"):
             det.setdefault("params", {})["score_every_row"] = True
     return config
 

@@ -45,6 +45,7 @@ class PoisonDetector(BaseEstimator):
 
     name = "base"
     _parameter_bounds = COMMON_BOUNDS
+    _diffuse = True  # whether a less separated but wider group counts (diffuse_minority)
     _small_sample = SMALL_SAMPLE  # c in the small-class critical value 2.95 + c / n (detectors.calibration)
 
     def _validate_params(self) -> None:
@@ -77,7 +78,8 @@ class PoisonDetector(BaseEstimator):
             self.class_models_[label], self.decisions_[label] = self._decide(models.get(label), state)
         if self.min_class_z is not None and self.expected_poison_rate is None:
             gated = gate_by_other_classes(self.decisions_, min_class_z=self.min_class_z)
-            self.decisions_ = {c: diffuse_despite_gate(self.decisions_[c], d) for c, d in gated.items()}
+            self.decisions_ = {c: diffuse_despite_gate(self.decisions_[c], d) if self._diffuse else d
+                               for c, d in gated.items()}
         # the papers' rate mode flags the top of every class by design: no guard there
         self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(
             self.decisions_, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None)
@@ -130,7 +132,7 @@ class PoisonDetector(BaseEstimator):
             max_share=self.max_share,
             min_separation=self.min_separation,
             min_rows=self.min_rows,
-            candidate_separation=DIFFUSE_SEPARATION if DIFFUSE_SEPARATION < self.min_separation else None,
+            candidate_separation=DIFFUSE_SEPARATION if self._diffuse and DIFFUSE_SEPARATION < self.min_separation else None,
             small_sample=self._small_sample,
         )
         if decision.why == CANDIDATE:

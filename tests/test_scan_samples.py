@@ -52,7 +52,7 @@ def test_output_schema_matches_the_contract(poisoned_run):
     source = pq.read_table(POISONED)
     clean, held = read_outputs(out)
     scores = [pa.field(f"score_{name}", pa.float64())
-              for name in ("spectral", "activation_clustering", "spectre", "knn_label", "confident_label")]
+              for name in ("spectral", "activation_clustering", "spectre", "knn_distance", "knn_label", "confident_label")]
     expected_clean = pa.schema(list(source.schema) + scores + [pa.field("review_status", pa.string())])
     assert clean.schema.equals(expected_clean)
     assert clean.column("review_status").null_count == clean.num_rows  # no review yet

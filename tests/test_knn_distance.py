@@ -1,0 +1,90 @@
+"""The k-NN distance detector: isolated rows found, natural sub-modes and small classes left alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+from poisonguard.detectors import DEFAULT_DETECTORS, KnnDistance
+
+
+def isolated(seed=0, n=600, classes=6, d=16, share=0.03, target=2, lift=8.0):
+    """Gaussian classes; in ``target``, ``share`` of the rows each moved ``lift`` in its own random
+    direction: far from every other row, but no group in any one direction (a dirty-label backdoor's
+    rows keep their source classes' variation)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(classes), n)
+    x = rng.normal(size=(len(y), d)) + 12 * rng.normal(size=(classes, d))[y]
+    rows = np.flatnonzero(y == target)[: int(share * n)]
+    direction = rng.normal(size=(len(rows), d))
+    x[rows] += lift * direction / np.linalg.norm(direction, axis=1, keepdims=True)
+    poison = np.zeros(len(y), dtype=bool)
+    poison[rows] = True
+    return x.astype(np.float32), y, poison
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_isolated_rows_are_found(seed):
+    x, y, poison = isolated(seed)
+    det = KnnDistance().fit(x, y)
+    flags = det.flag(x, y)
+    assert flags[poison].mean() >= 0.95 and flags[~poison].mean() <= 0.002
+    assert det.decisions_[2].suspicious
+    assert not any(det.decisions_[c].suspicious for c in (0, 1, 3, 4, 5))
+
+
+def test_a_clean_class_with_two_natural_modes_is_not_flagged():
+    rng = np.random.default_rng(3)
+    d, n = 16, 1000
+    y = np.repeat(np.arange(5), n)
+    x = rng.normal(size=(len(y), d)) + 15 * rng.normal(size=(5, d))[y]
+    second = np.flatnonzero(y == 1)[: int(0.3 * n)]  # 30% of class 1 written another way
+    x[second] += 8 * rng.normal(size=d) / np.sqrt(d) * 3
+    flags = KnnDistance().fit(x.astype(np.float32), y).flag(x.astype(np.float32), y)
+    assert not flags.any()
+
+
+def test_small_classes_are_not_tested_and_say_why():
+    x, y, poison = isolated(n=100)
+    det = KnnDistance().fit(x, y)
+    assert all(d.why.startswith("fewer than 150 sample rows") and not d.suspicious for d in det.decisions_.values())
+    assert np.isnan(det.score_samples(x, y)).all() and not det.flag(x, y).any()
+    small = KnnDistance(min_class_rows=50).fit(x, y)  # the bound is a parameter
+    assert all(not d.why.startswith("fewer than") for d in small.decisions_.values())
+
+
+def test_only_the_classes_it_can_flag_are_scored_with_the_same_flags():
+    x, y, poison = isolated(seed=1)
+    det = KnnDistance().fit(x, y)
+    every = clone(det).set_params(score_every_row=True).fit(x, y)
+    scores, full = det.score_samples(x, y), every.score_samples(x, y)
+    assert np.isnan(scores[y != 2]).all() and not np.isnan(full).any()
+    assert np.array_equal(scores[y == 2], full[y == 2])
+    assert np.array_equal(det.flag(x, y), every.flag(x, y))
+    assert [m is None for m in det.class_models_.values()] == [c != 2 for c in det.class_models_]
+
+
+def test_a_row_is_not_its_own_neighbour():
+    """A reference row's score in the score pass is its k-th nearest *other* row: the same as for a
+    copy of the row that is not in the reference, scored against the same reference."""
+    x, y, _ = isolated(seed=2)
+    det = KnnDistance(score_every_row=True, reference_rows=200).fit(x, y)
+    model = det.class_models_[0]
+    inside = model["reference"][:5].astype(np.float32)
+    k = det.n_neighbors
+    d = np.sqrt(((inside[:, None, :].astype(np.float64) - model["reference"][None]) ** 2).sum(-1))
+    expected = np.log(np.sort(d, axis=1)[:, k])  # position 0 is the row itself
+    np.testing.assert_allclose(det._score_class(model, inside), expected, rtol=1e-9)
+
+
+def test_scikit_learn_conventions():
+    det = KnnDistance(n_neighbors=7, reference_rows=500)
+    assert clone(det).get_params() == det.get_params()
+    assert det.set_params(min_class_rows=200).min_class_rows == 200
+    with pytest.raises(NotFittedError):
+        det.score_samples(np.zeros((2, 3), np.float32), np.zeros(2))
+    with pytest.raises(ValueError, match="n_neighbors"):
+        KnnDistance(n_neighbors=0).fit(*isolated()[:2])
+    assert "knn_distance" in DEFAULT_DETECTORS
