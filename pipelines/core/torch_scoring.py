@@ -8,6 +8,8 @@ The fitted detectors are the same; only the heavy per-row arithmetic of the scor
   ``torch.topk``), then the detector's own neighbour counting;
 * confident_label: the softmax (or, for two classes, the sigmoid) of the refitted linear model.
 
+knn_distance stays on the CPU (numpy): it searches only the rows of classes it has found suspicious.
+
 Thresholds, decisions and the reasons stay with the detectors, so a GPU run differs from a CPU run
 only where a score lies within floating-point rounding of its class threshold.  Arithmetic is
 float64 except the k-NN distances (float32, as scikit-learn's search).  Device tensors of the fitted
