@@ -42,10 +42,12 @@ work, decision rows x reference rows summed over the classes, is bounded by ``ma
 (``fit_states``).  Where a class is not suspicious its reference is dropped after the fit and its
 rows are not scored (NaN) unless ``score_every_row``: the score pass costs a distance search only for
 the classes that can be flagged, and the fitted detector stays small.  At 1M x 128 in 10 classes the
-scan took 26.1 s against 23.1 s without the detector (``benchmarks/results/scale.md``).  Chosen on the development families
-(``benchmarks/families.py``): with it, the default detectors' development mean F1 went from 0.4648 to
-0.4751 (signals / CNN 5% patch 0.35 -> 0.97, signals / MLP 3% 0.66 -> 0.99) with the clean controls
-unchanged; the held-out figures are reported in ``benchmarks/results/families.md``.
+scan took 26.1 s against 23.1 s without the detector (``benchmarks/results/scale.md``).
+
+Chosen on the development families (``benchmarks/families.py``): with it, the default detectors'
+development mean F1 went from 0.4648 to 0.4742 (signals / CNN 5% patch 0.35 -> 0.97, signals / MLP 3%
+0.66 -> 0.99) with the clean controls unchanged; the held-out figures are reported in
+``benchmarks/results/families.md`` (mean F1 0.6413 -> 0.6655).
 """
 
 from __future__ import annotations
@@ -102,12 +104,9 @@ class KnnDistance(PoisonDetector):
             return None
         shrink = getattr(self, "_shrink", 1.0)
         size = max(self.n_neighbors + 2, int(min(self.reference_rows, rows) * shrink))
-        centre = state.sample_x[:size].mean(axis=0, dtype=np.float64)
-        reference = np.asarray(state.sample_x[:size], dtype=np.float64) - centre
-        near = reference.astype(np.float32)
-        return {"centre": centre, "reference": reference, "near": near,
-                "decision_rows": min(rows, max(self.min_class_rows, int(rows * shrink))),
-                "half_squares": 0.5 * np.einsum("ij,ij->i", near, near)}
+        reference = np.array(state.sample_x[:size])  # a copy: the model does not keep the whole sample alive
+        return {"centre": reference.mean(axis=0, dtype=np.float64), "reference": reference,
+                "decision_rows": min(rows, max(self.min_class_rows, int(rows * shrink)))}
 
     def _decide(self, model, state: ClassState, past_submode: bool = True, own: ClassState | None = None):
         if model is None and state.n > 0 and self.expected_poison_rate is None:
@@ -126,7 +125,9 @@ class KnnDistance(PoisonDetector):
         the ``n_neighbors + CANDIDATE_MARGIN`` nearest candidates, from their differences: a row's
         distance to itself (or to an exact copy) is exactly 0 there, and the k-th distance does not depend on float32
         rounding unless two candidates tie within it at the edge of the margin."""
-        reference, near, half_squares = model["reference"], model["near"], model["half_squares"]
+        reference = np.asarray(model["reference"], dtype=np.float64) - model["centre"]
+        near = reference.astype(np.float32)
+        half_squares = 0.5 * np.einsum("ij,ij->i", near, near)
         k = min(self.n_neighbors, len(reference) - 1)
         m = min(k + CANDIDATE_MARGIN, len(reference))
         out = np.empty(len(X), dtype=np.float64)
@@ -152,7 +153,8 @@ class KnnDistance(PoisonDetector):
         scores = np.full(len(X), np.nan)
         table = getattr(self, "_scored_table", None)
         if table is None or table[0] is not self.class_models_:
-            table = (self.class_models_, pd.Index([c for c, m in self.class_models_.items() if m is not None], dtype=object))
+            scored = [c for c, m in self.class_models_.items() if m is not None]
+            table = (self.class_models_, pd.Index(scored, dtype=object))
             self._scored_table = table
         index = table[1]
         codes = codes_in(index, y)

@@ -72,10 +72,11 @@ def test_a_row_is_not_its_own_neighbour():
     x, y, _ = isolated(seed=2)
     det = KnnDistance(score_every_row=True, reference_rows=200).fit(x, y)
     model = det.class_models_[0]
-    inside = (model["reference"][:5] + model["centre"]).astype(np.float32)  # rows of the reference
+    inside = model["reference"][:5]  # rows of the reference (the class's first sample rows)
     outside = np.nextafter(inside, np.inf)  # a hair away: no longer the rows themselves
     k = det.n_neighbors
-    d = np.sqrt((((inside.astype(np.float64) - model["centre"])[:, None, :] - model["reference"][None]) ** 2).sum(-1))
+    centred = model["reference"].astype(np.float64) - model["centre"]
+    d = np.sqrt((((inside.astype(np.float64) - model["centre"])[:, None, :] - centred[None]) ** 2).sum(-1))
     assert (np.sort(d, axis=1)[:, 0] == 0).all()
     expected = np.log(np.sort(d, axis=1)[:, k])  # position 0 is the row itself
     np.testing.assert_allclose(det._score_class(model, inside), expected, rtol=1e-9)
@@ -101,7 +102,8 @@ def test_the_fit_distance_work_is_bounded_across_many_classes():
     x = (rng.normal(size=(len(y), 8)) + 10 * rng.normal(size=(300, 8))[y]).astype(np.float32)
     det = KnnDistance(max_distance_pairs=1_000_000, score_every_row=True).fit(x, y)
     shrink = np.sqrt(1e6 / (300 * 400 * 400))
-    assert all(len(m["reference"]) == int(400 * shrink) and m["decision_rows"] == 150 for m in det.class_models_.values())
+    models = det.class_models_.values()
+    assert all(len(m["reference"]) == int(400 * shrink) and m["decision_rows"] == 150 for m in models)
     assert all(d.rows_tested == 150 for d in det.decisions_.values())
     assert not det.flag(x, y).any()
     full = KnnDistance(score_every_row=True).fit(x[y < 10], y[y < 10])  # 10 classes: within the default budget
