@@ -221,11 +221,24 @@ class PoisonDetector(BaseEstimator):
             ok = np.flatnonzero(code >= 0)
             scores[ok] = self._from_linear(project(X[ok], w[code[ok]], b[code[ok]]))
             return self.set_aside_submodes(X, y, scores)
-        for label, rows in rows_by_label(y):
-            model = self.class_models_.get(label)
-            if model is not None:
-                scores[rows] = self._score_class(model, X[rows])
+        index = self._modelled_classes()
+        codes = codes_in(index, y)
+        hit = np.flatnonzero(codes >= 0)
+        for code, rows in rows_by_label(codes[hit]):  # only the classes with a model, not every label
+            rows = hit[rows]
+            scores[rows] = self._score_class(self.class_models_[index[code]], X[rows])
         return self.set_aside_submodes(X, y, scores)
+
+    def _modelled_classes(self):
+        """The labels whose class has a model, as an index built once per fit."""
+        import pandas as pd
+
+        table = getattr(self, "_modelled_table", None)
+        if table is None or table[0] is not self.class_models_:
+            table = (self.class_models_, pd.Index([c for c, m in self.class_models_.items() if m is not None],
+                                                  dtype=object))
+            self._modelled_table = table
+        return table[1]
 
     def set_aside_submodes(self, X, y, scores: np.ndarray) -> np.ndarray:
         """``scores`` with NaN ("not scored") for the rows of each class refitted past its natural

@@ -56,9 +56,8 @@ development mean F1 went from 0.4648 to 0.4742 (signals / CNN 5% patch 0.35 -> 0
 from __future__ import annotations
 
 import numpy as np
-from sklearn.utils.validation import check_is_fitted
 
-from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, codes_in, rows_by_label, store_params
+from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params
 from poisonguard.detectors.calibration import ClassDecision
 from poisonguard.detectors.stats import ClassState
 
@@ -96,7 +95,8 @@ class KnnDistance(PoisonDetector):
             super().fit_states(states)
         finally:
             del self._shrink
-        if not self.score_every_row:  # only a class that can be flagged is searched in the score pass
+        # only a class that can be flagged keeps its model: the others' rows are not searched (NaN)
+        if not self.score_every_row:
             self.class_models_ = {c: m if self._threshold_of(self.decisions_[c]) < np.inf else None
                                   for c, m in self.class_models_.items()}
         return self
@@ -145,24 +145,3 @@ class KnnDistance(PoisonDetector):
             kth = np.where(itself, exact[:, k], exact[:, k - 1])
             out[start:start + len(x)] = 0.5 * np.log(np.maximum(kth, 1e-300))
         return out
-
-    def score_samples(self, X, y, sample_keys=None):
-        """Each row's score: NaN for a row whose class has no reference (not tested, or not suspicious
-        and not ``score_every_row``).  Only the classes with one are visited."""
-        import pandas as pd
-
-        check_is_fitted(self, "decisions_")
-        X, y = np.asarray(X, dtype=np.float32), np.asarray(y)
-        scores = np.full(len(X), np.nan)
-        table = getattr(self, "_scored_table", None)
-        if table is None or table[0] is not self.class_models_:
-            scored = [c for c, m in self.class_models_.items() if m is not None]
-            table = (self.class_models_, pd.Index(scored, dtype=object))
-            self._scored_table = table
-        index = table[1]
-        codes = codes_in(index, y)
-        hit = np.flatnonzero(codes >= 0)
-        for code, rows in rows_by_label(codes[hit]):
-            rows = hit[rows]
-            scores[rows] = self._score_class(self.class_models_[index[code]], X[rows])
-        return self.set_aside_submodes(X, y, scores)
