@@ -247,7 +247,12 @@ def _check_beam_args(beam_args: list[str]) -> None:
         return
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    known = set(PipelineOptions([]).get_all_options())
+    if any(a.lstrip("-").startswith("dask") or a.endswith("DaskRunner") for a in beam_args):
+        try:  # Beam registers DaskOptions (--dask_client_address, ...) only once its Dask runner is imported
+            import apache_beam.runners.dask.dask_runner  # noqa: F401
+        except ImportError:
+            raise InputError("the Dask runner needs dask.distributed: pip install 'poisonguard[dask]'") from None
+    known = _beam_flags(PipelineOptions)
     ours = [a for action in _parser()._subparsers._group_actions[0].choices["scan"]._actions
             for a in action.option_strings if a.startswith("--")]
     for arg in beam_args:
@@ -258,6 +263,17 @@ def _check_beam_args(beam_args: list[str]) -> None:
             close = difflib.get_close_matches(arg.split("=", 1)[0], ours + [f"--{k}" for k in known], n=1, cutoff=0.7)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise InputError(f"unknown flag {arg.split('=', 1)[0]} (neither poisonguard's nor Beam's){hint}")
+
+
+def _beam_flags(options_class) -> set[str]:
+    """Every flag Beam's registered option classes define, as typed less its dashes (a flag's name can
+    differ from where Beam stores it: --dask_client_address is stored as ``address``)."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in options_class.__subclasses__()}.values():  # as Beam's get_all_options
+        cls._add_argparse_args(parser)
+    return {flag.lstrip("-").replace("-", "_") for action in parser._actions for flag in action.option_strings}
 
 
 def _run_summary(run_dir: str) -> dict:

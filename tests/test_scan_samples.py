@@ -124,18 +124,3 @@ def test_fail_on_exceeded_exits_1_but_publishes(tmp):
     assert code == 1
     assert "over fail_on" in stdout
     assert (tmp / "run" / "_SUCCESS").exists()
-
-
-def test_console_script_runs_as_a_subprocess(tmp):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    exe = Path(sys.executable).with_name("poisonguard")
-    assert exe.exists(), "console script not installed"
-    proc = subprocess.run([str(exe), "scan", str(CLEAN), "--out", str(tmp / "run"), "--config", str(DIGITS_CONFIG)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 0, proc.stderr
-    assert "rows in 1797" in proc.stdout
-    assert "Traceback" not in proc.stderr

@@ -15,10 +15,12 @@ from conftest import DIGITS_CONFIG, POISONED, gaussian_table, read_review, run_c
 EXE = str(Path(sys.executable).with_name("poisonguard"))
 
 
-def test_a_repo_config_works_from_a_fresh_temporary_folder(tmp):
-    out = subprocess.run([EXE, "scan", str(POISONED), "--config", str(DIGITS_CONFIG), "--out", "run", "--quiet"],
-                         cwd=tmp, capture_output=True, text=True)
+def test_the_console_script_runs_a_repo_config_from_a_fresh_temporary_folder(tmp):
+    assert Path(EXE).exists(), "console script not installed"
+    out = subprocess.run([EXE, "scan", str(POISONED), "--config", str(DIGITS_CONFIG), "--out", "run"],
+                         cwd=tmp, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+    assert "rows in 1797" in out.stdout and "Traceback" not in out.stderr
     summary = json.loads((tmp / "run" / "summary.json").read_text())
     assert summary["parameters"]["suite"] == str(DIGITS_CONFIG.parent.parent / "expectations" / "digits_suite.json")
 
@@ -61,17 +63,17 @@ def test_concurrent_scans_of_one_run_folder_serialise_and_leave_no_lock_file(tmp
         codes.append(subprocess.run([EXE, "scan", str(data), "--out", str(tmp / "runs" / "run"), "--quiet",
                                      "--run-id", f"r{i}"], capture_output=True).returncode)
 
-    threads = [threading.Thread(target=scan, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=scan, args=(i,)) for i in range(2)]  # each ~3 s of imports
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert codes == [0, 0, 0]
+    assert codes == [0, 0]
     assert sorted(p.name for p in (tmp / "runs").iterdir()) == ["poisonguard-provenance.jsonl", "run"]
     from poisonguard import provenance as prov
 
     ok, message = prov.verify(str(tmp / "runs" / "poisonguard-provenance.jsonl"))
-    assert ok and "6 records" in message
+    assert ok and "4 records" in message  # START and COMPLETE per scan, none torn
 
 
 def test_the_scheduling_examples_parse():
