@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import families as F  # noqa: E402
 
 from poisonguard.detectors import DETECTORS  # noqa: E402
-from poisonguard.detectors.calibration import _leave_one_out_z, separated_minority  # noqa: E402
+from poisonguard.detectors.calibration import leave_one_out_z, separated_minority  # noqa: E402
 
 CLUSTER = ("spectral", "activation_clustering", "spectre")
 SEPARATIONS = (4.0, 5.0, 6.0, 8.0, 12.0)
@@ -91,7 +91,7 @@ def replay(rec: dict, params: tuple, use: tuple) -> np.ndarray:
         tested = np.isfinite(separations)
         z = np.full(len(classes), np.inf)
         if min_z is not None and tested.sum() >= 5:
-            z[tested] = _leave_one_out_z(separations[tested], 0.25)
+            z[tested] = leave_one_out_z(separations[tested], 0.25)
         passing = tested & (separations >= np.maximum(min_sep, critical)) & ((z >= min_z) if min_z is not None else True)
         for k in np.flatnonzero(passing):
             mine[members[k]] = above[k]

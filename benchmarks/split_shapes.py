@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import choose_defaults as C  # noqa: E402
 import families as F  # noqa: E402
 
-from poisonguard.detectors.calibration import PINNED, _leave_one_out_z, separated_minority  # noqa: E402
+from poisonguard.detectors.calibration import PINNED, leave_one_out_z, separated_minority  # noqa: E402
 
 MAX_SHARE = 0.35
 
@@ -50,7 +50,7 @@ def splits(item) -> list[dict]:
         d = np.array([x.separation if np.isfinite(x.separation) else np.nan for x in decisions])
         z = np.full(len(classes), np.nan)
         if np.isfinite(d).sum() >= 5:
-            z[np.isfinite(d)] = _leave_one_out_z(d[np.isfinite(d)], 0.25)
+            z[np.isfinite(d)] = leave_one_out_z(d[np.isfinite(d)], 0.25)
         for k, c in enumerate(classes):
             rows = np.flatnonzero(y == c)
             if decisions[k].why == PINNED:  # the split at the share limit: the top max_share of the class

@@ -125,6 +125,7 @@ class PoisonDetector(BaseEstimator):
         if model is None:
             return model, NOT_TESTED
         scores = self._score_class(model, state.sample_x)
+        self._note_decision_scores(model, scores)
         if self.expected_poison_rate is not None:
             return model, top_fraction(scores, self.expected_poison_rate)
         decision = separated_minority(
@@ -182,6 +183,9 @@ class PoisonDetector(BaseEstimator):
             self._centres = (tested, np.array([s.mean for s in tested]),
                              np.array([max(float(np.trace(s.covariance)), 1e-300) for s in tested]))
         return self._centres
+
+    def _note_decision_scores(self, model, scores: np.ndarray) -> None:
+        """What a detector keeps of its decision rows' scores for a test across classes (none here)."""
 
     def _fit_classes(self, states: dict[object, ClassState]) -> dict:
         """Every tested class's model (None where it has none); a detector may fit many at once."""

@@ -143,7 +143,7 @@ def gate_by_other_classes(decisions: dict, *, min_class_z: float, min_classes: i
     if len(tested) < min_classes:
         return decisions
     values = np.array([decisions[c].gate_separation for c in tested])
-    z = _leave_one_out_z(values, min_spread)
+    z = leave_one_out_z(values, min_spread)
     out = dict(decisions)
     for label, zc in zip(tested, z.tolist()):
         decision = decisions[label]
@@ -158,7 +158,7 @@ def gate_by_other_classes(decisions: dict, *, min_class_z: float, min_classes: i
 DIFFUSE = "a diffuse separated minority"
 
 
-def _leave_one_out_z(values: np.ndarray, min_spread: float) -> np.ndarray:
+def leave_one_out_z(values: np.ndarray, min_spread: float) -> np.ndarray:
     """Robust z of each value against the others' median and MAD.  Exact up to
     ``EXACT_GATE_CLASSES`` classes; beyond, every class is compared with the median and MAD of all
     (one value moves a median of thousands by at most one order statistic), in O(C log C)."""

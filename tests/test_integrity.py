@@ -310,10 +310,10 @@ def test_many_small_classes_are_fitted_in_bulk(tmp):
 
 
 def test_cross_class_gate_of_thousands_of_classes_matches_the_exact_one_closely():
-    from poisonguard.detectors.calibration import _leave_one_out_z
+    from poisonguard.detectors.calibration import leave_one_out_z
 
     values = np.random.default_rng(1).normal(4, 0.5, size=2500)
-    approx = _leave_one_out_z(values, 0.25)
+    approx = leave_one_out_z(values, 0.25)
     exact = np.array([(v - np.median(np.delete(values, i))) /
                       max(1.4826 * np.median(np.abs(np.delete(values, i) - np.median(np.delete(values, i)))), 0.25)
                       for i, v in enumerate(values[:50])])

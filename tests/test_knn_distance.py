@@ -35,6 +35,37 @@ def test_isolated_rows_are_found(seed):
     assert not any(det.decisions_[c].suspicious for c in (0, 1, 3, 4, 5))
 
 
+def tail(seed, planted=20, radius=2.0, classes=8, n=600, d=16, heavy=False):
+    """Classes of Gaussian rows (Student-t3 ones where ``heavy``: long natural tails in every class);
+    in class 3, ``planted`` rows each put at ``radius`` times the class's typical radius in its own
+    random direction: isolated one by one, too few and too spread for a two-means split."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(classes), n)
+    noise = rng.standard_t(3, size=(len(y), d)) if heavy else rng.normal(size=(len(y), d))
+    x = noise + 8 * rng.normal(size=(classes, d))[y]
+    rows = np.flatnonzero(y == 3)[:planted]
+    direction = rng.normal(size=(len(rows), d))
+    x[rows] = x[y == 3].mean(axis=0) + radius * np.sqrt(d) * direction / np.linalg.norm(direction, axis=1, keepdims=True)
+    poison = np.zeros(len(y), dtype=bool)
+    poison[rows] = True
+    return x.astype(np.float32), y, poison
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_an_excess_of_isolated_rows_is_found_where_no_split_separates_them(seed):
+    from poisonguard.detectors.knn_distance import TAIL
+
+    x, y, poison = tail(seed)
+    det = KnnDistance().fit(x, y)
+    flags = det.flag(x, y)
+    decision = det.decisions_[3]
+    assert decision.suspicious and decision.why.startswith(TAIL) and decision.separation < 4
+    assert flags[poison].all() and not flags[~poison].any()
+    assert [c for c, d in det.decisions_.items() if d.suspicious] == [3]
+    for clean in (tail(seed, planted=0), tail(seed, planted=0, heavy=True)):  # long natural tails everywhere
+        assert not KnnDistance().fit(*clean[:2]).flag(*clean[:2]).any()
+
+
 def test_a_clean_class_with_two_natural_modes_is_not_flagged():
     rng = np.random.default_rng(3)
     d, n = 16, 1000
