@@ -158,13 +158,14 @@ def gate_by_other_classes(decisions: dict, *, min_class_z: float, min_classes: i
 DIFFUSE = "a diffuse separated minority"
 
 
-def leave_one_out_z(values: np.ndarray, min_spread: float) -> np.ndarray:
-    """Robust z of each value against the others' median and MAD.  Exact up to
-    ``EXACT_GATE_CLASSES`` classes; beyond, every class is compared with the median and MAD of all
-    (one value moves a median of thousands by at most one order statistic), in O(C log C)."""
+def leave_one_out_z(values: np.ndarray, min_spread: float | np.ndarray) -> np.ndarray:
+    """Robust z of each value against the others' median and MAD (floored at ``min_spread``, one
+    floor or one per value).  Exact up to ``EXACT_GATE_CLASSES`` classes; beyond, every class is
+    compared with the median and MAD of all (one value moves a median of thousands by at most one
+    order statistic), in O(C log C)."""
     if len(values) > EXACT_GATE_CLASSES:
         median = float(np.median(values))
-        spread = max(1.4826 * float(np.median(np.abs(values - median))), min_spread)
+        spread = np.maximum(1.4826 * float(np.median(np.abs(values - median))), min_spread)
         return (values - median) / spread
     others = np.where(np.eye(len(values), dtype=bool), np.nan, values[None, :])
     median = np.nanmedian(others, axis=1)

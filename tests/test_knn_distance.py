@@ -66,6 +66,19 @@ def test_an_excess_of_isolated_rows_is_found_where_no_split_separates_them(seed)
         assert not KnnDistance().fit(*clean[:2]).flag(*clean[:2]).any()
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_one_percent_excess_is_found_in_large_classes(seed):
+    # the spread the shares are compared with is floored by their sampling error, which shrinks as
+    # classes grow: 30 isolated rows in a class of 3,000 stand out, as 6 would not in one of 600
+    x, y, poison = tail(seed, planted=30, n=3000)
+    det = KnnDistance().fit(x, y)
+    flags = det.flag(x, y)
+    assert det.decisions_[3].why.startswith("an excess of isolated rows")
+    assert flags[poison].mean() >= 0.9 and flags[~poison].mean() <= 0.001
+    for clean in (tail(seed, planted=0, n=3000), tail(seed, planted=0, n=3000, heavy=True)):
+        assert not KnnDistance().fit(*clean[:2]).flag(*clean[:2]).any()
+
+
 def test_a_clean_class_with_two_natural_modes_is_not_flagged():
     rng = np.random.default_rng(3)
     d, n = 16, 1000
