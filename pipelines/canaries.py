@@ -20,8 +20,8 @@ rows, scores and reasons are the same with and without it.
   its rows flagged) is reported: "class 7: a backdoor of >= 12 rows at >= 3.95 SDs would have been
   caught".  One distance cannot stand for every attack: on the benchmark families, real backdoors sit
   0.5 to 28 class SDs out, and canaries at each attack's own distance and spread agree with its real
-  recall on 77% of cases where canaries at the median shape agree on about half
-  (``benchmarks/results/quality.md``); so the finding is a grid, read as "an attack at least this far
+  recall on 86-87% of cases where canaries at the median shape agree on 65-75% and the grid read
+  this way on 77-84% (development and held-out families, ``benchmarks/results/quality.md``); so the finding is a grid, read as "an attack at least this far
   out, of at least this size, would have been caught".
 
 Canary ids carry the reserved prefix ``names.CANARY_PREFIX``; an input row using it is quarantined.
