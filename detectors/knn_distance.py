@@ -137,6 +137,8 @@ class KnnDistance(PoisonDetector):
     def _note_decision_scores(self, model, scores: np.ndarray) -> None:
         median = float(np.median(scores))
         spread = 1.4826 * float(np.median(np.abs(scores - median)))
+        if not spread > 0:  # most rows exact copies (distance 0): no scale to call a row isolated on
+            return
         cut = median + TAIL_Z * spread
         model["tail"] = {"cut": cut, "rows": int(np.sum(scores > cut)), "share": float(np.mean(scores > cut)),
                          "decision_rows": len(scores)}
@@ -151,7 +153,10 @@ class KnnDistance(PoisonDetector):
         median and MAD, the MAD floored at ``TAIL_SE`` binomial standard errors of the median share,
         at least ``TAIL_P0``, in the class's decision rows) with ``TAIL_MIN_ROWS`` such rows is
         flagged there; with fewer than ``TAIL_MIN_CLASSES`` tested classes there is no
-        comparison and no such test.  The mass-quarantine guard reads the result."""
+        comparison and no such test.  A class whose distances have no spread (most of its rows
+        exact copies of each other) or whose "tail" would hold more than ``max_share`` of it has no
+        tail to read: a duplicated class's few distinct rows are not isolated rows.  The
+        mass-quarantine guard reads the result."""
         tails = {c: m["tail"] for c, m in self.class_models_.items()
                  if m is not None and "tail" in m and self.decisions_[c].rows_tested > 0}
         if len(tails) < TAIL_MIN_CLASSES:
@@ -165,7 +170,7 @@ class KnnDistance(PoisonDetector):
         for label, zc in zip(labels, z.tolist()):
             tail, decision = tails[label], decisions[label]
             if decision.suspicious or zc < TAIL_CLASS_Z or tail["rows"] < TAIL_MIN_ROWS \
-                    or decision.why.startswith("held back"):
+                    or tail["share"] > self.max_share or decision.why.startswith("held back"):
                 continue
             why = (f"{TAIL}: {tail['rows']} of {tail['decision_rows']} decision rows ({tail['share']:.1%}) past "
                    f"robust z {TAIL_Z} of the class's k-NN distances, an outlier among the classes' shares "

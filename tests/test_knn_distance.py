@@ -79,6 +79,17 @@ def test_a_one_percent_excess_is_found_in_large_classes(seed):
         assert not KnnDistance().fit(*clean[:2]).flag(*clean[:2]).any()
 
 
+@pytest.mark.parametrize("duplicated", [0.45, 0.55, 0.7])
+def test_a_class_of_exact_copies_has_no_tail_to_flag(duplicated):
+    # most of a class's rows copies of 20 rows (repeated images): their distance is 0, the class's
+    # median too, and without a guard every distinct row would read as isolated
+    x, y, _ = tail(0, planted=0)
+    rows = np.flatnonzero(y == 5)
+    copies = int(duplicated * len(rows))
+    x[rows[:copies]] = x[rows[copies:copies + 20]][np.random.default_rng(0).integers(0, 20, copies)]
+    assert not KnnDistance().fit(x, y).flag(x, y).any()
+
+
 def test_a_clean_class_with_two_natural_modes_is_not_flagged():
     rng = np.random.default_rng(3)
     d, n = 16, 1000
