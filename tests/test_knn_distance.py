@@ -10,19 +10,30 @@ from sklearn.exceptions import NotFittedError
 from poisonguard.detectors import DEFAULT_DETECTORS, KnnDistance
 
 
-def isolated(seed=0, n=600, classes=6, d=16, share=0.03, target=2, lift=8.0):
-    """Gaussian classes; in ``target``, ``share`` of the rows each moved ``lift`` in its own random
-    direction: far from every other row, but no group in any one direction (a dirty-label backdoor's
-    rows keep their source classes' variation)."""
+def _classes_with_planted_rows(seed, n, classes, d, target, count, centres, heavy, lift=None, radius=None):
+    """Gaussian classes (Student-t3 rows where ``heavy``) around centres ``centres`` apart; in
+    ``target``, ``count`` rows each moved ``lift`` in its own random direction, or put ``radius``
+    times the class's typical radius out from its mean in one: far from every other row, but no group
+    in any one direction (a dirty-label backdoor's rows keep their source classes' variation)."""
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(classes), n)
-    x = rng.normal(size=(len(y), d)) + 12 * rng.normal(size=(classes, d))[y]
-    rows = np.flatnonzero(y == target)[: int(share * n)]
+    noise = rng.standard_t(3, size=(len(y), d)) if heavy else rng.normal(size=(len(y), d))
+    x = noise + centres * rng.normal(size=(classes, d))[y]
+    rows = np.flatnonzero(y == target)[:count]
     direction = rng.normal(size=(len(rows), d))
-    x[rows] += lift * direction / np.linalg.norm(direction, axis=1, keepdims=True)
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    if radius is None:
+        x[rows] += lift * direction
+    else:
+        x[rows] = x[y == target].mean(axis=0) + radius * np.sqrt(d) * direction
     poison = np.zeros(len(y), dtype=bool)
     poison[rows] = True
     return x.astype(np.float32), y, poison
+
+
+def isolated(seed=0, n=600, classes=6, d=16, share=0.03, target=2, lift=8.0):
+    """``share`` of class ``target`` moved ``lift`` out, each in its own direction."""
+    return _classes_with_planted_rows(seed, n, classes, d, target, int(share * n), 12, False, lift=lift)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -36,19 +47,10 @@ def test_isolated_rows_are_found(seed):
 
 
 def tail(seed, planted=20, radius=2.0, classes=8, n=600, d=16, heavy=False):
-    """Classes of Gaussian rows (Student-t3 ones where ``heavy``: long natural tails in every class);
-    in class 3, ``planted`` rows each put at ``radius`` times the class's typical radius in its own
-    random direction: isolated one by one, too few and too spread for a two-means split."""
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(classes), n)
-    noise = rng.standard_t(3, size=(len(y), d)) if heavy else rng.normal(size=(len(y), d))
-    x = noise + 8 * rng.normal(size=(classes, d))[y]
-    rows = np.flatnonzero(y == 3)[:planted]
-    direction = rng.normal(size=(len(rows), d))
-    x[rows] = x[y == 3].mean(axis=0) + radius * np.sqrt(d) * direction / np.linalg.norm(direction, axis=1, keepdims=True)
-    poison = np.zeros(len(y), dtype=bool)
-    poison[rows] = True
-    return x.astype(np.float32), y, poison
+    """In class 3, ``planted`` rows at ``radius`` times the class's typical radius, each in its own
+    direction: isolated one by one, too few and too spread for a two-means split (``heavy``: long
+    natural tails in every class)."""
+    return _classes_with_planted_rows(seed, n, classes, d, 3, planted, 8, heavy, radius=radius)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
