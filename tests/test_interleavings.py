@@ -21,14 +21,12 @@ from poisonguard import provenance as prov
 
 EXE = str(Path(sys.executable).with_name("poisonguard"))
 ROWS = 1797
-PHASES = ["plan", "fit", "score", "report", "publish"]
-
 
 
 def _sequence(seed: int, phase: str) -> list[tuple]:
     """Scans and reviews drawn at random around one scan killed (SIGKILL or SIGTERM) a moment after it
-    logged ``phase``'s start: fixed delays after the start had stopped landing past the imports once
-    those took longer than the delays (~5 s of a 6-7 s subprocess scan here)."""
+    logged ``phase``'s start (fixed delays after the process started had stopped reaching past the
+    imports once those took longer than the delays: ~5 s of a 6-7 s subprocess scan here)."""
     rng = random.Random(seed)
 
     def around() -> list[tuple]:
