@@ -384,8 +384,6 @@ SUBMODE = "a natural sub-mode"  # how natural_submode's verdict begins
 PAST_SUBMODE_MIN_ROWS = 150  # sample rows a class needs before it is refitted past its natural sub-mode
 SUBMODE_SHARE = 0.15  # a separated group this large ...
 SUBMODE_MAX_SPREAD = 2.0  # ... no more than this spread relative to the rest of its class is a natural sub-mode ...
-SUBMODE_TIGHT_SHARE = 0.12  # (a group of this share to SUBMODE_SHARE only at this spread or less: as diffuse as
-SUBMODE_TIGHT_SPREAD = 1.3  #  its class, where dirty-label poison is 1.3-4.7 times as wide)
 INSIDE_OTHER = 0.5  # ... unless its mean sits this deep inside another class (squared distance / that class's tr(cov))
 
 
@@ -412,23 +410,13 @@ def natural_submode(decision: ClassDecision, state: ClassState, flagged: np.ndar
     kept flagged, at 0.86-0.98 (random features, where classes overlap).  Both together:
     development clean controls meeting the bar 8 -> 9 of 10, label flips 17 -> 18 of 50, mean F1
     0.435 -> 0.439, clean rows flagged 0.64% -> 0.42% on average.  Held out (reported, not chosen
-    on): no target changed; one seed of wine / MLP's 20% random flip lost (F1 0.62 -> 0.24).
-
-    A group of ``SUBMODE_TIGHT_SHARE`` (12%) to 15% of its class is a sub-mode only where it is no
-    more than ``SUBMODE_TIGHT_SPREAD`` (1.3) times as spread as the rest: as diffuse as its class, as
-    clean sub-modes are (a median of 0.87 on the development families' splits), where dirty-label
-    poison is 1.3-4.7 times as wide (median 2.3).  SPECTRE took a 14% group of digits' class 1, 1.19
-    times as wide as the rest, beside real poison on the CNN's patches.  Chosen on the development
-    families: mean F1 0.5341 -> 0.5376, no target count and no clean control changed, no case lost F1
-    (digits / CNN 5% patch 0.69 -> 0.88, 10% blend 0.57 -> 0.65).  The benchmark's backdoors hold at
-    most ~9% of their class; a collapsed backdoor of 12-15% of its class (an attack of 14-18%) is now
-    taken for a sub-mode, unless it sits inside another class."""
+    on): no target changed; one seed of wine / MLP's 20% random flip lost (F1 0.62 -> 0.24)."""
     share = float(flagged.mean()) if len(flagged) else 0.0
-    if share < SUBMODE_TIGHT_SHARE or flagged.sum() < 2 or (~flagged).sum() < 2:
+    if share < SUBMODE_SHARE or flagged.sum() < 2 or (~flagged).sum() < 2:
         return decision
     x = np.asarray(state.sample_x, dtype=np.float64)
     spread = _spread_ratio(x, flagged)
-    if spread > (SUBMODE_MAX_SPREAD if share >= SUBMODE_SHARE else SUBMODE_TIGHT_SPREAD):
+    if spread > SUBMODE_MAX_SPREAD:
         return decision
     states, means, radii = other_classes()
     others = [k for k, other in enumerate(states) if other is not (state if own is None else own)]

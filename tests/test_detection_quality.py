@@ -329,13 +329,11 @@ def _submode_case(spread: float, share: float = 0.2, inside: float | None = None
 
 
 @pytest.mark.parametrize("spread, share, flagged", [(0.2, 0.2, False), (0.4, 0.2, False), (1.0, 0.2, False),
-                                                    (3.0, 0.2, True), (0.2, 0.05, True), (1.0, 0.13, False),
-                                                    (2.0, 0.13, True), (1.0, 0.1, True)])
+                                                    (3.0, 0.2, True), (0.2, 0.05, True)])
 def test_a_large_group_no_wider_than_its_class_is_a_natural_sub_mode(spread, share, flagged):
-    """A separated group of 15% or more of its class, no more spread than twice the rest (two ways of
-    writing a class, or a dataset's augmented copies, which are tighter), is a sub-mode, and one of
-    12-15% no more than 1.3 times as spread; a wider one, or a small tight one (a collapsed backdoor),
-    stays suspicious."""
+    """A separated group of 15% or more of its class, no more spread than the rest (two ways of
+    writing a class, or a dataset's augmented copies, which are tighter), is a sub-mode; a wider one,
+    or a small tight one (a collapsed backdoor), stays suspicious."""
     from poisonguard.detectors.base import natural_submode
 
     decision, state, group, others = _submode_case(spread, share)
