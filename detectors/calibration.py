@@ -196,6 +196,8 @@ MASS_CLASS_SHARE = 0.05  # a detector flagging at least this share of a class ..
 MASS_CLASSES = 0.5  # ... in more than this share of the tested classes reads its representation, not poison
 
 
+HELD_BACK = "held back"  # how the guard's verdict on a class it withdrew begins
+
 CRISP_CONFIDENCE = 0.7  # chosen on the development families (benchmarks/families.py): random flips of 5-20%
 
 
@@ -226,7 +228,7 @@ def guard_mass_quarantine(decisions: dict, *, accept: bool, confidence: float | 
                 "median_other_class_confidence": None if confidence is None else round(float(confidence), 4)}
     if not systemic or accept or crisp:
         return decisions, evidence
-    why = (f"held back: this detector would flag {share:.0%} of the rows in {len(heavy)} of {len(tested)} classes, "
+    why = (f"{HELD_BACK}: this detector would flag {share:.0%} of the rows in {len(heavy)} of {len(tested)} classes, "
            "more than any plausible attack (a weak representation, not poison); --accept-mass-quarantine applies it")
     return {c: replace(d, suspicious=False, threshold=float("inf"), why=why) if d.suspicious else d
             for c, d in decisions.items()}, evidence

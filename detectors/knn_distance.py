@@ -82,7 +82,7 @@ from __future__ import annotations
 import numpy as np
 
 from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params
-from poisonguard.detectors.calibration import ClassDecision, guard_mass_quarantine, leave_one_out_z
+from poisonguard.detectors.calibration import HELD_BACK, ClassDecision, guard_mass_quarantine, leave_one_out_z
 from poisonguard.detectors.stats import ClassState
 
 BLOCK_ROWS = 1024  # rows per distance block: BLOCK_ROWS x reference_rows float32 at a time
@@ -170,7 +170,7 @@ class KnnDistance(PoisonDetector):
         for label, zc in zip(labels, z.tolist()):
             tail, decision = tails[label], decisions[label]
             if decision.suspicious or zc < TAIL_CLASS_Z or tail["rows"] < TAIL_MIN_ROWS \
-                    or tail["share"] > self.max_share or decision.why.startswith("held back"):
+                    or tail["share"] > self.max_share or decision.why.startswith(HELD_BACK):
                 continue
             why = (f"{TAIL}: {tail['rows']} of {tail['decision_rows']} decision rows ({tail['share']:.1%}) past "
                    f"robust z {TAIL_Z} of the class's k-NN distances, an outlier among the classes' shares "
