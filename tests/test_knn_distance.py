@@ -81,6 +81,23 @@ def test_a_one_percent_excess_is_found_in_large_classes(seed):
         assert not KnnDistance().fit(*clean[:2]).flag(*clean[:2]).any()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_flagged_tail_steps_down_to_where_its_excess_ends(seed):
+    # 10% of class 3 at 1.4 to 2.2 times the class's radius: the farthest half past robust z 3.5, the
+    # rest among the class's own tail.  The cut at 3.5 found about half (0.50-0.55); the excess over
+    # what the other classes' tails hold goes on down to z 2.5, and so does the cut
+    from poisonguard.detectors.knn_distance import TAIL
+
+    x, y, poison = _classes_with_planted_rows(seed, 1000, 8, 16, 3, 100, 8, False,
+                                              radius=np.linspace(1.4, 2.2, 100)[:, None])
+    det = KnnDistance().fit(x, y)
+    flags = det.flag(x, y)
+    why = det.decisions_[3].why
+    assert why.startswith(TAIL) and "flagged from robust z 3.5 " not in why
+    assert flags[poison].mean() >= 0.75 and (flags & ~poison).sum() <= 3
+    assert [c for c, d in det.decisions_.items() if d.suspicious] == [3]
+
+
 @pytest.mark.parametrize("duplicated", [0.45, 0.55, 0.7])
 def test_a_class_of_exact_copies_has_no_tail_to_flag(duplicated):
     # most of a class's rows copies of 20 rows (repeated images): their distance is 0, the class's
