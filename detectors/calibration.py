@@ -158,6 +158,14 @@ def gate_by_other_classes(decisions: dict, *, min_class_z: float, min_classes: i
 DIFFUSE = "a diffuse separated minority"
 
 
+def others_median(values: np.ndarray) -> np.ndarray:
+    """Each value's others' median: exact up to ``EXACT_GATE_CLASSES`` values, beyond that the median
+    of all (as ``leave_one_out_z``)."""
+    if len(values) > EXACT_GATE_CLASSES:
+        return np.full(len(values), float(np.median(values)))
+    return np.nanmedian(np.where(np.eye(len(values), dtype=bool), np.nan, values[None, :]), axis=1)
+
+
 def leave_one_out_z(values: np.ndarray, min_spread: float | np.ndarray) -> np.ndarray:
     """Robust z of each value against the others' median and MAD (floored at ``min_spread``, one
     floor or one per value).  Exact up to ``EXACT_GATE_CLASSES`` classes; beyond, every class is

@@ -99,7 +99,8 @@ from __future__ import annotations
 import numpy as np
 
 from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, store_params
-from poisonguard.detectors.calibration import HELD_BACK, ClassDecision, guard_mass_quarantine, leave_one_out_z
+from poisonguard.detectors.calibration import HELD_BACK, ClassDecision, guard_mass_quarantine, leave_one_out_z, \
+    others_median
 from poisonguard.detectors.stats import ClassState
 
 BLOCK_ROWS = 1024  # rows per distance block: BLOCK_ROWS x reference_rows float32 at a time
@@ -159,10 +160,10 @@ class KnnDistance(PoisonDetector):
         spread = 1.4826 * float(np.median(np.abs(scores - median)))
         if not spread > 0:  # most rows exact copies (distance 0): no scale to call a row isolated on
             return
-        cut = median + TAIL_Z * spread
-        steps = [(median + z * spread, int(np.sum(scores > median + z * spread))) for z in TAIL_STEPS]
-        model["tail"] = {"cut": cut, "rows": int(np.sum(scores > cut)), "share": float(np.mean(scores > cut)),
-                         "decision_rows": len(scores), "steps": steps}
+        cuts = median + spread * np.array((TAIL_Z,) + TAIL_STEPS)
+        counts = (scores[:, None] > cuts).sum(axis=0)
+        model["tail"] = {"cut": float(cuts[0]), "rows": int(counts[0]), "share": float(counts[0] / len(scores)),
+                         "decision_rows": len(scores), "cuts": cuts, "counts": counts}
 
     def _test_tails(self) -> None:
         """The second way a class is found suspicious: more of its rows isolated than the other
@@ -187,13 +188,16 @@ class KnnDistance(PoisonDetector):
         p = max(float(np.median(shares)), TAIL_P0)
         floor = TAIL_SE * np.sqrt(p * (1 - p) / np.array([tails[c]["decision_rows"] for c in labels]))
         z = leave_one_out_z(shares, floor)
+        rows = np.array([tails[c]["decision_rows"] for c in labels])[:, None]
+        at_cuts = np.stack([tails[c]["counts"] for c in labels]) / rows
+        expected = rows * np.stack([others_median(column) for column in at_cuts.T], axis=1)
         decisions = dict(self.decisions_)
-        for label, zc in zip(labels, z.tolist()):
+        for label, zc, expect in zip(labels, z.tolist(), expected):
             tail, decision = tails[label], decisions[label]
             if decision.suspicious or zc < TAIL_CLASS_Z or tail["rows"] < TAIL_MIN_ROWS \
                     or tail["share"] > self.max_share or decision.why.startswith(HELD_BACK):
                 continue
-            cut, step = self._step_down(label, tails)
+            cut, step = _step_down(tail, expect)
             why = (f"{TAIL}: {tail['rows']} of {tail['decision_rows']} decision rows ({tail['share']:.1%}) past "
                    f"robust z {TAIL_Z} of the class's k-NN distances, an outlier among the classes' shares "
                    f"(z = {zc:.1f} >= {TAIL_CLASS_Z}); {step}; the best split: {decision.why}")
@@ -201,25 +205,6 @@ class KnnDistance(PoisonDetector):
                                              decision.rows_tested, why, class_z=decision.class_z,
                                              past_submode=decision.past_submode)
         self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(decisions, accept=self.accept_mass_quarantine)
-
-    @staticmethod
-    def _step_down(label, tails) -> tuple[float, str]:
-        """Where a flagged class's excess reaches below robust z ``TAIL_Z``: the lowest of
-        ``TAIL_STEPS`` where the rows a lower cut adds beyond ``TAIL_Z``'s are at least
-        ``TAIL_STEP_PRECISION`` in excess of what the other classes' median shares expect of a class
-        of this size, after ``TAIL_STEP_SE`` Poisson standard errors of that expectation."""
-        tail = tails[label]
-        n = tail["decision_rows"]
-        others = [t for c, t in tails.items() if c != label]
-        expected = n * float(np.median([t["share"] for t in others]))
-        cut, rows, z, at = tail["cut"], tail["rows"], TAIL_Z, expected
-        for i, step_z in enumerate(TAIL_STEPS):
-            step_cut, step_rows = tail["steps"][i]
-            step_expected = n * float(np.median([t["steps"][i][1] / t["decision_rows"] for t in others]))
-            added, more = step_rows - tail["rows"], step_expected - expected
-            if added > 0 and (added - more - TAIL_STEP_SE * np.sqrt(max(more, 1.0))) / added >= TAIL_STEP_PRECISION:
-                cut, rows, z, at = step_cut, step_rows, step_z, step_expected
-        return cut, f"flagged from robust z {z} ({rows} decision rows, {at:.1f} expected of a class of its size)"
 
     def _fit_class(self, state: ClassState):
         rows = len(state.sample_x)
@@ -265,3 +250,17 @@ class KnnDistance(PoisonDetector):
             kth = np.where(itself, exact[:, k], exact[:, k - 1])
             out[start:start + len(x)] = 0.5 * np.log(np.maximum(kth, 1e-300))
         return out
+
+
+def _step_down(tail: dict, expected: np.ndarray) -> tuple[float, str]:
+    """Where a flagged class's excess reaches below robust z ``TAIL_Z``: the lowest of ``TAIL_STEPS``
+    where the rows a lower cut adds beyond ``TAIL_Z``'s are at least ``TAIL_STEP_PRECISION`` in excess
+    of what the other classes' median shares expect of a class of this size (``expected``, per cut),
+    after ``TAIL_STEP_SE`` Poisson standard errors of that expectation."""
+    added, more = tail["counts"][1:] - tail["counts"][0], expected[1:] - expected[0]
+    excess = added - more - TAIL_STEP_SE * np.sqrt(np.maximum(more, 1.0))
+    taken = np.flatnonzero((added > 0) & (excess >= TAIL_STEP_PRECISION * added))
+    j = 1 + int(taken.max()) if len(taken) else 0
+    z = ((TAIL_Z,) + TAIL_STEPS)[j]
+    return float(tail["cuts"][j]), (f"flagged from robust z {z} ({int(tail['counts'][j])} decision rows, "
+                                     f"{expected[j]:.1f} expected of a class of its size)")
