@@ -188,16 +188,18 @@ class KnnDistance(PoisonDetector):
         p = max(float(np.median(shares)), TAIL_P0)
         floor = TAIL_SE * np.sqrt(p * (1 - p) / np.array([tails[c]["decision_rows"] for c in labels]))
         z = leave_one_out_z(shares, floor)
-        rows = np.array([tails[c]["decision_rows"] for c in labels])[:, None]
-        at_cuts = np.stack([tails[c]["counts"] for c in labels]) / rows
-        expected = rows * np.stack([others_median(column) for column in at_cuts.T], axis=1)
         decisions = dict(self.decisions_)
-        for label, zc, expect in zip(labels, z.tolist(), expected):
+        flagged = [i for i, (label, zc) in enumerate(zip(labels, z.tolist()))
+                   if not (decisions[label].suspicious or zc < TAIL_CLASS_Z or tails[label]["rows"] < TAIL_MIN_ROWS
+                           or tails[label]["share"] > self.max_share or decisions[label].why.startswith(HELD_BACK))]
+        if flagged:  # what every cut expects of each class, from the others' shares there
+            rows = np.array([tails[c]["decision_rows"] for c in labels])[:, None]
+            at_cuts = np.stack([tails[c]["counts"] for c in labels]) / rows
+            expected = rows * np.stack([others_median(column) for column in at_cuts.T], axis=1)
+        for i in flagged:
+            label, zc = labels[i], float(z[i])
             tail, decision = tails[label], decisions[label]
-            if decision.suspicious or zc < TAIL_CLASS_Z or tail["rows"] < TAIL_MIN_ROWS \
-                    or tail["share"] > self.max_share or decision.why.startswith(HELD_BACK):
-                continue
-            cut, step = _step_down(tail, expect)
+            cut, step = _step_down(tail, expected[i])
             why = (f"{TAIL}: {tail['rows']} of {tail['decision_rows']} decision rows ({tail['share']:.1%}) past "
                    f"robust z {TAIL_Z} of the class's k-NN distances, an outlier among the classes' shares "
                    f"(z = {zc:.1f} >= {TAIL_CLASS_Z}); {step}; the best split: {decision.why}")
