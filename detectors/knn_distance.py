@@ -162,8 +162,7 @@ class KnnDistance(PoisonDetector):
             return
         cuts = median + spread * np.array((TAIL_Z,) + TAIL_STEPS)
         counts = (scores[:, None] > cuts).sum(axis=0)
-        model["tail"] = {"cut": float(cuts[0]), "rows": int(counts[0]), "share": float(counts[0] / len(scores)),
-                         "decision_rows": len(scores), "cuts": cuts, "counts": counts}
+        model["tail"] = {"decision_rows": len(scores), "cuts": cuts, "counts": counts}
 
     def _test_tails(self) -> None:
         """The second way a class is found suspicious: more of its rows isolated than the other
@@ -184,26 +183,27 @@ class KnnDistance(PoisonDetector):
         if len(tails) < TAIL_MIN_CLASSES:
             return
         labels = list(tails)
-        shares = np.array([tails[c]["share"] for c in labels])
+        rows = np.array([tails[c]["decision_rows"] for c in labels])[:, None]
+        counts = np.stack([tails[c]["counts"] for c in labels])  # per class, rows past each cut (TAIL_Z first)
+        at_cuts = counts / rows
+        shares = at_cuts[:, 0]
         p = max(float(np.median(shares)), TAIL_P0)
-        floor = TAIL_SE * np.sqrt(p * (1 - p) / np.array([tails[c]["decision_rows"] for c in labels]))
+        floor = TAIL_SE * np.sqrt(p * (1 - p) / rows[:, 0])
         z = leave_one_out_z(shares, floor)
         decisions = dict(self.decisions_)
         flagged = [i for i, (label, zc) in enumerate(zip(labels, z.tolist()))
-                   if not (decisions[label].suspicious or zc < TAIL_CLASS_Z or tails[label]["rows"] < TAIL_MIN_ROWS
-                           or tails[label]["share"] > self.max_share or decisions[label].why.startswith(HELD_BACK))]
+                   if not (decisions[label].suspicious or zc < TAIL_CLASS_Z or counts[i, 0] < TAIL_MIN_ROWS
+                           or shares[i] > self.max_share or decisions[label].why.startswith(HELD_BACK))]
         if flagged:  # what every cut expects of each class, from the others' shares there
-            rows = np.array([tails[c]["decision_rows"] for c in labels])[:, None]
-            at_cuts = np.stack([tails[c]["counts"] for c in labels]) / rows
             expected = rows * np.stack([others_median(column) for column in at_cuts.T], axis=1)
         for i in flagged:
-            label, zc = labels[i], float(z[i])
+            label, zc, share = labels[i], float(z[i]), float(shares[i])
             tail, decision = tails[label], decisions[label]
             cut, step = _step_down(tail, expected[i])
-            why = (f"{TAIL}: {tail['rows']} of {tail['decision_rows']} decision rows ({tail['share']:.1%}) past "
+            why = (f"{TAIL}: {counts[i, 0]} of {tail['decision_rows']} decision rows ({share:.1%}) past "
                    f"robust z {TAIL_Z} of the class's k-NN distances, an outlier among the classes' shares "
                    f"(z = {zc:.1f} >= {TAIL_CLASS_Z}); {step}; the best split: {decision.why}")
-            decisions[label] = ClassDecision(True, cut, decision.separation, tail["share"],
+            decisions[label] = ClassDecision(True, cut, decision.separation, share,
                                              decision.rows_tested, why, class_z=decision.class_z,
                                              past_submode=decision.past_submode)
         self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(decisions, accept=self.accept_mass_quarantine)
