@@ -331,12 +331,12 @@ def _submode_case(spread: float, share: float = 0.2, inside: float | None = None
 @pytest.mark.parametrize("spread, share, n, flagged", [
     (0.2, 0.2, 400, False), (0.4, 0.2, 400, False), (1.0, 0.2, 400, False), (3.0, 0.2, 400, True),
     (0.2, 0.05, 400, True), (1.0, 0.13, 400, False), (2.0, 0.13, 400, True), (0.4, 0.13, 400, True),
-    (1.0, 0.1, 400, True), (1.0, 0.13, 120, True)])
+    (1.0, 0.08, 400, True), (1.0, 0.11, 400, False), (1.0, 0.13, 120, True)])
 def test_a_large_group_no_wider_than_its_class_is_a_natural_sub_mode(spread, share, n, flagged):
     """A separated group of 15% or more of its class, no more spread than twice the rest (two ways of
     writing a class, or a dataset's augmented copies, which are tighter), is a sub-mode, and one of
-    12-15% of a class of 150 rows or more where it is as spread as the rest (0.7-1.3 times); a wider
-    one, a smaller one, a 12-15% one that has collapsed (a backdoor) or sits in a small class, stays
+    10-15% of a class of 150 rows or more where it is as spread as the rest (0.7-1.3 times); a wider
+    one, a smaller one, a 10-15% one that has collapsed (a backdoor) or sits in a small class, stays
     suspicious."""
     from poisonguard.detectors.base import natural_submode
 
