@@ -198,7 +198,8 @@ class KnnLabel(PoisonDetector):
     def fit_states(self, states: dict[object, ClassState], probe: LabelProbe | None = None):
         """``probe``: the scan's shared linear probe (``detectors.probe``); fitted here when not given
         and ``weak_min_disagreement`` is set.  Where it finds the representation weak, a row needs
-        ``weak_min_disagreement`` of its neighbours on one other label instead of ``min_disagreement``."""
+        ``weak_min_disagreement`` of its neighbours on one other label instead of ``min_disagreement``,
+        and a class ``weak_min_share`` of its decision rows so instead of ``min_share``."""
         from sklearn.neighbors import NearestNeighbors
 
         self._start_fit(states)
