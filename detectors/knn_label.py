@@ -276,7 +276,8 @@ class KnnLabel(PoisonDetector):
                      f"{full['classes_tested']} classes"))
         if self.representation_["weak"]:
             self.representation_["why"] += (f"; a row is flagged only where {self.min_disagreement_:.0%} of its "
-                                            "neighbours carry one other label")
+                                            "neighbours carry one other label, in a class where such rows are "
+                                            f"at least {self.min_share_:.0%} of its decision rows")
         return self
 
     def _decide_classes(self, labels, counts, scores, reach, probe) -> tuple[dict, dict]:

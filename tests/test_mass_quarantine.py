@@ -53,6 +53,7 @@ def test_weakly_separated_classes_leave_the_label_checks_quiet_and_say_so(tmp):
     representation = summary["detectors"]["knn_label"]["representation"]
     assert representation["weak"] and representation["unexplained_error"] > 0.12
     assert "knn_label: weakened: the embedding separates the labels weakly" in stdout
+    assert "at least 3% of its decision rows" in representation["why"]
     assert "Label check knn_label is weakened" in (tmp / "run" / "report.html").read_text()
     assert summary["per_reason"].get("detector:knn_label", 0) <= 0.005 * table.num_rows
 
