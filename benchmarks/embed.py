@@ -1,9 +1,9 @@
 """Embedding throughput (rows/s) of the model and proxy modes, on CPU and, if present, CUDA.
 
 Model mode: the digits sample's TorchScript model applied to a 64-float feature column, through the
-same Embedder the pipeline uses (Arrow column in, Arrow embeddings out).  Proxy mode: training the
-proxy (rows x epochs per second: the MLP tables get, and the CNN images get, which is what
-``proxy_architecture: auto`` trains on this 8x8 pixel column) and then embedding with it.  Writes benchmarks/results/embed.md.
+same Embedder the pipeline uses (Arrow column in, Arrow embeddings out).  Proxy mode: training each
+proxy (rows x epochs per second; the MLP that tables get and the CNN that images and sequences get,
+this 8x8 pixel column's default) and then embedding with it.  Writes benchmarks/results/embed.md.
 
     python benchmarks/embed.py [--rows 200000]
 """

@@ -154,10 +154,9 @@ def _fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config, layout):
     torch.use_deterministic_algorithms(True, warn_only=True)
     classes, y = np.unique(labels, return_inverse=True)
     layout = layout or infer_layout(x, emb.features_shape)
-    kind = emb.proxy_architecture if emb.proxy_architecture != "auto" else \
-        "cnn" if layout.kind in ("image", "sequence") else "mlp"
-    stop = emb.proxy_stop if emb.proxy_stop != "auto" else "held_out" if layout.kind in ("image", "sequence") \
-        else "train_loss"
+    shaped = layout.kind in ("image", "sequence")
+    kind = emb.proxy_architecture if emb.proxy_architecture != "auto" else "cnn" if shaped else "mlp"
+    stop = emb.proxy_stop if emb.proxy_stop != "auto" else "held_out" if shaped else "train_loss"
     if kind == "cnn" and layout.kind == "table":
         raise InputError("embedding.proxy_architecture cnn needs an image or sequence: give embedding.features_shape "
                          "[channels, height, width] or [channels, length]", column=emb.features)
