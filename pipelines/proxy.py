@@ -46,7 +46,19 @@ class ProxyMLP(torch.nn.Module):
 
 class ProxyCNN(torch.nn.Module):
     """Two convolutions over an image [C, H, W] or a sequence [C, L], pooled to a fixed grid; reads
-    flat rows too (reshaped to ``shape``), so it embeds a fixed-size list column as it is."""
+    flat rows too (reshaped to ``shape``), so it embeds a fixed-size list column as it is.
+
+    The first convolution strides over inputs larger than the development families' (images over
+    ``FULL_GRID[image]`` = 16 a side, sequences over ``FULL_GRID[sequence]`` = 64 steps) so that the
+    second one works on at most that grid, its kernel 2 x stride - 1 wide so that every value is
+    read.  On one CPU thread the unstrided network trained 2,748 row-epochs a second on 28x28 images
+    (about 9 minutes for 50,000 rows and 30 epochs), 1,566 on 3x32x32 and 1,804 on sequences of
+    1,024 steps; strided, 10,206, 8,408 and 18,473.  No benchmark family is that large, so the
+    families' digits and signals were upsampled (32x32, 256 steps; seeds 0-1 of the 5% patch and
+    10% blend, seed 0 of the signals and the clean controls): strided mean F1 0.78 against 0.73
+    unstrided (per case either way: digits' patch 0.85 / 0.82 against 0.98 / 0.54, its blend 0.56 /
+    0.85 against 0.72 / 0.66), clean controls 0.1-0.2% of rows flagged against 0.0-0.4%, at 10-41 s a
+    scan against 30-246 s."""
 
     def __init__(self, shape: list[int], n_classes: int, width: int, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
@@ -55,8 +67,10 @@ class ProxyCNN(torch.nn.Module):
         self.channels, self.height, self.width = int(shape[0]), int(shape[-2]) if len(shape) == 3 else 0, int(shape[-1])
         conv, pool = (torch.nn.Conv2d, torch.nn.AdaptiveAvgPool2d(4)) if len(shape) == 3 else \
             (torch.nn.Conv1d, torch.nn.AdaptiveAvgPool1d(16))
+        self.stride = cnn_stride(shape)
+        kernel = 3 if self.stride == 1 else 2 * self.stride - 1
         self.conv = torch.nn.Sequential(
-            conv(shape[0], 16, 3, padding=1), torch.nn.ReLU(),
+            conv(shape[0], 16, kernel, stride=self.stride, padding=kernel // 2), torch.nn.ReLU(),
             conv(16, 32, 3, padding=1), torch.nn.ReLU(),
             pool, torch.nn.Flatten(),
             torch.nn.Linear(32 * 16, width), torch.nn.ReLU(),
@@ -73,6 +87,15 @@ class ProxyCNN(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
+
+
+FULL_GRID = {"image": 16, "sequence": 64}
+
+
+def cnn_stride(shape: list[int]) -> int:
+    """The first convolution's stride: 1 up to ``FULL_GRID``, else what brings the grid down to it."""
+    side, full = (max(shape[1:]), FULL_GRID["image"]) if len(shape) == 3 else (shape[-1], FULL_GRID["sequence"])
+    return max(1, -(-int(side) // full))
 
 
 def read_training_sample(plan, config) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +190,8 @@ def _fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config, layout):
     if kind == "cnn":
         mean, std = xt[train].mean(), xt[train].std().clamp_min(1e-6)
         model = ProxyCNN(layout.shape, len(classes), emb.hidden[-1], mean.reshape(1), std.reshape(1))
-        arch = f"cnn(shape={layout.shape}, width={emb.hidden[-1]})"
+        arch = f"cnn(shape={layout.shape}, width={emb.hidden[-1]}" + \
+            (f", stride={model.stride})" if model.stride > 1 else ")")
     else:
         mean, std = xt[train].mean(0), xt[train].std(0).clamp_min(1e-6)
         model = ProxyMLP(plan.n_features, list(emb.hidden), len(classes), mean, std)

@@ -115,6 +115,29 @@ def test_a_cnn_proxy_convolves_over_the_inferred_shape(data, shape):
         assert model.embed(torch.from_numpy(x[:3])).shape == (3, 32)
 
 
+@pytest.mark.parametrize("shape, stride", [([1, 8, 8], 1), ([1, 16, 16], 1), ([1, 28, 28], 2), ([3, 32, 32], 2),
+                                           ([1, 64], 1), ([1, 256], 4), ([2, 1000], 16)])
+def test_a_cnn_strides_over_inputs_larger_than_the_families_and_reads_every_value(shape, stride):
+    """Images over 16 a side and sequences over 64 steps: the first convolution strides down to that
+    grid (the unstrided network trains 4-10 times slower there) with a kernel wide enough to read
+    every input value; the development families' sizes keep stride 1."""
+    import torch
+
+    from poisonguard.proxy import ProxyCNN, cnn_stride
+
+    assert cnn_stride(shape) == stride
+    torch.manual_seed(0)
+    model = ProxyCNN(shape, 3, 32, torch.zeros(1), torch.ones(1))
+    first = model.conv[0]
+    assert first.stride[0] == stride and first.kernel_size[0] >= stride
+    n = int(np.prod(shape))
+    x = torch.zeros(1, n, requires_grad=True)
+    model.embed(x).sum().backward()
+    assert bool((x.grad != 0).all())  # no input value is skipped by the stride
+    scripted = torch.jit.script(model)
+    assert scripted.embed(torch.randn(4, n)).shape == (4, 32)
+
+
 def test_early_stopping_keeps_the_best_held_out_epoch():
     """Flipped labels contradict their features: a network early-stopped on held-out rows has not
     memorised them yet, so it still predicts their true class.  Read on the MLP, the proxy that
