@@ -388,6 +388,14 @@ def proxy_split(source: str) -> str:
     return SOURCES[source]
 
 
+def feature_table(x: np.ndarray, y: np.ndarray):
+    """What a proxy-mode user hands in: ids, labels and the raw features as a fixed-size list column."""
+    import pyarrow as pa
+
+    return pa.table({"id": np.arange(len(y)), "label": y,
+                     "features": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])})
+
+
 def evaluate_proxy_case(source: str, attack: str, rate: float, seed: int, architecture: str) -> dict:
     """Proxy mode as a user without a model runs it: the feature column only, the default config
     (``architecture``, "ARCH[+STOP]", overrides embedding.proxy_architecture and proxy_stop),
@@ -395,13 +403,11 @@ def evaluate_proxy_case(source: str, attack: str, rate: float, seed: int, archit
     import warnings
 
     import poisonguard
-    import pyarrow as pa
     from threadpoolctl import threadpool_limits
 
     x0, y0, target = load(source)
     x, y, truth = poison(x0, y0, source, target, attack, rate, seed)
-    table = pa.table({"id": np.arange(len(y)), "label": y,
-                      "features": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])})
+    table = feature_table(x, y)
     arch, _, stop = architecture.partition("+")  # e.g. "auto", "mlp+held_out"
     config = {"seed": seed, "embedding": {"source": "proxy", "features": "features", "device": "cpu",
                                           "proxy_architecture": arch, **({"proxy_stop": stop} if stop else {})}}

@@ -31,15 +31,13 @@ CASES = [(source, attack, rate, seed) for source, seeds in (("digits", (0, 1, 2)
 
 def run(case) -> dict:
     import poisonguard
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from threadpoolctl import threadpool_limits
 
     source, attack, rate, seed = case
     x0, y0, target = F.load(source)
     x, y, truth = F.poison(x0, y0, source, target, attack, rate, seed)
-    table = pa.table({"id": np.arange(len(y)), "label": y,
-                      "features": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])})
+    table = F.feature_table(x, y)
     config = {"seed": seed, "embedding": {"source": "proxy", "features": "features", "device": "cpu"},
               "canaries": {"enabled": True}, "fail_on": 1.0}
     start = time.perf_counter()

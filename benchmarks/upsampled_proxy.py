@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import families as F  # noqa: E402
@@ -38,8 +37,7 @@ def run(mode: str, case: str) -> str:
         x, shape = np.kron(x.reshape(-1, 8, 8), np.ones((4, 4), np.float32)).reshape(len(x), -1), [1, 32, 32]
     else:
         x, shape = np.repeat(x, 4, axis=1), [1, 4 * x.shape[1]]
-    table = pa.table({"id": np.arange(len(y)), "label": y,
-                      "features": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])})
+    table = F.feature_table(x, y)
     config = {"seed": int(seed), "embedding": {"source": "proxy", "features": "features", "device": "cpu",
                                                "features_shape": shape}}
     start = time.perf_counter()

@@ -180,7 +180,7 @@ def _fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config, layout):
     shaped = layout.kind in ("image", "sequence")
     kind = emb.proxy_architecture if emb.proxy_architecture != "auto" else "cnn" if shaped else "mlp"
     stop = emb.proxy_stop if emb.proxy_stop != "auto" else "held_out" if shaped else "train_loss"
-    if kind == "cnn" and layout.kind == "table":
+    if kind == "cnn" and not shaped:
         raise InputError("embedding.proxy_architecture cnn needs an image or sequence: give embedding.features_shape "
                          "[channels, height, width] or [channels, length]", column=emb.features)
     held = _held_out(len(x), emb.proxy_holdout, config.seed)
