@@ -101,12 +101,12 @@ class Spectre(PoisonDetector):
         finally:
             pad, self._pad = self._pad, None
         self.quadratic_ = None
-        if pad is not None:
+        labels = [c for c, m in self.class_models_.items() if m is not None]
+        if pad is not None and labels:  # (no class model, e.g. every class too small: nothing to score)
             import pandas as pd
 
-            labels = [c for c, m in self.class_models_.items() if m is not None]
-            A = np.stack([self.class_models_[c]["A"] for c in labels]) if labels else np.zeros((0, dim, pad))
-            a = np.stack([self.class_models_[c]["a"] for c in labels]) if labels else np.zeros((0, pad))
+            A = np.stack([self.class_models_[c]["A"] for c in labels])
+            a = np.stack([self.class_models_[c]["a"] for c in labels])
             for i, c in enumerate(labels):  # the class models keep views of the stacked maps, not copies
                 self.class_models_[c]["A"], self.class_models_[c]["a"] = A[i], a[i]
             self.quadratic_ = (pd.Index(labels, dtype=object), A, a)

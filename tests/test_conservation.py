@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pyarrow as pa
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -71,6 +72,16 @@ def test_every_row_lands_once_with_columns_unchanged(tmp_path_factory, rows):
 @given(rows=tables)
 def test_every_row_lands_once_on_the_beam_engine(tmp_path_factory, rows):
     check_conservation(tmp_path_factory, rows, "--engine", "beam")
+
+
+@pytest.mark.parametrize("engine", ["memory", "beam"])
+def test_a_label_per_row_lands_every_row_once(tmp_path_factory, engine):
+    """More classes than SPECTRE's stacked scoring starts at (64), none with rows enough for a
+    class model (a label column that is really an id): every row is clean, each once.  This input
+    once raised an IndexError in the score pass (exit 3)."""
+    rows = [{"id": f"r{i}", "label": i, "embedding": [float(i % 7), float(i % 5), float(i % 3)], "payload": None}
+            for i in range(120)]
+    check_conservation(tmp_path_factory, rows, "--engine", engine)
 
 
 # under multi_processing (worker processes), with malformed rows: test_beam_vs_memory

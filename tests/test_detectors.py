@@ -334,6 +334,20 @@ def test_spectre_scores_many_small_classes_from_stacked_maps_bit_for_bit():
     assert few.quadratic_ is None  # ten classes: scored class by class
 
 
+def test_spectre_past_64_classes_none_large_enough_scores_nothing():
+    """Past 64 classes where no class has enough rows for a model (one row each: a label column
+    that is really an id), SPECTRE keeps no stacked table and scores every row NaN: an input like
+    this once reached an IndexError (exit 3) in the score pass."""
+    from poisonguard.detectors import Spectre
+
+    rng = np.random.default_rng(0)
+    y = np.arange(300)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    det = Spectre().fit(x, y)
+    assert det.quadratic_ is None and all(m is None for m in det.class_models_.values())
+    assert np.isnan(det.score_samples(x, y)).all() and not det.flag(x, y).any()
+
+
 def test_activation_clustering_fits_many_small_classes_in_batches_with_the_same_findings(monkeypatch):
     """Past MANY_CLASSES classes the 2-means runs on all small classes at once: the planted clusters
     and their thresholds are the per-class scikit-learn path's."""
