@@ -54,8 +54,12 @@ def self_test(plan, config: Config, rows_per_item: int) -> dict:
     with blas_threads(config.blas_threads):
         result = proxy_canaries(plan, config) if config.embedding.source == "proxy" else \
             embedding_power(plan, config, rows_per_item)
+    if not result["planted"]:  # no recall to report: a required minimum is not met by nothing
+        result["recall"] = None
+        result.setdefault("why", f"nothing planted: no class has the {MIN_CLASS_ROWS} rows a planted group needs")
     result["min_recall"] = config.canaries.min_recall
-    result["passed"] = config.canaries.min_recall is None or result["recall"] >= config.canaries.min_recall
+    result["passed"] = config.canaries.min_recall is None or (
+        result["recall"] is not None and result["recall"] >= config.canaries.min_recall)
     return result
 
 
@@ -108,7 +112,7 @@ def power_of(states: dict, config: Config, classes: list | None = None) -> dict:
                                      "finding": _finding(label, smallest, trials[-1]["rows"])}
     return {"mode": "embedding", "distances_sd": settings.distances, "spread": settings.spread,
             "planted": planted, "caught": caught,
-            "recall": caught / planted if planted else float("nan"), "per_class": per_class}
+            "recall": caught / planted if planted else None, "per_class": per_class}
 
 
 def _planted_groups(state: ClassState, settings, rng: np.random.Generator) -> list:
@@ -252,7 +256,9 @@ def proxy_canaries(plan, config: Config) -> dict:
         cx.append(_stamp(x[sources], i, shape, rng))
         cy.append(np.full(k, target, dtype=labels.dtype))
     if not cx:
-        return {"mode": "proxy", "planted": 0, "caught": 0, "recall": float("nan"), "per_class": {}}
+        why = (f"nothing planted: no class has the {MIN_CLASS_ROWS} rows a planted group needs" if not targets
+               else "nothing planted: no other class's rows to stamp the canary trigger on")
+        return {"mode": "proxy", "planted": 0, "caught": 0, "recall": None, "per_class": {}, "why": why}
     canary_x, canary_y = np.concatenate(cx), np.concatenate(cy)
     all_x, y = np.concatenate([x, canary_x]), np.concatenate([labels, canary_y])
     model, info = fit_proxy(all_x, y, plan, config, layout)  # the layout the triggers were stamped in

@@ -231,7 +231,9 @@ def why_exit_1(summary: dict) -> str:
     if summary["verdict"] == "over_fail_on":
         return f"over fail_on: {100 * counts['quarantined_share']:.2f}% > {100 * parameters['fail_on']:.2f}%"
     canaries = summary.get("canaries") or {}
-    return f"canary recall {canaries.get('recall', float('nan')):.2f} < canaries.min_recall {canaries.get('min_recall')}"
+    if canaries.get("recall") is None:
+        return f"canaries.min_recall {canaries.get('min_recall')} not met: {canaries.get('why', 'no recall measured')}"
+    return f"canary recall {canaries['recall']:.2f} < canaries.min_recall {canaries.get('min_recall')}"
 
 
 def _check_beam_args(beam_args: list[str]) -> None:

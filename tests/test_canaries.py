@@ -69,6 +69,25 @@ def test_embedding_power_analysis_reports_the_smallest_cluster_caught(tmp):
     assert "canary recall below canaries.min_recall" in stdout
 
 
+def test_classes_too_small_to_plant_in_report_no_recall_and_fail_a_required_minimum(tmp):
+    """Every class under the rows a planted group needs: nothing is planted, so there is no recall to
+    report (null in summary.json, the reason in the console and the report; a NaN here once made
+    the summary unwritable, exit 3), and a required minimum recall is not met by nothing."""
+    table = gaussian_table(12, 6, 4)
+    data = write(table, tmp / "small.parquet")
+    code, stdout, stderr = run_cli("scan", data, "--out", tmp / "run", "--canaries")
+    assert code == 0, stderr
+    canaries = json.loads((tmp / "run" / "summary.json").read_text())["canaries"]
+    assert canaries["planted"] == 0 and canaries["recall"] is None and canaries["passed"]
+    assert canaries["why"].startswith("nothing planted") and canaries["why"] in stdout
+    assert "No recall measured: nothing planted" in (tmp / "run" / "report.html").read_text()
+    code, stdout, stderr = run_cli("scan", data, "--out", tmp / "strict", "--canaries", "--set", "canaries.min_recall=0.5",
+                                   "--quiet")
+    summary = json.loads((tmp / "strict" / "summary.json").read_text())
+    assert code == 1 and summary["verdict"] == "canary_recall_below_min" and not summary["canaries"]["passed"]
+    assert "canaries.min_recall 0.5 not met: nothing planted" in stdout + stderr
+
+
 def test_input_rows_may_not_use_the_canary_id_prefix(tmp):
     table = gaussian_table(30, 2, 3)
     table = table.set_column(0, "id", pa.array(["__poisonguard_canary__:1"] + table.column("id").to_pylist()[1:]))

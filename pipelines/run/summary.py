@@ -141,7 +141,8 @@ def console_summary(summary: dict, run_dir: str) -> str:
                          + ("applied (--accept-mass-quarantine)" if guard["accepted"] else "its flags are held back"))
     if summary.get("canaries"):
         c = summary["canaries"]
-        lines.append(f"  canaries ({c['mode']} mode): {c['caught']} of {c['planted']} caught (recall {c['recall']:.2f})")
+        lines.append(f"  canaries ({c['mode']} mode): " + (f"{c['caught']} of {c['planted']} caught (recall {c['recall']:.2f})"
+                                                          if c["recall"] is not None else c["why"]))
         lines += [f"    {v['finding']}" for v in c["per_class"].values()]
     for warning in summary.get("batch_warnings", {}):
         lines.append(f"  dataset-level expectation failed: {warning}")
