@@ -47,6 +47,7 @@ class _Column:
     lengths: list = field(default_factory=lambda: [np.inf, -np.inf])
     patterns: set | None = field(default_factory=set)
     dims: dict = field(default_factory=dict)
+    infinite: bool = False  # a number column whose trusted values include +-inf: no value set or range
 
 
 def _kind(t: pa.DataType) -> str:
@@ -82,6 +83,13 @@ def _observe(col: _Column, arr: pa.ChunkedArray, rng: np.random.Generator) -> No
     col.rows += len(arr)
     col.nulls += arr.null_count
     present = arr.drop_null()
+    if col.kind == "number" and pa.types.is_floating(present.type):
+        # GX reads a NaN as a null (pandas); a value set or range cannot hold +-inf in strict JSON
+        # (and Arrow has no unique kernel for half floats): sets and ranges come from the finite values
+        v = present.to_numpy(zero_copy_only=False).astype(np.float64)
+        col.nulls += int(np.isnan(v).sum())
+        col.infinite = col.infinite or bool(np.isinf(v).any())
+        present = pa.array(v[np.isfinite(v)])
     if col.kind in ("number", "bool", "string") and col.values is not None:
         col.values |= set(pc.unique(present).to_pylist())
         if len(col.values) > MAX_SET:
@@ -107,6 +115,9 @@ def _observe(col: _Column, arr: pa.ChunkedArray, rng: np.random.Generator) -> No
         rows = present.filter(pa.array(lengths == width)) if isinstance(present, pa.Array) else \
             pa.chunked_array(present.chunks).combine_chunks().filter(pa.array(lengths == width))
         values = pc.cast(rows.flatten(), pa.float64()).to_numpy(zero_copy_only=False).reshape(-1, width)
+        values = values[np.isfinite(values).all(axis=1)]  # (the scan rejects non-finite vectors itself)
+        if not len(values):
+            return
         keep = rng.choice(len(values), min(len(values), 5000), replace=False)
         col.sample.append(values[keep])
 
@@ -147,7 +158,9 @@ def infer_suite(inputs: list[str], config: Config, *, name: str, strictness: str
         if col.nulls == 0:
             add("expect_column_values_to_not_be_null", column, f"no nulls in {col.rows} trusted rows")
         categorical = col.values is not None and (column == config.columns.label or len(col.values) * 20 <= col.rows)
-        if col.kind in ("number", "bool", "string") and categorical and column != config.columns.id:
+        if col.infinite:
+            pass
+        elif col.kind in ("number", "bool", "string") and categorical and column != config.columns.id:
             values = sorted(col.values, key=lambda v: (str(type(v)), v))
             add("expect_column_values_to_be_in_set", column,
                 f"the {len(values)} distinct values seen in the trusted data", value_set=values)
@@ -164,7 +177,7 @@ def infer_suite(inputs: list[str], config: Config, *, name: str, strictness: str
             if col.patterns and len(col.patterns) == 1:
                 add("expect_column_values_to_match_regex", column, "every trusted value has this shape",
                     regex=next(iter(col.patterns)))
-        if col.kind == "vector" and col.dims:
+        if col.kind == "vector" and col.dims and col.sample:
             width = max(col.dims, key=col.dims.get)
             sample = np.vstack(col.sample)
             lo, hi = _bounds(sample, strictness, axis=0)
@@ -184,4 +197,4 @@ def write_suite(suite: dict, path: str) -> None:
     from pathlib import Path
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(suite, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    Path(path).write_text(json.dumps(suite, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")

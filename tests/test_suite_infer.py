@@ -90,3 +90,30 @@ def test_numeric_ranges_follow_the_strictness(tmp):
     code, _, _ = run_cli("scan", corrupted, "--out", tmp / "run", "--set", f"suite={tmp / 'normal.json'}", "--quiet")
     assert code == 0
     assert "validation:expect_column_values_to_be_between:weight" in _reasons(tmp / "run")["row-000000"]
+
+
+def test_non_finite_and_half_float_columns_give_a_strict_json_suite_the_trusted_data_passes(tmp):
+    """NaN is a null to GX (pandas), so a column of NaNs gets no not-null expectation; a column with
+    +-inf gets no value set or range (strict JSON cannot hold them); half floats have no Arrow unique
+    kernel (the inference once failed on them with exit 3).  The suite is strict JSON and the trusted
+    data passes it."""
+    table = gaussian_table(60, 3, 4)
+    n = table.num_rows
+    table = table.append_column("nan_only", pa.array(np.full(n, np.nan)))
+    table = table.append_column("with_inf", pa.array(np.where(np.arange(n) % 9 == 0, np.inf, 1.0)))
+    table = table.append_column("half", pa.array(np.linspace(0, 4, n).astype(np.float16)))
+    trusted = write(table, tmp / "trusted.parquet")
+    code, _, stderr = run_cli("suite", "infer", trusted, "--out", tmp / "suite.json")
+    assert code == 0, stderr
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in the suite")
+
+    suite = json.loads((tmp / "suite.json").read_text(), parse_constant=no_constants)
+    kinds = {(e["type"], e["kwargs"]["column"]) for e in suite["expectations"]}
+    assert ("expect_column_values_to_not_be_null", "nan_only") not in kinds
+    assert not {k for k in kinds if k[1] == "with_inf" and k[0].endswith(("_in_set", "_between"))}
+    assert ("expect_column_values_to_be_between", "half") in kinds
+    code, _, stderr = run_cli("scan", trusted, "--out", tmp / "run", "--set", f"suite={tmp / 'suite.json'}", "--quiet")
+    assert code == 0, stderr
+    assert read_outputs(tmp / "run")[1].num_rows == 0
