@@ -22,12 +22,19 @@ from poisonguard.workbench import csv_value
 def read_decisions(path: str) -> list[dict]:
     if not Path(path).is_file():
         raise InputError("no such decisions file", path=path)
-    if path.endswith(".parquet"):
-        rows = pq.read_table(path).to_pylist()
-    else:
-        with open(path, newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's BOM is dropped
-            rows = [{key: csv_value(value or "") for key, value in row.items() if key is not None}
-                    for row in csv.DictReader(handle)]
+    try:
+        if path.endswith(".parquet"):
+            rows = pq.read_table(path).to_pylist()
+        else:
+            with open(path, newline="", encoding="utf-8-sig") as handle:  # a spreadsheet's BOM is dropped
+                rows = [{key: csv_value(value or "") for key, value in row.items() if key is not None}
+                        for row in csv.DictReader(handle)]
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not UTF-8 text (byte {exc.start}): save the decisions as UTF-8 CSV", path=path) from None
+    except csv.Error as exc:
+        raise InputError(f"not a readable CSV file: {exc}", path=path) from None
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"not a readable Parquet file: {str(exc).splitlines()[0][:200]}", path=path) from None
     if not rows:
         raise InputError("decisions file has no rows", path=path)
     for column in ("id", "decision"):

@@ -150,6 +150,24 @@ def test_bad_decisions_are_rejected_and_nothing_is_applied(first_scan, tmp, bad,
     assert not (state / "decisions.jsonl").exists()
 
 
+@pytest.mark.parametrize("name,content,needle", [
+    ("latin1.csv", "id,decision,note\ndigit-00001,release,caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+    ("long.csv", b"id,decision,note\ndigit-00001,release," + b"x" * 200_000 + b"\n", "not a readable CSV file"),
+    ("broken.parquet", b"PAR1 not really", "not a readable Parquet file"),
+])
+def test_unreadable_decisions_files_are_bad_input(first_scan, tmp, name, content, needle):
+    """A decisions file poisonguard cannot read is the reviewer's input to fix (exit 2, one line
+    naming the file), not an internal error: each of these once ended in exit 3."""
+    path = tmp / name
+    path.write_bytes(content)
+    state = tmp / "fresh-state"
+    code, _, stderr = run_cli("review", first_scan / "run1", "--decisions", path, "--reviewer", "bob", "--state", state)
+    assert code == 2, stderr
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and needle in lines[0] and name in lines[0] and "Traceback" not in stderr
+    assert not (state / "decisions.jsonl").exists()
+
+
 def test_drift_reported_when_a_class_share_doubles_and_not_on_a_rerun(tmp):
     table = pq.read_table(POISONED)
     state = tmp / "state"
