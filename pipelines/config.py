@@ -209,6 +209,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, bas
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config: {exc.strerror}", path=path) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"not UTF-8 text (byte {exc.start})", path=path) from None
         if len(text) > MAX_CONFIG_BYTES:
             raise ConfigError(f"config is larger than {MAX_CONFIG_BYTES} bytes", path=path)
         try:

@@ -158,6 +158,9 @@ def test_yaml_config_is_loaded_safely(tmp, previous_run):
     (tmp / "evil.yaml").write_text("seed: !!python/object/apply:os.system ['touch pwned']\n")
     assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "evil.yaml"], "not valid YAML")
     assert not (tmp / "pwned").exists()
+    (tmp / "latin1.yaml").write_bytes("seed: 1 # caf\xe9\n".encode("latin-1"))
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "latin1.yaml"], "latin1.yaml",
+                    "not UTF-8 text")
 
 
 def test_suite_not_json_or_naming_a_missing_column(tmp, previous_run):
@@ -170,6 +173,17 @@ def test_suite_not_json_or_naming_a_missing_column(tmp, previous_run):
     (tmp / "s.json").write_text(json.dumps({"name": "s", "expectations": [
         {"type": "expect_the_moon", "kwargs": {"column": "label"}}]}))
     assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", f"suite={tmp / 's.json'}"], "invalid expectation suite")
+
+
+@pytest.mark.parametrize("engine", ["memory", "beam"])
+def test_an_expectation_that_cannot_run_is_exit_2_not_a_silent_pass(tmp, previous_run, engine):
+    """An invalid regular expression: GX catches the error per metric and reports the expectation
+    unsuccessful with no failing rows, so it had checked nothing and every row passed."""
+    write(gaussian_table(30, 2, 3), tmp / "d.parquet")
+    (tmp / "s.json").write_text(json.dumps({"name": "s", "expectations": [
+        {"type": "expect_column_values_to_match_regex", "kwargs": {"column": "label", "regex": "("}}]}))
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", f"suite={tmp / 's.json'}", "--engine", engine],
+                    "s.json", "'label'", "failed to run", "regular expression")
 
 
 def test_out_that_is_not_a_run_folder_is_never_replaced(tmp):

@@ -166,6 +166,18 @@ def quiet_gx() -> None:
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
 
 
+def raised_exception(info) -> str | None:
+    """The message of an exception GX caught while running an expectation, or None.  GX 1.x reports
+    it at the top of ``exception_info`` or, for a metric that failed to resolve (an invalid regular
+    expression), once per metric configuration: such an expectation has checked nothing."""
+    if not isinstance(info, dict):
+        return None
+    for entry in [info, *info.values()]:
+        if isinstance(entry, dict) and entry.get("raised_exception"):
+            return str(entry.get("exception_message") or "an exception")
+    return None
+
+
 class SuiteRunner:
     """Runs a GX suite on pandas batches; built once per worker (DoFn.setup), GX imported lazily."""
 
@@ -207,9 +219,10 @@ class SuiteRunner:
         for res in result.results:
             conf = res.expectation_config
             column = conf.kwargs.get("column") or "table"
-            if res.exception_info and res.exception_info.get("raised_exception"):
-                raise InputError(f"expectation {conf.type} failed to run: "
-                                 f"{one_line(res.exception_info.get('exception_message'))}", column=column)
+            raised = raised_exception(res.exception_info)
+            if raised is not None:
+                raise InputError(f"expectation {conf.type} failed to run: {one_line(raised)}", path=self.path,
+                                 column=column)
             if res.success:
                 continue
             index = res.result.get("unexpected_index_list")
