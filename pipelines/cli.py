@@ -279,17 +279,9 @@ def _beam_flags(options_class) -> set[str]:
 
 
 def _run_summary(run_dir: str) -> dict:
-    import json
+    from poisonguard.run.summary import read_summary
 
-    from poisonguard.errors import InputError
-
-    from poisonguard.names import SUCCESS, SUMMARY
-
-    path = os.path.join(run_dir, SUMMARY)
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, SUCCESS)):
-        raise InputError("not a completed poisonguard run folder", path=run_dir)
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return read_summary(run_dir)
 
 
 def _review(args) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +13,7 @@ from poisonguard import provenance as prov
 from poisonguard.core.decisions import content_hashes
 from poisonguard.errors import InputError
 from poisonguard.io import sha256_file
-from poisonguard.names import CLEAN, QUARANTINE, SUCCESS, SUMMARY, is_added_column
+from poisonguard.names import CLEAN, QUARANTINE, is_added_column
 from poisonguard.state import DECISIONS, StateFolder
 from poisonguard.workbench import csv_value
 
@@ -63,12 +62,12 @@ def check_published(run: Path, run_id: str, log_path: str) -> None:
 
 def apply_review(run_dir: str, decisions_path: str, reviewer: str, state_dir: str, log_path: str) -> dict:
     """Validate every decision first; apply none unless all are valid."""
+    from poisonguard.run.summary import read_summary
+
     run = Path(run_dir)
-    if not (run / SUCCESS).exists():
-        raise InputError("not a completed poisonguard run folder", path=run_dir)
     if not reviewer.strip():
         raise InputError("--reviewer must name the reviewer")
-    summary = json.loads((run / SUMMARY).read_text())
+    summary = read_summary(run_dir)
     check_published(run, summary["run_id"], log_path)
     rows = read_decisions(decisions_path)
     if not rows:

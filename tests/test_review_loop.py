@@ -168,6 +168,20 @@ def test_unreadable_decisions_files_are_bad_input(first_scan, tmp, name, content
     assert not (state / "decisions.jsonl").exists()
 
 
+@pytest.mark.parametrize("summary,needle", [("{broken", "summary.json is unreadable"),
+                                             ('{"run_id": "x"}', "lacks 'parameters'")])
+def test_a_damaged_run_summary_is_bad_input_to_review_and_report(first_scan, tmp, summary, needle):
+    run = tmp / "run"
+    shutil.copytree(first_scan / "run1", run)
+    (run / "summary.json").write_text(summary)
+    for args in (["report", run], ["review", run, "--decisions", run / "review.csv", "--reviewer", "bob",
+                                   "--state", tmp / "state"]):
+        code, _, stderr = run_cli(*args)
+        assert code == 2, stderr
+        lines = error_lines(stderr)
+        assert len(lines) == 1 and needle in lines[0] and "summary.json" in lines[0]
+
+
 def test_drift_reported_when_a_class_share_doubles_and_not_on_a_rerun(tmp):
     table = pq.read_table(POISONED)
     state = tmp / "state"

@@ -151,3 +151,32 @@ def console_summary(summary: dict, run_dir: str) -> str:
         lines.append(f"  provenance head {summary['provenance']['head']} (keep it to check the log: "
                      "poisonguard verify-log LOG --head HASH)")
     return "\n".join(lines)
+
+
+SUMMARY_FIELDS = {"run_id": str, "parameters": dict, "counts": dict, "per_class": dict, "detectors": dict,
+                  "inputs": list}  # what `review` and `report` read from a published run's summary
+
+
+def read_summary(run_dir: str) -> dict:
+    """A completed run's summary.json, checked for the fields the review and report commands read: a
+    run folder edited or damaged since its scan is bad input (exit 2), not an internal error."""
+    from poisonguard.errors import InputError
+    from poisonguard.names import SUCCESS, SUMMARY
+
+    path = os.path.join(run_dir, SUMMARY)
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, SUCCESS)):
+        raise InputError("not a completed poisonguard run folder", path=run_dir)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            summary = json.load(handle)
+    except (ValueError, OSError) as exc:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        raise InputError(f"the run's summary.json is unreadable: {str(exc).splitlines()[0][:200]}", path=path) from None
+    if not isinstance(summary, dict):
+        raise InputError("the run's summary.json is not a JSON object", path=path)
+    for key, kind in SUMMARY_FIELDS.items():
+        if not isinstance(summary.get(key), kind):
+            raise InputError(f"the run's summary.json lacks {key!r} (or it is not a {kind.__name__})", path=path)
+    if not isinstance(summary["parameters"].get("columns"), dict) or \
+            not isinstance(summary["parameters"]["columns"].get("id"), str):
+        raise InputError("the run's summary.json lacks parameters.columns.id", path=path)
+    return summary
