@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def screen(data, y=None, config: Config | str | dict | None = None, *, ids=None,
     table = _as_table(data, y, ids, cfg)
     table = table.append_column(SCREEN_ROW, pa.array(np.arange(table.num_rows, dtype=np.int64)))
     cols = cfg.columns
-    with tempfile.TemporaryDirectory(prefix="poisonguard-screen-") as work:
+    with tempfile.TemporaryDirectory(prefix="poisonguard-screen-") as work, _named_as_given(work):
         path = str(Path(work, "data.parquet"))
         pq.write_table(table, path)
         plan = plan_inputs([path], cfg)
@@ -130,6 +131,20 @@ def screen(data, y=None, config: Config | str | dict | None = None, *, ids=None,
     rows = rows.rename(columns={QUARANTINE_REASONS: "reasons"})
     return Findings(rows, _class_table(result.fit), {"counts": result.counts, "detectors": result.fit,
                                                      "embedding": embedding})
+
+
+@contextmanager
+def _named_as_given(work: str):
+    """screen() writes its data to a temporary Parquet file: an input error names what the caller
+    gave, not that file, nor the row-order column screen() added."""
+    from poisonguard.errors import InputError
+
+    try:
+        yield
+    except InputError as exc:
+        message = str(exc).replace(f"file {Path(work, 'data.parquet')}", "screen() input")
+        message = message.replace(f", {SCREEN_ROW}", "").replace(str(work), "<screen() work folder>")
+        raise type(exc)(message) from None
 
 
 def _as_table(data, y, ids, cfg: Config) -> pa.Table:

@@ -218,6 +218,24 @@ def test_screen_returns_the_rows_in_the_callers_order():
     assert np.flatnonzero(rows["quarantined"].to_numpy()).tolist() == list(range(5, 12))
 
 
+def test_screen_input_errors_name_what_the_caller_gave():
+    """screen() stages the caller's arrays in a temporary Parquet file: its errors name the input
+    and column, never that file or the row-order column screen() adds."""
+    import pandas as pd
+
+    import poisonguard
+    from poisonguard.errors import InputError
+
+    x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    with pytest.raises(InputError) as caught:
+        poisonguard.screen(x, np.linspace(0, 1, 60))
+    assert str(caught.value).startswith("screen() input, column 'label': label column must be") and \
+        "parquet" not in str(caught.value)
+    with pytest.raises(InputError) as caught:
+        poisonguard.screen(pd.DataFrame({"id": range(60), "label": [0, 1] * 30}))
+    assert str(caught.value) == "screen() input, column 'embedding': missing embedding column (have: id, label)"
+
+
 def test_a_probe_that_underfits_refits_before_calling_the_representation_weak():
     """Ten well-separated classes strung along one line: the strongly regularised probe underfits
     them (16% unexplained), the refit at C = 1 does not, so the label checks stay on; classes that
