@@ -106,15 +106,25 @@ class StateFolder:
 
     def latest_run(self) -> str | None:
         latest = self.path / "latest"
-        return latest.read_text().strip() if latest.exists() else None
+        if not latest.is_file():
+            return None
+        return latest.read_bytes().decode("utf-8", "replace").strip() or None  # (a damaged name finds no run)
 
     def latest_baseline(self) -> tuple[str, dict] | None:
-        latest = self.path / "latest"
-        if not latest.exists():
+        """(run id, per-class moments) of the latest run; ValueError where its baseline file is damaged."""
+        run_id = self.latest_run()
+        path = self.path / "runs" / f"{safe_name(run_id)}.json" if run_id else None
+        if path is None or not path.exists():
             return None
-        run_id = latest.read_text().strip()
-        path = self.path / "runs" / f"{safe_name(run_id)}.json"
-        return (run_id, json.loads(path.read_text())) if path.exists() else None
+        try:
+            moments = json.loads(path.read_bytes())
+        except ValueError as exc:
+            raise ValueError(f"{path}: not JSON ({str(exc).splitlines()[0][:120]})") from None
+        if not (isinstance(moments, dict) and all(
+                isinstance(m, dict) and isinstance(m.get("share"), (int, float)) and isinstance(m.get("mean"), list)
+                and all(isinstance(v, (int, float)) for v in m["mean"]) and isinstance(m.get("trace"), (int, float)) for m in moments.values())):
+            raise ValueError(f"{path}: not a per-class baseline (share, mean, trace per class)")
+        return run_id, moments
 
 
 def class_moments(states: dict) -> dict:
@@ -149,7 +159,12 @@ def drift_section(state: StateFolder | None, moments: dict, config) -> dict:
     """summary.json's drift section: warnings against the state folder's latest baseline."""
     if state is None:
         return {"previous_run": None, "warnings": [], "note": "no state folder configured"}
-    baseline = state.latest_baseline()
+    try:
+        baseline = state.latest_baseline()
+    except ValueError as exc:  # drift is advisory: a damaged baseline is reported, the scan goes on
+        log.warning("drift: the state folder's baseline is damaged, no drift compared: %s", exc)
+        return {"previous_run": state.latest_run(), "warnings": [],
+                "note": f"the baseline is damaged, no drift compared: {exc}"}
     if baseline is None:
         return {"previous_run": None, "warnings": [], "note": "first run with this state folder"}
     previous_run, previous = baseline

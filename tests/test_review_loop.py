@@ -205,3 +205,24 @@ def test_drift_reported_when_a_class_share_doubles_and_not_on_a_rerun(tmp):
     complete = [json.loads(line) for line in (tmp / "c" / "provenance.jsonl").read_text().splitlines()][-1]
     assert complete["run"]["facets"]["poisonguard_findings"]["drift"]["warnings"]
     assert "Drift since run" in (tmp / "c" / "report.html").read_text()
+
+
+def test_a_damaged_state_folder_baseline_is_reported_and_the_scan_goes_on(tmp):
+    """Drift and the run-to-run comparison are advisory: a damaged baseline or previous quarantine
+    in the state folder is said in summary.json and the log, and the scan publishes as usual (each
+    damage here was an internal error, exit 3)."""
+    state = tmp / "state"
+    args = ["--config", DIGITS_CONFIG, "--state", state, "--quiet"]
+    assert run_cli("scan", POISONED, "--out", tmp / "a", *args)[0] == 0
+    latest = (state / "latest").read_text().strip()
+    (state / "runs" / f"{latest}.json").write_text('{"0": {"share": "a lot"}}')
+    (state / "runs" / f"{latest}.quarantine.parquet").write_bytes(b"not parquet")
+    code, _, stderr = run_cli("scan", POISONED, "--out", tmp / "b", *args)
+    assert code == 0, stderr
+    summary = json.loads((tmp / "b" / "summary.json").read_text())
+    assert summary["drift"]["warnings"] == [] and summary["drift"]["note"].startswith("the baseline is damaged")
+    assert summary["run_to_run"]["note"].startswith("the previous quarantine in the state folder is damaged")
+    assert "baseline is damaged" in stderr
+    (state / "latest").write_bytes(b"\xff\xfe")  # a latest-run name that is not text finds no run
+    code, _, stderr = run_cli("scan", POISONED, "--out", tmp / "c", *args)
+    assert code == 0, stderr

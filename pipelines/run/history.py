@@ -8,12 +8,15 @@ gone), rows still awaiting a decision.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from poisonguard.names import QUARANTINE
 
+log = logging.getLogger("poisonguard")
 LISTED = 1000  # ids listed per group in summary.json and the report; the counts are always complete
 
 
@@ -27,7 +30,12 @@ def run_to_run(state, current: list[str], decisions: dict) -> dict:
     previous_run = state.latest_run() if state is not None else None
     if previous_run is None or not os.path.exists(state.quarantine_path(previous_run)):
         return {"previous_run": previous_run, "note": "no earlier quarantine in the state folder"}
-    before = set(pq.read_table(state.quarantine_path(previous_run)).column("id").to_pylist())
+    try:
+        before = set(map(str, pq.read_table(state.quarantine_path(previous_run), columns=["id"]).column("id").to_pylist()))
+    except (pa.ArrowException, OSError, KeyError) as exc:  # advisory, as drift: reported, the scan goes on
+        log.warning("run to run: the state folder's previous quarantine is damaged: %s", exc)
+        return {"previous_run": previous_run,
+                "note": f"the previous quarantine in the state folder is damaged, not compared: {str(exc)[:200]}"}
     now = set(current)
     released = {i for i, by_content in decisions.items() if "release" in by_content.values()}
     groups = {
