@@ -52,6 +52,7 @@ def _scan(where: remote.Locations, beam_args, run_id, started) -> ScanResult:
     rundir.check_run_dir(run_dir)
     log_path = config.provenance_log or rundir.default_log_path(run_dir)
     rundir.check_outside(run_dir, provenance_log=log_path, state=config.state)
+    rundir.check_log_path(log_path)
     with rundir.run_dir_lock(run_dir):
         rundir.recover(run_dir)
         with phase("plan"):

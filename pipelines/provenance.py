@@ -220,7 +220,7 @@ def _last_record(fd: int, size: int, path: str) -> dict | None:
                 record = parse(lines[-1])
                 int(chain_of(record)["seq"]), str(head_of(record))
                 return record
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise InputError("the last record of the provenance log is not a poisonguard record; "
                                  "run poisonguard verify-log on it", path=path) from None
         chunk = min(size, chunk * 4)
@@ -336,6 +336,8 @@ def _walk(path: str) -> tuple[bool, str, list[dict]]:
         handle = open(path, "rb")
     except FileNotFoundError:
         return True, "0 records (no log yet)", []
+    except OSError as exc:  # a folder, or no permission: the caller's path to fix
+        raise InputError(f"cannot read the provenance log: {exc.strerror}", path=path) from None
     with handle:
         for line_no, raw in enumerate(handle, start=1):
             if not raw.endswith(b"\n"):

@@ -82,3 +82,19 @@ def test_concurrent_appends_keep_the_chain(tmp):
     ok, message = prov.verify(path)
     assert ok, message
     assert "80 records" in message
+
+
+def test_a_log_path_that_is_a_folder_or_ends_in_a_foreign_record_is_bad_input(tmp):
+    """Scan and review name the log and the problem (exit 2), nothing published; a last line that is
+    valid JSON but not an object, and a folder for a log, each ended in an internal error (exit 3)."""
+    from conftest import error_lines, gaussian_table, write
+
+    data = write(gaussian_table(40, 2, 3), tmp / "d.parquet")
+    (tmp / "logs").mkdir()
+    path = _log(tmp, 2)
+    with path.open("ab") as handle:
+        handle.write(b"[1, 2]\n")
+    for log, needle in ((tmp / "logs", "is a folder"), (path, "not a poisonguard record")):
+        code, _, stderr = run_cli("scan", data, "--out", tmp / "run", "--provenance-log", log, "--quiet")
+        assert code == 2, stderr
+        assert needle in error_lines(stderr)[0] and not (tmp / "run").exists()

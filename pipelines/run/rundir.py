@@ -53,6 +53,14 @@ def check_outside(run_dir: str, **paths: str | None) -> None:
                              "keep it beside the run folder", path=value)
 
 
+def check_log_path(path: str) -> None:
+    """The provenance log must be a file poisonguard can append to (created where it is missing)."""
+    if os.path.isdir(path):
+        raise InputError("the provenance log is a folder; give a file path (--provenance-log)", path=path)
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        raise InputError("the provenance log is not readable and writable by this user", path=path)
+
+
 def run_dir_lock(run_dir: str):
     """One scan per RUN_DIR at a time; a second one waits for the first to finish."""
     path = Path(run_dir)
