@@ -243,7 +243,7 @@ def proxy_canaries(plan, config: Config) -> dict:
     rng = np.random.default_rng(config.seed)
     classes, counts = np.unique(labels, return_counts=True)
     sizes = dict(zip(classes.tolist(), counts.tolist()))
-    layout = infer_layout(x, config.embedding.features_shape)
+    layout = infer_layout(x, config.embedding.features_shape, config.embedding.features)
     shape = layout.shape
     cx, cy = [], []
     targets = _eligible(sizes, config.canaries.max_classes)

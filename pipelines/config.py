@@ -80,8 +80,10 @@ class EmbeddingConfig(_Strict):
     def _sources(self):
         if self.source in ("model", "proxy") and not self.features:
             raise ValueError(f"embedding.source {self.source} needs embedding.features (the feature column)")
-        if self.features_shape is not None and not 1 <= len(self.features_shape) <= 3:
-            raise ValueError("embedding.features_shape is [length], [channels, length] or [channels, height, width]")
+        if self.features_shape is not None and not (1 <= len(self.features_shape) <= 3
+                                                    and all(side >= 1 for side in self.features_shape)):
+            raise ValueError("embedding.features_shape is [length], [channels, length] or [channels, height, width], "
+                             "each at least 1")
         if self.label_view == "features" and self.source == "column":
             raise ValueError("embedding.label_view features needs a feature column (source model or proxy)")
         if self.source == "model" and not self.model:

@@ -48,8 +48,13 @@ class Layout:
         return {"kind": self.kind, "shape": list(self.shape), "why": self.why, **self.evidence}
 
 
-def infer_layout(x: np.ndarray, declared: list[int] | None) -> Layout:
+def infer_layout(x: np.ndarray, declared: list[int] | None, column: str | None = None) -> Layout:
     n_features = x.shape[1]
+    if declared and math.prod(declared) != n_features:
+        from poisonguard.errors import InputError
+
+        raise InputError(f"embedding.features_shape {list(declared)} holds {math.prod(declared)} values, but the rows "
+                         f"have {n_features}", column=column)
     if declared and len(declared) == 3:
         return Layout("image", list(declared), "declared features_shape [C, H, W]")
     if declared and len(declared) == 2:

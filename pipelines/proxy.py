@@ -176,7 +176,7 @@ def _fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config, layout):
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     classes, y = np.unique(labels, return_inverse=True)
-    layout = layout or infer_layout(x, emb.features_shape)
+    layout = layout or infer_layout(x, emb.features_shape, emb.features)
     shaped = layout.kind in ("image", "sequence")
     kind = emb.proxy_architecture if emb.proxy_architecture != "auto" else "cnn" if shaped else "mlp"
     stop = emb.proxy_stop if emb.proxy_stop != "auto" else "held_out" if shaped else "train_loss"

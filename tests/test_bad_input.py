@@ -186,6 +186,19 @@ def test_an_expectation_that_cannot_run_is_exit_2_not_a_silent_pass(tmp, previou
                     "s.json", "'label'", "failed to run", "regular expression")
 
 
+@pytest.mark.parametrize("shape,needle", [("[3,5,5]", "holds 75 values, but the rows have 64"),
+                                           ("[-1,8,8]", "each at least 1")])
+def test_a_features_shape_that_does_not_fit_the_rows_is_exit_2(tmp, previous_run, shape, needle):
+    """(Each once reached the proxy network's reshape: a RuntimeError, exit 3.)"""
+    rng = np.random.default_rng(0)
+    table = pa.table({"id": np.arange(60), "label": np.arange(60) % 2,
+                      "features": pa.FixedSizeListArray.from_arrays(pa.array(rng.random(60 * 64, dtype=np.float32)), 64)})
+    write(table, tmp / "f.parquet")
+    assert_rejected(tmp, previous_run, [tmp / "f.parquet", "--set", "embedding.source=proxy",
+                                        "--set", "embedding.features=features", "--set",
+                                        f"embedding.features_shape={shape}"], needle)
+
+
 def test_out_that_is_not_a_run_folder_is_never_replaced(tmp):
     precious = tmp / "precious"
     precious.mkdir()
