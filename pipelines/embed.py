@@ -113,6 +113,24 @@ def features_to_numpy(column, n_features: int) -> tuple[np.ndarray, np.ndarray]:
     return x, ok
 
 
+def model_error(exc: BaseException) -> str:
+    """An exception from the user's model in one line: TorchScript's ends its serialized traceback
+    with the error itself, which is what the line keeps."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
+
+
+def check_embedding_output(out, rows: int, path: str) -> int:
+    """The embedding width of a model's output for ``rows`` rows: one tensor, one row out per row
+    in, with at least one value each (InputError naming the model otherwise)."""
+    if not isinstance(out, _torch().Tensor):
+        raise InputError(f"the model's embedding is a {type(out).__name__}, not one tensor", path=path)
+    if out.dim() == 0 or out.shape[0] != rows or out.numel() == 0:
+        raise InputError(f"the model's embedding has shape {list(out.shape)} for {rows} rows in: it must give one "
+                         "row out per row in", path=path)
+    return int(out.reshape(rows, -1).shape[1])
+
+
 class Embedder:
     """Loaded once per worker; turns a batch's feature column into an embedding array (nulls where invalid)."""
 
@@ -143,7 +161,13 @@ class Embedder:
             for start in range(0, len(rows), self.emb.inference_batch_size):
                 part = torch.from_numpy(x[rows[start:start + self.emb.inference_batch_size]])
                 part = part.reshape((-1, *shape)).to(self.device)
-                chunks.append(self._fn(part).reshape(len(part), -1).float().cpu().numpy())
+                try:
+                    out = self._fn(part)
+                except Exception as exc:  # noqa: BLE001 - the user's model, not poisonguard, failed
+                    raise InputError(f"the model failed on a batch of {len(part)} rows: {model_error(exc)}",
+                                     path=self.model_path) from None
+                check_embedding_output(out, len(part), self.model_path)
+                chunks.append(out.reshape(len(part), -1).float().cpu().numpy())
         dim = chunks[0].shape[1] if chunks else (self.emb.dim or 1)
         out = np.zeros((len(x), dim), dtype=np.float32)
         if chunks:

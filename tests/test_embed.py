@@ -57,6 +57,43 @@ def test_missing_model_file_and_missing_features_column(tmp):
     assert code == 2 and "'ghost'" in error_lines(stderr)[0] and "missing features column" in error_lines(stderr)[0]
 
 
+class _OneRowOut(torch.nn.Module):
+    @torch.jit.export
+    def embed(self, x):
+        return x[:1, :4]
+
+
+class _TwoTensors(torch.nn.Module):
+    @torch.jit.export
+    def embed(self, x):
+        return x[:, :4], x[:, 4:8]
+
+
+class _FailsOnSomeRows(torch.nn.Module):
+    @torch.jit.export
+    def embed(self, x):
+        if bool((x > 15.5).any()):  # digits' pixels reach 16: not the zeros of the dimension check
+            raise RuntimeError("a value this model cannot take")
+        return x[:, :8]
+
+
+@pytest.mark.parametrize("model,needle", [
+    (_OneRowOut, "must give one row out per row in"),
+    (_TwoTensors, "is a tuple, not one tensor"),
+    (_FailsOnSomeRows, "the model failed on a batch of"),
+])
+def test_a_model_that_misbehaves_is_exit_2_naming_it(tmp, model, needle):
+    """The user's model, not poisonguard, is at fault: exit 2 naming the model file (each of these
+    ended in an internal error, exit 3); TorchScript's error is kept to its last line."""
+    torch.jit.script(model()).save(str(tmp / "m.pt"))
+    code, _, stderr = run_cli("scan", POISONED, "--out", tmp / "run", *_model_args(tmp / "m.pt"))
+    assert code == 2, stderr
+    line = error_lines(stderr)[0]
+    assert "m.pt" in line and needle in line and not (tmp / "run").exists()
+    if model is _FailsOnSomeRows:
+        assert line.endswith("RuntimeError: a value this model cannot take")
+
+
 def test_torchscript_model_mode_reproduces_column_mode(tmp):
     code, _, _ = run_cli("scan", POISONED, "--out", tmp / "col", "--set", f"suite={SUITE}", "--quiet")
     assert code == 0

@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 
 from poisonguard.config import Config
-from poisonguard.errors import InputError, one_line
+from poisonguard.errors import InputError
 from poisonguard.io import InputPlan, sha256_file
 from poisonguard.names import PROXY_MODEL
 
@@ -64,7 +64,7 @@ def label_view(choice: str, source: str, layout: str | None) -> str:
 def _probe_dim(path: str, plan: InputPlan, config: Config) -> int:
     import torch
 
-    from poisonguard.embed import embedding_fn, load_model
+    from poisonguard.embed import check_embedding_output, embedding_fn, load_model, model_error
 
     emb = config.embedding
     model = load_model(path, architecture=emb.architecture, hidden=emb.hidden, in_features=plan.n_features,
@@ -75,13 +75,13 @@ def _probe_dim(path: str, plan: InputPlan, config: Config) -> int:
                          column=emb.features)
     try:
         with torch.inference_mode():
-            out = embedding_fn(model, emb.layer)(torch.zeros((2, *shape)))
+            out = embedding_fn(model, emb.layer)(torch.zeros((3, *shape)))
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - a model can fail in many ways on the wrong input
-        raise InputError(f"model cannot embed features of shape {list(shape)}: {one_line(exc)[:200]}",
+        raise InputError(f"model cannot embed features of shape {list(shape)}: {model_error(exc)}",
                          path=emb.model or path) from None
-    return int(out.reshape(2, -1).shape[1])
+    return check_embedding_output(out, 3, emb.model or path)
 
 
 def make_embedder(plan: InputPlan, config: Config):
