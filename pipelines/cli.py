@@ -128,6 +128,59 @@ def _on_signal(signum, frame):
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+STOP_GRACE_S = 20.0  # after Ctrl-C or SIGTERM, how long the run may take to stop before it is ended
+
+
+def _stop_watchdog(signals) -> tuple:
+    """A daemon thread that hears Ctrl-C and SIGTERM through the signal wakeup fd, which the C-level
+    handler writes even while the main thread is blocked in a native call (an object store's retry
+    loop, a long BLAS call) and cannot run the Python handler that raises the interrupt.  If the run
+    has not stopped ``STOP_GRACE_S`` after the signal, it is ended there: nothing was published (the
+    publish is a rename at the end), its staging folder is removed by the next scan.
+    Returns (the previous wakeup fd, the sockets) for ``_end_watchdog``."""
+    import signal
+    import socket
+    import threading
+
+    receiver, sender = socket.socketpair()
+    sender.setblocking(False)
+    previous = signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
+    wanted = {int(s) for s in signals}
+
+    def watch():
+        while True:
+            try:
+                data = receiver.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            hit = next((b for b in data if b in wanted), None)
+            if hit is None:
+                continue
+            if stopped.wait(STOP_GRACE_S):
+                return
+            code = 143 if hit == signal.SIGTERM else 130
+            os.write(2, f"poisonguard: {'terminated (SIGTERM)' if code == 143 else 'interrupted'} and still "
+                        f"running after {STOP_GRACE_S:.0f} s (blocked in a native call); ended, nothing "
+                        "published\n".encode())
+            os._exit(code)
+
+    stopped = threading.Event()
+    threading.Thread(target=watch, name="poisonguard-stop-watchdog", daemon=True).start()
+    return previous, receiver, sender, stopped
+
+
+def _end_watchdog(watchdog: tuple) -> None:
+    import signal
+
+    previous, receiver, sender, stopped = watchdog
+    stopped.set()
+    signal.set_wakeup_fd(previous)
+    sender.close()
+    receiver.close()
+
+
 def _stopped_by_signal() -> int | None:
     """The exit code of a run a signal stopped (130 Ctrl-C, 143 SIGTERM), else None."""
     import signal
@@ -154,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     _configure_logging(args.log_format)
-    previous = {}
+    previous, watchdog = {}, None
     _received.clear()
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        watchdog = _stop_watchdog(previous)
     try:
         if args.command == "scan":
             return _scan(args, extra)
@@ -190,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
               "(nothing published; set POISONGUARD_DEBUG=1 for the traceback)", file=sys.stderr)
         return 3
     finally:
+        if watchdog is not None:
+            _end_watchdog(watchdog)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

@@ -466,3 +466,38 @@ def test_dictionary_encoded_id_and_label_columns_are_accepted(tmp):
     assert code == 0, stderr
     clean, held = read_outputs(tmp / "run")
     assert clean.num_rows + held.num_rows == 150
+
+
+BLOCKED_SCAN = """
+import ctypes, signal, sys
+from poisonguard import cli
+
+def blocked(args, extra):
+    # the main thread stuck in a native call that never returns to the interpreter: an object
+    # store's retry loop, say (here a libc sleep, with the signals held off this thread)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    print("blocked", flush=True)
+    ctypes.CDLL(None).sleep(120)
+    return 0
+
+cli._scan = blocked
+cli.STOP_GRACE_S = 1.0
+sys.exit(cli.main(["scan", "in.parquet", "--out", "run"]))
+"""
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_run_blocked_in_a_native_call_still_ends_on_sigterm(tmp, signum, code):
+    """The Python handler cannot run while the main thread is inside a native call; the watchdog hears
+    the signal through the wakeup fd and ends the run after the grace period, with the exit code a
+    signal gives and one line on stderr (a scan of gs:// with no network had ignored SIGTERM for 15
+    minutes)."""
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKED_SCAN], cwd=tmp, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "blocked"
+    started = time.monotonic()
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert time.monotonic() - started < 30
+    assert "blocked in a native call" in stderr and "nothing published" in stderr
