@@ -19,6 +19,7 @@ _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 ARROW_SCHEMES = {"s3": "_s3fs", "gs": "_gcsfs", "gcs": "_gcsfs", "hdfs": "_hdfs"}
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
 CHUNK = 8 << 20
+GCS_RETRY_LIMIT_S = 60  # Arrow's GCS client retries an unreachable store for 15 minutes by default
 
 
 def is_remote(path: str | None) -> bool:
@@ -58,6 +59,8 @@ def filesystem(uri: str):
     scheme = _URI.match(uri).group(1).lower()
     module = ARROW_SCHEMES.get(scheme)
     if module and _arrow_has(module):
+        if module == "_gcsfs" and "retry_limit_seconds=" not in uri.partition("?")[2]:
+            uri = f"{uri}{'&' if '?' in uri else '?'}retry_limit_seconds={GCS_RETRY_LIMIT_S}"
         try:
             return pafs.FileSystem.from_uri(uri)
         except (ValueError, OSError) as exc:

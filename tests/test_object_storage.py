@@ -211,3 +211,20 @@ def test_review_with_state_and_log_on_s3_feeds_the_next_scan(s3, tmp):
                 if s == "released"]
     assert sorted(released) == sorted(r["id"] for r in rows[:2])
     assert run_cli("verify-log", log)[0] == 0
+
+
+def test_gcs_retries_are_bounded_unless_the_uri_sets_them():
+    """Arrow's GCS client retries an unreachable store for 15 minutes by default: a scan of a gs://
+    location with no route to it hung that long.  poisonguard bounds it at 60 s; a URI's own
+    retry_limit_seconds stands."""
+    import datetime
+
+    from poisonguard.storage import GCS_RETRY_LIMIT_S, filesystem
+
+    def limit(uri):
+        fs, path = filesystem(uri)
+        assert path == "bucket/x.parquet"
+        return fs.__reduce__()[1][0]["retry_time_limit"]
+
+    assert limit("gs://bucket/x.parquet") == datetime.timedelta(seconds=GCS_RETRY_LIMIT_S) == datetime.timedelta(seconds=60)
+    assert limit("gs://bucket/x.parquet?retry_limit_seconds=5") == datetime.timedelta(seconds=5)
