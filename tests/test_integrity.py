@@ -469,14 +469,22 @@ def test_dictionary_encoded_id_and_label_columns_are_accepted(tmp):
 
 
 BLOCKED_SCAN = """
-import ctypes, signal, sys
+import ctypes, os, signal, sys, threading, time
 from poisonguard import cli
+
+def announce():
+    # only once the main thread sleeps inside the native call: a signal that came while it still ran
+    # bytecode would have its Python handler run there, the case every other test covers
+    time.sleep(0.2)
+    while open(f"/proc/self/task/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[0] != "S":
+        time.sleep(0.05)
+    print("blocked", flush=True)
 
 def blocked(args, extra):
     # the main thread stuck in a native call that never returns to the interpreter: an object
     # store's retry loop, say (here a libc sleep, with the signals held off this thread)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    print("blocked", flush=True)
+    threading.Thread(target=announce, daemon=True).start()
     ctypes.CDLL(None).sleep(120)
     return 0
 
