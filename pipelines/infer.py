@@ -196,5 +196,11 @@ def infer_suite(inputs: list[str], config: Config, *, name: str, strictness: str
 def write_suite(suite: dict, path: str) -> None:
     from pathlib import Path
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(suite, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    from poisonguard.errors import InputError
+
+    text = json.dumps(suite, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write the suite: {exc.strerror}", path=path) from None

@@ -117,3 +117,10 @@ def test_non_finite_and_half_float_columns_give_a_strict_json_suite_the_trusted_
     code, _, stderr = run_cli("scan", trusted, "--out", tmp / "run", "--set", f"suite={tmp / 'suite.json'}", "--quiet")
     assert code == 0, stderr
     assert read_outputs(tmp / "run")[1].num_rows == 0
+
+
+def test_an_out_path_that_cannot_be_written_is_exit_2(tmp):
+    trusted = write(gaussian_table(30, 2, 3), tmp / "trusted.parquet")
+    (tmp / "folder.json").mkdir()
+    code, _, stderr = run_cli("suite", "infer", trusted, "--out", tmp / "folder.json")
+    assert code == 2 and "cannot write the suite" in stderr and "Traceback" not in stderr
