@@ -363,8 +363,16 @@ def _report(args) -> int:
     from poisonguard.report import render_report
     from poisonguard.workbench import build_table, write_review_csv
 
+    import pyarrow as pa
+
+    from poisonguard.errors import InputError
+
     summary = _run_summary(args.run_dir)
-    table = build_table(args.run_dir, summary, from_log=True)  # with the decisions reviewed since the scan
+    try:
+        table = build_table(args.run_dir, summary, from_log=True)  # with the decisions reviewed since the scan
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"the run's quarantine files are unreadable (changed since the scan?): "
+                         f"{str(exc).splitlines()[0][:200]}", path=args.run_dir) from None
     write_review_csv(args.run_dir, table)
     print(render_report(args.run_dir, table))
     return 0

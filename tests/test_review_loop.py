@@ -168,6 +168,15 @@ def test_unreadable_decisions_files_are_bad_input(first_scan, tmp, name, content
     assert not (state / "decisions.jsonl").exists()
 
 
+def test_report_on_a_damaged_quarantine_file_is_exit_2(first_scan, tmp):
+    run = tmp / "run"
+    shutil.copytree(first_scan / "run1", run)
+    next((run / "quarantine").glob("*.parquet")).write_bytes(b"not parquet")
+    code, _, stderr = run_cli("report", run)
+    assert code == 2, stderr
+    assert "quarantine files are unreadable" in error_lines(stderr)[0]
+
+
 @pytest.mark.parametrize("summary,needle", [("{broken", "summary.json is unreadable"),
                                              ('{"run_id": "x"}', "lacks 'parameters'")])
 def test_a_damaged_run_summary_is_bad_input_to_review_and_report(first_scan, tmp, summary, needle):
