@@ -175,6 +175,20 @@ def test_suite_not_json_or_naming_a_missing_column(tmp, previous_run):
     assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", f"suite={tmp / 's.json'}"], "invalid expectation suite")
 
 
+def test_suite_kwargs_that_are_not_an_object_and_vector_bounds_of_the_wrong_width_are_exit_2(tmp, previous_run):
+    """(The first ended in an internal error; the second checked no row: bounds apply to vectors of
+    their own length only.)"""
+    write(gaussian_table(30, 2, 3), tmp / "d.parquet")
+    (tmp / "s.json").write_text(json.dumps({"name": "s", "expectations": [
+        {"type": "expect_column_to_exist", "kwargs": [1]}]}))
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", f"suite={tmp / 's.json'}"], "kwargs must be a dict")
+    (tmp / "s.json").write_text(json.dumps({"name": "s", "expectations": [], "meta": {"poisonguard": {"vectors": [
+        {"type": "expect_vector_values_to_be_between", "column": "embedding", "min_value": [0, 0],
+         "max_value": [1, 1]}]}}}))
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", f"suite={tmp / 's.json'}"],
+                    "2 bounds for vectors of 3 values")
+
+
 @pytest.mark.parametrize("engine", ["memory", "beam"])
 def test_an_expectation_that_cannot_run_is_exit_2_not_a_silent_pass(tmp, previous_run, engine):
     """An invalid regular expression: GX catches the error per metric and reports the expectation

@@ -65,6 +65,7 @@ def suite_columns(suite: dict) -> list[str]:
     cols: list[str] = []
     for exp in suite["expectations"]:
         kwargs = exp.get("kwargs", {}) if isinstance(exp, dict) else {}
+        kwargs = kwargs if isinstance(kwargs, dict) else {}  # (build_gx_suite refuses it, naming the expectation)
         for key in ("column", "column_A", "column_B"):
             if isinstance(kwargs.get(key), str):
                 cols.append(kwargs[key])
@@ -103,6 +104,10 @@ def _check_vectors(suite: dict, schema: pa.Schema, path: str) -> None:
             if not (isinstance(lo, list) and isinstance(hi, list) and len(lo) == len(hi) and lo
                     and all(isinstance(x, (int, float)) for x in lo + hi)):
                 raise ConfigError(f"{where}: min_value and max_value must be equal-length lists of numbers", path=path)
+            field_type = schema.field(column).type
+            if pa.types.is_fixed_size_list(field_type) and field_type.list_size != len(lo):
+                # bounds apply to the vectors of their length only: these would check no row
+                raise ConfigError(f"{where}: {len(lo)} bounds for vectors of {field_type.list_size} values", path=path)
 
 
 def vector_failures(table: pa.Table, expectation: dict) -> np.ndarray:
