@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from poisonguard.config import Config, load_config
+from poisonguard.config import Config, load_config, validated
 from poisonguard.names import QUARANTINE_REASONS, RUN_ID, SCREEN_ROW, is_added_column
 
 
@@ -46,7 +46,7 @@ def _config(config: Config | str | os.PathLike | dict | None, overrides: list[st
     if isinstance(config, Config):
         return config.model_copy(deep=True) if not overrides else load_config(None, overrides, base=config)
     if isinstance(config, dict):
-        return load_config(None, overrides, base=Config.model_validate(config))
+        return load_config(None, overrides, base=validated(config, "dict"))
     return load_config(None if config is None else str(config), overrides)
 
 
@@ -60,8 +60,14 @@ def scan(inputs, out: str | os.PathLike, config: Config | str | dict | None = No
     caller's clock for ``timings.total_s`` started; the command line passes its own start.  Raises ``poisonguard.errors.InputError`` for bad input
     (nothing published).
     """
+    from poisonguard.errors import InputError
     from poisonguard.orchestrator import run_scan
 
+    if not isinstance(out, (str, os.PathLike)) or not str(out):
+        raise InputError(f"scan(): out must be the run folder's path, not {out!r}")
+    if not isinstance(inputs, (str, os.PathLike)) and not (
+            isinstance(inputs, (list, tuple)) and all(isinstance(i, (str, os.PathLike)) for i in inputs)):
+        raise InputError(f"scan(): inputs must be a path or a list of paths, not {type(inputs).__name__}")
     cfg = _config(config, overrides)
     if state is not None:
         cfg.state = str(state)

@@ -197,6 +197,16 @@ class Config(_Strict):
 PATH_KEYS = (("suite",), ("provenance_log",), ("state",), ("embedding", "model"))
 
 
+def validated(data: dict, source: str) -> Config:
+    """``data`` as a Config; ConfigError (exit 2) naming the first bad key otherwise."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = _location(first["loc"]) or "config"
+        raise ConfigError(f"config {source}: {where}: {first['msg']}") from None
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
     """The config from YAML ``path`` (or ``base``, or defaults), then ``key=value`` overrides.
 
@@ -225,12 +235,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, bas
         data = _resolve_paths(loaded or {}, Path(path).resolve().parent)
     for item in overrides or []:
         _apply_override(data, item)
-    try:
-        config = Config.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = _location(first["loc"]) or "config"
-        raise ConfigError(f"config {source}: {where}: {first['msg']}") from None
+    config = validated(data, source)
     names = [d.name for d in config.detectors]
     if len(set(names)) != len(names):
         raise ConfigError(f"config {source}: detectors: each detector may be listed once")

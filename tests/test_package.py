@@ -15,7 +15,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from conftest import ROOT
+from conftest import CLEAN, ROOT
 
 import poisonguard
 from poisonguard.detectors import DETECTORS
@@ -187,3 +187,21 @@ def test_the_example_config_loads_and_lists_every_key():
         for part in dotted.split("."):
             value, default = value[part], default[part]
         assert value == default, f"configs/example.yaml: {dotted} is {value!r}, the default is {default!r}"
+
+
+def test_api_arguments_of_the_wrong_kind_are_input_errors(tmp, monkeypatch):
+    """scan(out=None) had published a run folder named 'None' in the working folder; a config dict
+    with an unknown key raised pydantic's ValidationError where a YAML file gives a ConfigError."""
+    import poisonguard
+    from poisonguard.errors import ConfigError, InputError
+
+    monkeypatch.chdir(tmp)
+    with pytest.raises(InputError, match="out must be the run folder's path"):
+        poisonguard.scan(str(CLEAN), out=None)
+    with pytest.raises(InputError, match="inputs must be a path or a list of paths"):
+        poisonguard.scan(None, out=tmp / "run")
+    with pytest.raises(ConfigError, match="config dict: bogus: Extra inputs are not permitted"):
+        poisonguard.scan(str(CLEAN), out=tmp / "run", config={"bogus": 1})
+    with pytest.raises(ConfigError, match="unknown detector 'nope'"):
+        poisonguard.screen(np.zeros((10, 2)), np.arange(10) % 2, {"detectors": [{"name": "nope"}]})
+    assert not list(tmp.iterdir())
