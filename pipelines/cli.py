@@ -360,12 +360,11 @@ def _review(args) -> int:
 
 
 def _report(args) -> int:
-    from poisonguard.report import render_report
-    from poisonguard.workbench import build_table, write_review_csv
-
     import pyarrow as pa
 
     from poisonguard.errors import InputError
+    from poisonguard.report import render_report
+    from poisonguard.workbench import build_table, write_review_csv
 
     summary = _run_summary(args.run_dir)
     try:

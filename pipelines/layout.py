@@ -48,13 +48,18 @@ class Layout:
         return {"kind": self.kind, "shape": list(self.shape), "why": self.why, **self.evidence}
 
 
-def infer_layout(x: np.ndarray, declared: list[int] | None, column: str | None = None) -> Layout:
-    n_features = x.shape[1]
+def check_declared_shape(declared: list[int] | None, n_features: int, column: str | None) -> None:
+    """A declared ``features_shape`` must hold the rows' values, every one (InputError otherwise)."""
     if declared and math.prod(declared) != n_features:
         from poisonguard.errors import InputError
 
         raise InputError(f"embedding.features_shape {list(declared)} holds {math.prod(declared)} values, but the rows "
                          f"have {n_features}", column=column)
+
+
+def infer_layout(x: np.ndarray, declared: list[int] | None, column: str | None = None) -> Layout:
+    n_features = x.shape[1]
+    check_declared_shape(declared, n_features, column)
     if declared and len(declared) == 3:
         return Layout("image", list(declared), "declared features_shape [C, H, W]")
     if declared and len(declared) == 2:

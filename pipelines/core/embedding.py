@@ -10,7 +10,6 @@ import logging
 import os
 from dataclasses import replace
 
-import numpy as np
 
 from poisonguard.config import Config
 from poisonguard.errors import InputError
@@ -65,14 +64,13 @@ def _probe_dim(path: str, plan: InputPlan, config: Config) -> int:
     import torch
 
     from poisonguard.embed import check_embedding_output, embedding_fn, load_model, model_error
+    from poisonguard.layout import check_declared_shape
 
     emb = config.embedding
     model = load_model(path, architecture=emb.architecture, hidden=emb.hidden, in_features=plan.n_features,
                        n_classes=None)
+    check_declared_shape(emb.features_shape, plan.n_features, emb.features)
     shape = tuple(emb.features_shape or (plan.n_features,))
-    if int(np.prod(shape)) != plan.n_features:
-        raise InputError(f"embedding.features_shape {list(shape)} does not hold {plan.n_features} values",
-                         column=emb.features)
     try:
         with torch.inference_mode():
             out = embedding_fn(model, emb.layer)(torch.zeros((3, *shape)))
