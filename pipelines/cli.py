@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -168,7 +169,25 @@ def _stop_watchdog(signals) -> tuple:
 
     stopped = threading.Event()
     threading.Thread(target=watch, name="poisonguard-stop-watchdog", daemon=True).start()
+    _WATCHED.append(sender.fileno())
     return previous, receiver, sender, stopped
+
+
+_WATCHED: list[int] = []  # the wakeup fd of a watchdog running in this process
+
+
+def _forget_watchdog_in_child() -> None:
+    """A forked child inherits the wakeup fd but not the watchdog: a signal sent to the child alone
+    (a pool stopping its workers) must not read as one sent to the scan."""
+    import signal
+
+    if _WATCHED:
+        _WATCHED.clear()
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
+
+
+os.register_at_fork(after_in_child=_forget_watchdog_in_child)
 
 
 def _end_watchdog(watchdog: tuple) -> None:
@@ -176,6 +195,7 @@ def _end_watchdog(watchdog: tuple) -> None:
 
     previous, receiver, sender, stopped = watchdog
     stopped.set()
+    _WATCHED.clear()
     signal.set_wakeup_fd(previous)
     sender.close()
     receiver.close()

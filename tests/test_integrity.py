@@ -509,3 +509,35 @@ def test_a_run_blocked_in_a_native_call_still_ends_on_sigterm(tmp, signum, code)
     assert proc.returncode == code, stderr
     assert time.monotonic() - started < 30
     assert "blocked in a native call" in stderr and "nothing published" in stderr
+
+
+FORKED_CHILD_SIGNALLED = """
+import os, signal, sys, time
+from poisonguard import cli
+
+def scan_with_a_forked_worker(args, extra):
+    pid = os.fork()
+    if pid == 0:  # a worker a library forked (the scan's handlers inherited), stopped with SIGTERM
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except BaseException:
+            pass
+        os._exit(0)
+    os.waitpid(pid, 0)
+    time.sleep(2.0)  # past the grace period: the scan itself was never signalled
+    print("finished", flush=True)
+    return 0
+
+cli._scan = scan_with_a_forked_worker
+cli.STOP_GRACE_S = 0.5
+sys.exit(cli.main(["scan", "in.parquet", "--out", "run"]))
+"""
+
+
+def test_a_signal_to_a_forked_child_is_not_taken_for_one_to_the_scan(tmp):
+    """A forked child inherits the signal wakeup fd: without forgetting it at fork, SIGTERM sent to
+    the child alone reached the scan's watchdog, which ended the healthy scan."""
+    proc = subprocess.run([sys.executable, "-c", FORKED_CHILD_SIGNALLED], cwd=tmp, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "finished" in proc.stdout, proc.stderr
