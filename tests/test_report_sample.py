@@ -91,3 +91,15 @@ def test_too_many_flagged_classes_keep_no_candidates():
     decisions = {"spectral": {c: ClassDecision(True, 1.0, 5.0, 0.05, 100, "") for c in range(100)}}
     assert report_sample.plan(decisions, {c: 100 for c in range(100)}, PER_CLASS, max_classes=20) is None
     assert report_sample.plan(decisions, {c: 100 for c in range(100)}, PER_CLASS, max_classes=25) is not None
+
+
+def test_candidates_read_a_categorical_label_column():
+    """A dictionary-encoded label column (pandas' categorical, as Parquet keeps it): the flagged
+    classes' candidates are found by value; this once raised ArrowTypeError (exit 3) in a scan."""
+    rng = np.random.default_rng(1)
+    labels = pa.array([str(v) for v in rng.integers(0, 3, 600)]).dictionary_encode()
+    clean = pa.table({"id": [f"r{i}" for i in range(600)], "label": labels, "x": rng.normal(size=600)})
+    bounds = {"1": 2**64 - 1, "2": 2**64 - 1}  # every row of classes 1 and 2
+    got = report_sample.candidates(clean, bounds, "label", "id", seed=3)
+    plain = clean.column("label").cast(pa.string()).to_pylist()
+    assert sorted(got.column("id").to_pylist()) == sorted(f"r{i}" for i, v in enumerate(plain) if v in ("1", "2"))

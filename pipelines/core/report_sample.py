@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from poisonguard.core.block import hash_strings, seeded_hash_key
+from poisonguard.io import decode_array
 
 OVERSAMPLE = 3  # candidates per class over per_class: short only where two thirds of a class are quarantined
 MAX_CLASSES_FACTOR = 4  # more flagged classes than this x report.max_classes: no candidates, the report reads all
@@ -49,17 +50,18 @@ def candidates(clean: pa.Table, bounds: dict | None, label_col: str, id_col: str
         return None
     import pandas as pd
 
-    labels = clean.column(label_col)
+    labels = decode_array(clean.column(label_col))  # (a categorical label column: its values)
     try:
         wanted = pa.array(list(bounds), type=labels.type)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
         return None  # (labels the column's type cannot hold: the report reads the clean rows instead)
-    rows = clean.filter(pc.fill_null(pc.is_in(labels, value_set=wanted), False))
+    mask = pc.fill_null(pc.is_in(labels, value_set=wanted), False)
+    rows = clean.filter(mask)
     if not rows.num_rows:
         return None
     keys = keys_of(rows, id_col, seed)
     index = pd.Index(list(bounds), dtype=object)
-    codes = index.get_indexer(np.asarray(rows.column(label_col).to_numpy(zero_copy_only=False), dtype=object))
+    codes = index.get_indexer(np.asarray(labels.filter(mask).to_numpy(zero_copy_only=False), dtype=object))
     limits = np.array([bounds[label] for label in index], dtype=np.uint64)[codes]
     keep = keys <= limits
     return rows.filter(pa.array(keep)) if keep.any() else None
