@@ -241,6 +241,14 @@ def _read_metadata(path: str) -> pq.FileMetaData:
         raise InputError(f"not a readable Parquet file ({one_line(exc)})", path=path) from None
 
 
+def _partition_hint(path: str, column: str) -> str:
+    """Where the column is a folder name's key (Hive partitioning, ``label=cat/part-0.parquet``)."""
+    if f"/{column}=" in f"/{path}".replace("\\", "/"):
+        return (f"; the path names it as a folder ({column}=...): partition keys in folder names are not read, "
+                "write the column into the files")
+    return ""
+
+
 def _check_columns(schema: pa.Schema, config: Config, path: str) -> None:
     cols = config.columns
     roles = (("id", cols.id), ("label", cols.label))
@@ -248,7 +256,8 @@ def _check_columns(schema: pa.Schema, config: Config, path: str) -> None:
         roles += (("embedding", cols.embedding),)
     for role, name in roles:
         if name not in schema.names:
-            raise InputError(f"missing {role} column (have: {', '.join(schema.names)})", path=path, column=name)
+            raise InputError(f"missing {role} column (have: {', '.join(schema.names)}){_partition_hint(path, name)}",
+                             path=path, column=name)
     id_type = decoded(schema.field(cols.id).type)
     if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
         raise InputError(f"id column must be integer or string, not {id_type}", path=path, column=cols.id)

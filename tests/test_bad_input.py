@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -84,6 +85,16 @@ def test_missing_column(tmp, previous_run, column, role):
     table = gaussian_table(30, 2, 3)
     write(table.drop_columns([column]), tmp / "missing.parquet")
     assert_rejected(tmp, previous_run, [tmp / "missing.parquet"], "missing.parquet", f"'{column}'", f"missing {role} column")
+
+
+def test_a_label_kept_in_hive_folder_names_is_named_as_such(tmp, previous_run):
+    table = gaussian_table(30, 2, 3)
+    for label in (0, 1):
+        (tmp / "data" / f"label={label}").mkdir(parents=True)
+        rows = table.filter(pc.equal(table.column("label"), label)).drop_columns(["label"])
+        write(rows, tmp / "data" / f"label={label}" / "part-0.parquet")
+    assert_rejected(tmp, previous_run, [tmp / "data"], "'label'", "missing label column",
+                    "partition keys in folder names are not read")
 
 
 @pytest.mark.parametrize("column,array,problem", [
