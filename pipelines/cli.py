@@ -138,7 +138,7 @@ def _stop_watchdog(signals) -> tuple:
     loop, a long BLAS call) and cannot run the Python handler that raises the interrupt.  If the run
     has not stopped ``STOP_GRACE_S`` after the signal, it is ended there: nothing was published (the
     publish is a rename at the end), its staging folder is removed by the next scan.
-    Returns (the previous wakeup fd, the sockets) for ``_end_watchdog``."""
+    Returns (the previous wakeup fd, the sockets, the run's "stopped" event) for ``_end_watchdog``."""
     import signal
     import socket
     import threading
@@ -147,6 +147,7 @@ def _stop_watchdog(signals) -> tuple:
     sender.setblocking(False)
     previous = signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
     wanted = {int(s) for s in signals}
+    stopped = threading.Event()
 
     def watch():
         while True:
@@ -167,13 +168,12 @@ def _stop_watchdog(signals) -> tuple:
                         "published\n".encode())
             os._exit(code)
 
-    stopped = threading.Event()
     threading.Thread(target=watch, name="poisonguard-stop-watchdog", daemon=True).start()
-    _WATCHED.append(sender.fileno())
+    _WATCHING[0] = True
     return previous, receiver, sender, stopped
 
 
-_WATCHED: list[int] = []  # the wakeup fd of a watchdog running in this process
+_WATCHING = [False]  # whether this process's wakeup fd is a watchdog's
 
 
 def _forget_watchdog_in_child() -> None:
@@ -181,8 +181,8 @@ def _forget_watchdog_in_child() -> None:
     (a pool stopping its workers) must not read as one sent to the scan."""
     import signal
 
-    if _WATCHED:
-        _WATCHED.clear()
+    if _WATCHING[0]:
+        _WATCHING[0] = False
         with contextlib.suppress(ValueError):
             signal.set_wakeup_fd(-1)
 
@@ -195,7 +195,7 @@ def _end_watchdog(watchdog: tuple) -> None:
 
     previous, receiver, sender, stopped = watchdog
     stopped.set()
-    _WATCHED.clear()
+    _WATCHING[0] = False
     signal.set_wakeup_fd(previous)
     sender.close()
     receiver.close()

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 from poisonguard.config import Config
 from poisonguard.core.screening import output_schemas
 from poisonguard.engines.outputs import EngineResult
-from poisonguard.errors import IntegrityError
+from poisonguard.errors import InputError, IntegrityError
 from poisonguard.io import InputPlan, sha256_file
-from poisonguard.names import CLEAN, EMPTY_PART, OUTPUT_FOLDERS, QUARANTINE
+from poisonguard.names import CLEAN, EMPTY_PART, OUTPUT_FOLDERS, QUARANTINE, SUCCESS, SUMMARY
 from poisonguard.run.facets import dataset, versions
 
 
@@ -160,9 +160,6 @@ SUMMARY_FIELDS = {"run_id": str, "parameters": dict, "counts": dict, "per_class"
 def read_summary(run_dir: str) -> dict:
     """A completed run's summary.json, checked for the fields the review and report commands read: a
     run folder edited or damaged since its scan is bad input (exit 2), not an internal error."""
-    from poisonguard.errors import InputError
-    from poisonguard.names import SUCCESS, SUMMARY
-
     path = os.path.join(run_dir, SUMMARY)
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(run_dir, SUCCESS)):
         raise InputError("not a completed poisonguard run folder", path=run_dir)
