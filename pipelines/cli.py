@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("inputs", nargs="+", metavar="TRUSTED", help="trusted Parquet file, folder or glob")
     infer.add_argument("--out", required=True, metavar="FILE", help="suite JSON to write, e.g. expectations/NAME.json")
     infer.add_argument("--config", metavar="FILE", help="YAML config (column names)")
+    infer.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, dotted (e.g. --set columns.label=y --set partitioning=hive)")
     infer.add_argument("--strictness", choices=("loose", "normal", "strict"), default="normal",
                        help="how tight the ranges are (default normal: the trusted data always passes)")
     infer.add_argument("--name", help="suite name (default: the output file's stem)")
@@ -403,7 +405,7 @@ def _suite_infer(args) -> int:
     from poisonguard.config import load_config
     from poisonguard.infer import infer_suite, write_suite
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
     suite = infer_suite(args.inputs, config, name=args.name or Path(args.out).stem, strictness=args.strictness,
                         seed=config.seed)
     write_suite(suite, args.out)

@@ -168,6 +168,9 @@ class Config(_Strict):
     blas_threads: int = Field(default=1, ge=1, le=1024,
                               description="threads BLAS may use in one worker (core.threads: 1 is faster here and "
                                           "independent of the core count)")
+    partitioning: Literal["none", "hive"] = Field(
+        default="none", description="hive: folder names key=value below the input folder are read as columns "
+                                    "(int64 where every value is a canonical integer, else string)")
     engine: Literal["auto", "memory", "beam"] = "auto"
     scoring_device: Literal["cpu", "auto", "cuda"] = Field(
         default="cpu", description="where the detectors score rows: cpu (numpy), cuda (torch on the GPU; exit 2 "

@@ -18,6 +18,7 @@ Strictness sets the quantiles and the margin:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from poisonguard.config import Config
-from poisonguard.io import decode_array, decoded, discover, plan_inputs, read_batches, work_items
+from poisonguard.io import decode_array, decoded, plan_discovered, read_batches, work_items
 
 STRICTNESS = {"loose": (0.0, 1.0, 0.5), "normal": (0.001, 0.999, 0.25), "strict": (0.01, 0.99, 0.1)}
 SAMPLE = 200_000  # values kept per column for quantiles (a seeded uniform sample)
@@ -132,15 +133,21 @@ def _bounds(values: np.ndarray, strictness: str, axis=None):
     return lo, hi
 
 
+NAMED_FILES = 3  # trusted files an expectation's meta names; a lake of thousands is summarised by one digest
+
+
 def infer_suite(inputs: list[str], config: Config, *, name: str, strictness: str = "normal", seed: int = 0) -> dict:
-    plan = plan_inputs(discover(inputs), config)
+    plan = plan_discovered(inputs, config)
     rng = np.random.default_rng(seed)
     columns = {f.name: _Column(_kind(f.type)) for f in plan.schema}
     for item in work_items(plan, 1 << 30):
         for _, table in read_batches(item, None, config.batch_size):
             for name_, col in columns.items():
                 _observe(col, table.column(name_), rng)
-    n, files = plan.total_rows, ", ".join(f"{f.path} (sha256 {f.sha256[:12]})" for f in plan.files)
+    n, files = plan.total_rows, ", ".join(f"{f.path} (sha256 {f.sha256[:12]})" for f in plan.files[:NAMED_FILES])
+    if len(plan.files) > NAMED_FILES:
+        every = hashlib.sha256("".join(f"{f.path}\0{f.sha256}\n" for f in plan.files).encode()).hexdigest()
+        files += f" and {len(plan.files) - NAMED_FILES} more files (sha256 of every path and digest: {every[:12]})"
     source = f"{n} trusted rows of {files}"
     q_lo, q_hi, margin = STRICTNESS[strictness]
     exps, vectors = [], []

@@ -7,7 +7,7 @@ import hashlib
 import os
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from poisonguard.config import Config
 from poisonguard.errors import InputError, one_line
 from poisonguard.names import is_added_column
+from poisonguard.partitions import partition_columns, with_partition_columns
 
 
 ROWS_PER_WORK_ITEM = 262144  # rows of whole row groups per work item: the unit a worker reads
@@ -34,6 +35,7 @@ class InputFile:
     row_groups: int
     sha256: str = ""
     identity: tuple = ()
+    partition: tuple = ()  # ((pyarrow field, value), ...): the Hive keys in its folder names (poisonguard.partitions)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class WorkItem:
     last_group: int  # exclusive
     first_row: int
     identity: tuple = ()  # the file as planned and hashed; a reader refuses a file that changed since
+    partition: tuple = ()  # the file's partition columns, appended to every batch read
 
 
 @dataclass(frozen=True)
@@ -64,30 +67,60 @@ class InputPlan:
 
 def discover(inputs: list[str]) -> list[str]:
     """Expand files, folders (every *.parquet below) and globs into a sorted, de-duplicated list."""
-    found: list[str] = []
-    for item in inputs:
-        if any(ch in item for ch in "*?["):
-            matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise InputError("no file matches this pattern", path=item)
-            found.extend(matches)
-        elif os.path.isdir(item):
-            matches = sorted(str(p) for p in Path(item).rglob("*.parquet") if p.is_file())
-            if not matches:
-                raise InputError("folder holds no *.parquet file", path=item)
-            found.extend(matches)
-        elif os.path.isfile(item):
-            found.append(item)
-        else:
-            raise InputError("no such file or folder", path=item)
-    unique = sorted(dict.fromkeys(os.path.realpath(p) for p in found))  # one file however it is reached
+    unique = sorted(dict.fromkeys(path for path, _ in _walk(inputs)))  # one file however it is reached
     if not unique:
         raise InputError("no input files given")
     return unique
 
 
-def plan_inputs(paths: list[str], config: Config) -> InputPlan:
-    """Open every footer, check the schema against the config; raise InputError on any problem."""
+def folders_below(inputs: list[str]) -> dict[str, str]:
+    """Each discovered file's folders below the input that found it (a folder, a pattern's fixed
+    prefix; for a file named directly, the folders as written): where Hive partition keys are read."""
+    found: dict[str, str] = {}
+    for path, below in _walk(inputs):
+        found.setdefault(path, below)
+    return found
+
+
+def _walk(inputs: list[str]):
+    """(real path, folders below the input item) of every file each input names."""
+    for item in inputs:
+        if any(ch in item for ch in "*?["):
+            matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise InputError("no file matches this pattern", path=item)
+            base = _fixed_prefix(item)
+            yield from ((os.path.realpath(p), _below(p, base)) for p in matches)
+        elif os.path.isdir(item):
+            matches = sorted(str(p) for p in Path(item).rglob("*.parquet") if p.is_file())
+            if not matches:
+                raise InputError("folder holds no *.parquet file", path=item)
+            yield from ((os.path.realpath(p), _below(p, item)) for p in matches)
+        elif os.path.isfile(item):
+            yield os.path.realpath(item), os.path.dirname(item)
+        else:
+            raise InputError("no such file or folder", path=item)
+
+
+def _fixed_prefix(pattern: str) -> str:
+    parts = pattern.replace("\\", "/").split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    return "/".join(parts[:fixed])
+
+
+def _below(path: str, base: str) -> str:
+    return os.path.dirname(os.path.relpath(path, base or "."))
+
+
+def plan_discovered(inputs: list[str], config: Config) -> InputPlan:
+    """``plan_inputs`` over every file the inputs name, with their partition folders where read."""
+    return plan_inputs(discover(inputs), config, folders_below(inputs) if config.partitioning == "hive" else None)
+
+
+def plan_inputs(paths: list[str], config: Config, below: dict[str, str] | None = None) -> InputPlan:
+    """Open every footer, check the schema against the config; raise InputError on any problem.
+    ``below``: each path's folders below its input (``folders_below``), where ``partitioning: hive``
+    reads partition keys."""
     files: list[InputFile] = []
     schema: pa.Schema | None = None
     for index, path in enumerate(paths):
@@ -103,6 +136,11 @@ def plan_inputs(paths: list[str], config: Config) -> InputPlan:
             raise InputError("input file changed while it was being hashed", path=path)
         files.append(InputFile(index, path, meta.num_rows, meta.num_row_groups, digest, identity))
     assert schema is not None
+    if config.partitioning == "hive":
+        partition = partition_columns(paths, below or {}, schema)
+        files = [replace(f, partition=partition[f.path]) for f in files]
+        for field, _ in partition[paths[0]]:
+            schema = schema.append(field)
     if sum(f.rows for f in files) == 0:
         raise InputError("input is empty (0 rows)", path=paths[0] if len(paths) == 1 else None)
     _check_columns(schema, config, paths[0])
@@ -120,7 +158,7 @@ def work_items(plan: InputPlan, rows_per_item: int) -> list[WorkItem]:
         for group in range(f.row_groups):
             rows += meta.row_group(group).num_rows
             if rows >= rows_per_item or group == f.row_groups - 1:
-                items.append(WorkItem(f.index, f.path, first_group, group + 1, first_row, f.identity))
+                items.append(WorkItem(f.index, f.path, first_group, group + 1, first_row, f.identity, f.partition))
                 first_group, first_row, rows = group + 1, first_row + rows, 0
     return items
 
@@ -150,13 +188,15 @@ def check_unchanged(plan: "InputPlan") -> None:
 
 
 def _read_open(raw, item: WorkItem, columns: list[str] | None, batch_size: int):
+    keys = {field.name for field, _ in item.partition}
+    in_file = columns if columns is None or not keys else [c for c in columns if c not in keys]
     try:
         handle = pq.ParquetFile(raw)
         start = item.first_row
         groups = list(range(item.first_group, item.last_group))
-        for batch in handle.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns):
+        for batch in handle.iter_batches(batch_size=batch_size, row_groups=groups, columns=in_file):
             _check_text(batch, item.path)
-            yield start, pa.Table.from_batches([batch])
+            yield start, with_partition_columns(pa.Table.from_batches([batch]), item.partition, columns)
             start += batch.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"cannot read Parquet data: {one_line(exc)}", path=item.path) from None
@@ -241,11 +281,11 @@ def _read_metadata(path: str) -> pq.FileMetaData:
         raise InputError(f"not a readable Parquet file ({one_line(exc)})", path=path) from None
 
 
-def _partition_hint(path: str, column: str) -> str:
+def _partition_hint(path: str, column: str, config: Config) -> str:
     """Where the column is a folder name's key (Hive partitioning, ``label=cat/part-0.parquet``)."""
-    if f"/{column}=" in f"/{path}".replace("\\", "/"):
-        return (f"; the path names it as a folder ({column}=...): partition keys in folder names are not read, "
-                "write the column into the files")
+    if config.partitioning == "none" and f"/{column}=" in f"/{path}".replace("\\", "/"):
+        return (f"; the path names it as a folder ({column}=...): set partitioning: hive to read partition keys "
+                "in folder names as columns")
     return ""
 
 
@@ -256,7 +296,7 @@ def _check_columns(schema: pa.Schema, config: Config, path: str) -> None:
         roles += (("embedding", cols.embedding),)
     for role, name in roles:
         if name not in schema.names:
-            raise InputError(f"missing {role} column (have: {', '.join(schema.names)}){_partition_hint(path, name)}",
+            raise InputError(f"missing {role} column (have: {', '.join(schema.names)}){_partition_hint(path, name, config)}",
                              path=path, column=name)
     id_type = decoded(schema.field(cols.id).type)
     if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):

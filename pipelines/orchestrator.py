@@ -18,7 +18,7 @@ from poisonguard.core.embedding import resolve_embedding
 from poisonguard.core.screening import Screener
 from poisonguard.core.suite import load_suite
 from poisonguard.errors import InputError, as_reported
-from poisonguard.io import ROWS_PER_WORK_ITEM, check_unchanged, discover, plan_inputs
+from poisonguard.io import ROWS_PER_WORK_ITEM, check_unchanged, plan_discovered
 from poisonguard.names import PROXY_MODEL, RUN_PROVENANCE, SUMMARY, WORK
 from poisonguard.observe import phase, run_context
 from poisonguard.report import render_report_or_stub
@@ -56,7 +56,7 @@ def _scan(where: remote.Locations, beam_args, run_id, started) -> ScanResult:
     with rundir.run_dir_lock(run_dir):
         rundir.recover(run_dir)
         with phase("plan"):
-            plan = plan_inputs(discover(inputs), config)
+            plan = plan_discovered(inputs, config)
             suite, engine = load_suite(config, plan.schema), choose_engine(config, plan.total_rows, beam_args)
         rundir.remove_stale_staging(run_dir)
         log.info("plan: %d file(s), %d rows, dim %s, %s engine", len(plan.files), plan.total_rows, plan.dim, engine)

@@ -132,10 +132,15 @@ def relative(uri: str, root: str) -> str:
 
 def expand(pattern: str) -> list[str]:
     """A URI with ``*`` / ``[`` in its path: every file below its fixed prefix that matches."""
+    base = pattern.partition("?")[0]
+    return [uri for uri in list_files(fixed_prefix(pattern)) if fnmatch.fnmatch(_base(uri), base)]
+
+
+def fixed_prefix(pattern: str) -> str:
+    """A pattern URI's folders before its first ``*`` / ``[`` (with the query string)."""
     base, sep, query = pattern.partition("?")
     cut = min(base.find(ch) for ch in "*[" if ch in base)
-    prefix = base[:base.rfind("/", 0, cut)]
-    return [uri for uri in list_files(prefix + sep + query) if fnmatch.fnmatch(_base(uri), base)]
+    return base[:base.rfind("/", 0, cut)] + sep + query
 
 
 def download(uri: str, local: str) -> str:

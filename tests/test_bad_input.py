@@ -94,7 +94,7 @@ def test_a_label_kept_in_hive_folder_names_is_named_as_such(tmp, previous_run):
         rows = table.filter(pc.equal(table.column("label"), label)).drop_columns(["label"])
         write(rows, tmp / "data" / f"label={label}" / "part-0.parquet")
     assert_rejected(tmp, previous_run, [tmp / "data"], "'label'", "missing label column",
-                    "partition keys in folder names are not read")
+                    "set partitioning: hive")
 
 
 @pytest.mark.parametrize("column,array,problem", [

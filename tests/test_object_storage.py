@@ -8,10 +8,11 @@ import json
 import logging
 import os
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import DIGITS_CONFIG, POISONED, read_outputs, run_cli, same_rows
+from conftest import DIGITS_CONFIG, POISONED, gaussian_table, read_outputs, run_cli, same_rows, write
 
 KEY_ID, SECRET = "AKIAPGTESTKEY0000001", "pg-secret-Zq81xXr0vWm3"
 
@@ -228,3 +229,36 @@ def test_gcs_retries_are_bounded_unless_the_uri_sets_them():
 
     assert limit("gs://bucket/x.parquet") == datetime.timedelta(seconds=GCS_RETRY_LIMIT_S) == datetime.timedelta(seconds=60)
     assert limit("gs://bucket/x.parquet?retry_limit_seconds=5") == datetime.timedelta(seconds=5)
+
+
+def test_a_hive_partitioned_prefix_reads_its_folder_keys(s3, tmp):
+    client, bucket = s3
+    table = gaussian_table(60, 2, 3)
+    for label in (0, 1):
+        rows = table.filter(pc.equal(table.column("label"), label)).drop_columns(["label"])
+        local = write(rows, tmp / "lake" / "day=2026-11-01" / f"label={label}" / "part-0.parquet")
+        client.upload_file(str(local), bucket, f"lake/day=2026-11-01/label={label}/part-0")  # no .parquet suffix
+    code, _, stderr = run_cli("scan", f"s3://{bucket}/lake/*/*/part-*", "--out", tmp / "run", "--quiet",
+                              "--set", "partitioning=hive")
+    assert code == 0, stderr
+    code, _, stderr = run_cli("scan", tmp / "lake", "--out", tmp / "local_run", "--quiet", "--set", "partitioning=hive")
+    assert code == 0, stderr
+    (clean, held), (local_clean, local_held) = read_outputs(tmp / "run"), read_outputs(tmp / "local_run")
+    assert clean.schema.names[:5] == ["id", "embedding", "note", "weight", "day"] and "label" in clean.schema.names
+    for remote_rows, local_rows in ((clean, local_clean), (held, local_held)):
+        assert sorted(zip(*(remote_rows.column(c).to_pylist() for c in ("id", "label", "day")))) == \
+            sorted(zip(*(local_rows.column(c).to_pylist() for c in ("id", "label", "day"))))
+    inputs = json.loads((tmp / "run" / "summary.json").read_text())["inputs"]
+    assert [i["path"] for i in inputs] == [f"s3://{bucket}/lake/day=2026-11-01/label={label}/part-0" for label in (0, 1)]
+
+
+def test_a_local_copy_keeps_only_the_partition_folders_of_an_object_name():
+    from pathlib import Path
+
+    from poisonguard.errors import InputError
+    from poisonguard.run.remote import _local_below
+
+    assert _local_below("a/../day=1/../../label=2/part-0", "s3://b/x") == Path("day=1/label=2/part-0.parquet")
+    assert _local_below("day=1/..", "s3://b/x") == Path("day=1/part.parquet")
+    with pytest.raises(InputError, match="cannot be a local file name"):
+        _local_below("day=" + "x" * 300 + "/f.parquet", "s3://b/x")

@@ -144,20 +144,37 @@ def _copy_inputs(inputs: list[str], folder: Path) -> tuple[list[str], dict[str, 
             local.append(item)
             continue
         if storage.has_pattern(item):
-            uris = storage.expand(item)
+            uris, root = storage.expand(item), storage.fixed_prefix(item)
         elif storage.kind(item) == "file":
-            uris = [item]
+            uris, root = [item], None
         else:
             uris = storage.list_files(item, "*.parquet") or storage.list_files(item, "**/*.parquet")
+            root = item
         if not uris:
             raise InputError("no Parquet file found here", path=storage.display(item))
         for uri in uris:
-            target = folder / f"{len(names):06d}" / storage.display(uri).rsplit("/", 1)[-1]
+            below = storage.relative(uri, root) if root else storage.display(uri).split("://", 1)[1]
+            target = folder / f"{len(names):06d}" / _local_below(below, uri)
             target.parent.mkdir(parents=True)
             storage.download(uri, str(target))
             names[os.path.realpath(target)] = storage.display(uri)
         local.append(str(folder))
     return list(dict.fromkeys(local)), names
+
+
+def _local_below(below: str, uri: str) -> Path:
+    """The local copy's path under its own folder: the object's ``key=value`` folders (the Hive
+    partition keys ``partitioning: hive`` reads) and its file name (ending .parquet, as the local
+    folder is searched for); nothing else of an attacker-chosen object key (``..``, empty segments)
+    reaches the local path."""
+    *folders, name = below.split("/")
+    name = name if name not in ("", ".", "..") else "part"
+    kept = [part for part in folders if "=" in part] + [name if name.endswith(".parquet") else name + ".parquet"]
+    for part in kept:
+        if "\0" in part or len(part.encode("utf-8", "surrogatepass")) > 255:
+            raise InputError(f"object name part {part[:40]!r}... cannot be a local file name",
+                             path=storage.display(uri))
+    return Path(*kept)
 
 
 class _Mirror:
