@@ -84,6 +84,16 @@ def folders_below(inputs: list[str]) -> dict[str, str]:
 
 def _walk(inputs: list[str]):
     """(real path, folders below the input item) of every file each input names."""
+    for path, below in _walk_items(inputs):
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError("the file's path is not valid UTF-8 (a folder or file name holds other bytes)",
+                             path=path) from None
+        yield path, below
+
+
+def _walk_items(inputs: list[str]):
     for item in inputs:
         if any(ch in item for ch in "*?["):
             matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))

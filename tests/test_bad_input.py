@@ -87,6 +87,16 @@ def test_missing_column(tmp, previous_run, column, role):
     assert_rejected(tmp, previous_run, [tmp / "missing.parquet"], "missing.parquet", f"'{column}'", f"missing {role} column")
 
 
+def test_a_path_that_is_not_utf8_is_exit_2(tmp, previous_run):
+    import os
+    import shutil
+
+    folder = os.fsencode(tmp / "data") + b"/day=\xff"  # a folder name a data supplier chose, not UTF-8
+    os.makedirs(folder)
+    shutil.copy(write(gaussian_table(30, 2, 3), tmp / "ok.parquet"), folder + b"/part-0.parquet")
+    assert_rejected(tmp, previous_run, [tmp / "data"], "day=", "path is not valid UTF-8")
+
+
 def test_a_label_kept_in_hive_folder_names_is_named_as_such(tmp, previous_run):
     table = gaussian_table(30, 2, 3)
     for label in (0, 1):
