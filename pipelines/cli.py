@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="re-render RUN_DIR/report.html", description="Re-render report.html.")
     report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--provenance-log", metavar="FILE",
+                        help="the log whose COMPLETE record the quarantine files are checked against "
+                             "(default: the one the run's summary names)")
 
     suite = sub.add_parser("suite", help="work with expectation suites", description="Work with expectation suites.")
     suite_sub = suite.add_subparsers(dest="suite_command", required=True, metavar="SUITE_COMMAND")
@@ -389,14 +392,39 @@ def _report(args) -> int:
     from poisonguard.workbench import build_table, write_review_csv
 
     summary = _run_summary(args.run_dir)
+    integrity = _check_against_log(args.run_dir, summary, args.provenance_log)
     try:
         table = build_table(args.run_dir, summary, from_log=True)  # with the decisions reviewed since the scan
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"the run's quarantine files are unreadable (changed since the scan?): "
                          f"{str(exc).splitlines()[0][:200]}", path=args.run_dir) from None
     write_review_csv(args.run_dir, table)
-    print(render_report(args.run_dir, table))
+    print(render_report(args.run_dir, table, integrity=integrity))
     return 0
+
+
+def _check_against_log(run_dir: str, summary: dict, log_path: str | None) -> dict:
+    """A re-rendered report shows the quarantine files its COMPLETE record hashed, or says it could not
+    check them (a run folder moved away from its log): exit 2 when they differ, as ``review``."""
+    from pathlib import Path
+
+    from poisonguard import storage
+    from poisonguard.review import check_published
+
+    log_path = log_path or (summary.get("provenance") or {}).get("log")
+    remote = storage.is_remote(log_path)
+    data = storage.read_bytes(log_path) if remote else None
+    if not log_path or (data is None if remote else not os.path.isfile(log_path)):
+        line = (f"quarantine files NOT checked against the provenance log ({log_path or 'none recorded'} is not "
+                "there; pass --provenance-log)")
+        print(f"poisonguard: warning: {line}", file=sys.stderr)
+        return {"checked": False, "line": line}
+    with tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
+        if remote:
+            Path(tmp, "log.jsonl").write_bytes(data)
+        check_published(Path(run_dir), summary["run_id"], str(Path(tmp, "log.jsonl")) if remote else log_path,
+                        "report not rendered")
+    return {"checked": True, "line": f"quarantine files checked against the COMPLETE record in {storage.display(log_path)}"}
 
 
 def _suite_infer(args) -> int:

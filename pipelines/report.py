@@ -103,9 +103,11 @@ def _embeddings(table: pa.Table, summary: dict, run_dir: str) -> np.ndarray | No
                      for v in column.to_pylist()])
 
 
-def render_report(run_dir: str, table: dict | None = None, summary: dict | None = None) -> str:
+def render_report(run_dir: str, table: dict | None = None, summary: dict | None = None,
+                  integrity: dict | None = None) -> str:
     """Write RUN_DIR/report.html and return its path; ``table``: the workbench's quarantine table,
-    ``summary``: the run's summary (read from RUN_DIR/summary.json when not given).  A scan renders it in
+    ``summary``: the run's summary (read from RUN_DIR/summary.json when not given); ``integrity``: a
+    re-render's check of the quarantine files against the log ({checked, line}).  A scan renders it in
     its staging folder, where the score pass's clean-sample candidates still are; a re-render of a
     published run reads the clean rows."""
     from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -140,7 +142,7 @@ def render_report(run_dir: str, table: dict | None = None, summary: dict | None 
         drift=summary.get("drift") or {}, overview=_overview_plot(summary),
         hidden_classes=max(0, len(classes) - len(sections)), table=table,
         proxy_line=proxy_line(summary.get("embedding") or {}),
-        run_to_run=summary.get("run_to_run") or {})
+        run_to_run=summary.get("run_to_run") or {}, integrity=integrity)
     path = os.path.join(run_dir, REPORT)
     Path(path).write_text(page, encoding="utf-8")
     return path

@@ -42,7 +42,7 @@ def read_decisions(path: str) -> list[dict]:
     return [r for r in rows if str(r.get("decision") or "").strip()]
 
 
-def check_published(run: Path, run_id: str, log_path: str) -> None:
+def check_published(run: Path, run_id: str, log_path: str, outcome: str = "nothing applied") -> None:
     """The run's quarantine files must be the ones its COMPLETE record hashed when it was published."""
     complete = [r for r in prov.records(log_path)
                 if r.get("eventType") == "COMPLETE" and r.get("job", {}).get("name") == "scan"
@@ -57,7 +57,7 @@ def check_published(run: Path, run_id: str, log_path: str) -> None:
     for name, path in present.items():
         if sha256_file(str(path)) != recorded[name]:
             raise InputError("changed since the run was published (its hash differs from the COMPLETE record); "
-                             "nothing applied", path=str(path))
+                             f"{outcome}", path=str(path))
 
 
 def apply_review(run_dir: str, decisions_path: str, reviewer: str, state_dir: str, log_path: str) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -60,9 +61,13 @@ def test_report_command_rerenders_the_same_page_from_the_clean_rows(first_scan):
     report = first_scan / "run1" / "report.html"
     page = report.read_text()
     report.unlink()
-    code, stdout, _ = run_cli("report", first_scan / "run1")
-    assert code == 0 and report.exists() and str(report) in stdout
-    assert report.read_text() == page and "class-section" in page
+    code, stdout, stderr = run_cli("report", first_scan / "run1")
+    assert code == 0 and report.exists() and str(report) in stdout and "warning" not in stderr
+    rerendered = report.read_text()
+    line = '<div class="muted" id="integrity">quarantine files checked against the COMPLETE record in '
+    assert line in rerendered and 'id="integrity"' not in page
+    assert re.sub(r'<div class="muted" id="integrity">[^<]*</div>', "", rerendered) == page
+    assert "class-section" in page
 
 
 def _fill(review_csv, decisions):
@@ -172,9 +177,28 @@ def test_report_on_a_damaged_quarantine_file_is_exit_2(first_scan, tmp):
     run = tmp / "run"
     shutil.copytree(first_scan / "run1", run)
     next((run / "quarantine").glob("*.parquet")).write_bytes(b"not parquet")
-    code, _, stderr = run_cli("report", run)
+    code, _, stderr = run_cli("report", run)  # checked against the log the summary names
     assert code == 2, stderr
-    assert "quarantine files are unreadable" in error_lines(stderr)[0]
+    assert "changed since the run was published" in error_lines(stderr)[0] and "report not rendered" in stderr
+    code, _, stderr = run_cli("report", run, "--provenance-log", tmp / "elsewhere.jsonl")  # no log to check against
+    assert code == 2, stderr
+    assert "quarantine files are unreadable" in error_lines(stderr)[0] and "NOT checked" in stderr
+
+
+def test_report_shows_quarantine_rows_only_as_the_log_recorded_them(first_scan, tmp):
+    """Rows taken out of a quarantine file after the scan (to hide them from reviewers) fail the
+    re-render; a run moved away from its log renders with a warning on the page and on stderr."""
+    run = tmp / "run"
+    shutil.copytree(first_scan / "run1", run)
+    part = next((run / "quarantine").glob("*.parquet"))
+    pq.write_table(pq.read_table(part).slice(1), part)
+    code, _, stderr = run_cli("report", run)
+    assert code == 2 and "changed since the run was published" in error_lines(stderr)[0]
+    assert (run / "report.html").read_bytes() == (first_scan / "run1" / "report.html").read_bytes()  # not rewritten
+    shutil.copytree(first_scan / "run1", tmp / "moved")
+    code, _, stderr = run_cli("report", tmp / "moved", "--provenance-log", tmp / "elsewhere.jsonl")
+    assert code == 0 and "NOT checked against the provenance log" in stderr
+    assert '<div class="warn" id="integrity">quarantine files NOT checked' in (tmp / "moved" / "report.html").read_text()
 
 
 @pytest.mark.parametrize("summary,needle", [("{broken", "summary.json is unreadable"),
