@@ -101,6 +101,16 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def scan_page(rerendered: str) -> str:
+    """A re-rendered report.html as the scan wrote it: without the line saying its quarantine files
+    were checked against the log (only ``poisonguard report`` checks; the scan wrote them)."""
+    import re
+
+    checked = '<div class="muted" id="integrity">quarantine files checked against the COMPLETE record in '
+    assert checked in rerendered
+    return re.sub(r'<div class="muted" id="integrity">[^<]*</div>', "", rerendered)
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("poisonguard: error:")]
 

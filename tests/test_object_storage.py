@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
