@@ -34,6 +34,11 @@ plurality rule, so rows on a natural class boundary, whose neighbourhoods are mi
 class where more than ``max_share`` of the rows disagree is not flagged (the labels, not the rows,
 are then in question).
 
+A class of fewer than ``calibration.MIN_CLASS_ROWS`` (20) rows is not judged: a row of a 3-row
+class can never have more than two of its 10 neighbours on its own label, so a rare class beside a
+large one reads as flipped (with 35 such classes beside five of 300 rows, 9 of their 105 rows were
+flagged); the other detectors skip such classes too.
+
 A class is flagged only where its label-inconsistent decision rows are at least ``min_share`` (2%)
 of them: clean classes have a few rows on a natural boundary, inside another class's neighbourhood
 (on the development families' clean controls a median 0.27% of a class where there was any at 0.9,
@@ -161,7 +166,7 @@ import pandas as pd
 from sklearn.utils.validation import check_is_fitted
 
 from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, codes_in, store_params
-from poisonguard.detectors.calibration import NOT_TESTED, ClassDecision, guard_mass_quarantine
+from poisonguard.detectors.calibration import MIN_CLASS_ROWS, NOT_TESTED, ClassDecision, guard_mass_quarantine, too_small
 from poisonguard.detectors.probe import LabelProbe, fit_probe
 from poisonguard.detectors.stats import ClassState
 
@@ -262,7 +267,8 @@ class KnnLabel(PoisonDetector):
                      f"class samples have neither a majority of their own label among their {self.k_} nearest "
                      f"neighbours nor {self.min_disagreement:.0%} of one other label (at most "
                      f"{NEIGHBOURS_SUPPORT:.0%}); the k-NN check runs at full strength"))
-        evidence = (labels, counts, scores, reach, probe)
+        sizes = np.array([states[c].n for c in labels])
+        evidence = (labels, counts, sizes, scores, reach, probe)
         self.decisions_, self.mass_quarantine_ = self._decide_classes(*evidence)
         if supported and self.mass_quarantine_["unreliable"] and not self.mass_quarantine_["accepted"]:
             # at full strength the check would read as mass quarantine: the probe's weakening stands
@@ -280,7 +286,7 @@ class KnnLabel(PoisonDetector):
                                             f"at least {self.min_share_:.0%} of its decision rows")
         return self
 
-    def _decide_classes(self, labels, counts, scores, reach, probe) -> tuple[dict, dict]:
+    def _decide_classes(self, labels, counts, sizes, scores, reach, probe) -> tuple[dict, dict]:
         """Every class's decision from its decision rows' scores at the current thresholds, then the
         mass-quarantine guard: (decisions, the guard's evidence)."""
         decisions = dict(self.decisions_)
@@ -288,7 +294,9 @@ class KnnLabel(PoisonDetector):
         starts = np.concatenate([[0], np.cumsum(counts)])
         hits = np.add.reduceat(scores > threshold, starts[:-1]) if len(scores) else np.zeros(len(labels), int)
         for i, label in enumerate(labels):
-            if self.expected_poison_rate is None and not reach[i] > threshold:
+            if sizes[i] < MIN_CLASS_ROWS:
+                decisions[label] = too_small(int(sizes[i]))
+            elif self.expected_poison_rate is None and not reach[i] > threshold:
                 decisions[label] = self._unreachable(reach[i])
             elif counts[i]:
                 decisions[label] = self._decide_knn(scores[starts[i]:starts[i + 1]], int(hits[i]), threshold)
