@@ -93,8 +93,8 @@ class ConfidentLabel(PoisonDetector):
             share = hits[j] / counts[j]
             self.class_models_[label] = {"threshold_self_confidence": float(self.thresholds_[j])}
             if states[label].n < MIN_CLASS_ROWS:
-                self.decisions_[label] = too_small(states[label].n)
-            elif probe.weak:
+                continue  # too small to judge: its decision was set above
+            if probe.weak:
                 why = "withheld: " + probe.representation["why"]
                 self.decisions_[label] = ClassDecision(False, float("inf"), float("nan"), share, int(counts[j]), why)
             elif hits[j] >= self.min_rows and share <= self.max_share:
