@@ -102,6 +102,21 @@ def part_source(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def input_labels(paths: list[str]) -> list[str]:
+    """How the report and review.csv name each input: its path below the inputs' common folder (a
+    Hive lake's files all share one name: ``day=.../label=.../part-0.parquet`` tells them apart);
+    a lone input, its file name."""
+    import posixpath
+
+    if len(paths) < 2:
+        return [posixpath.basename(p) for p in paths]
+    try:
+        root = posixpath.commonpath(paths)
+    except ValueError:  # a mix of absolute and relative paths: full paths
+        return list(paths)
+    return [posixpath.relpath(p, root) for p in paths]
+
+
 def safe_name(run_id: str) -> str:
     """A run id as it may appear in a file name: itself when already file-safe, else its safe
     characters and a hash of the whole id (so distinct ids never share a name)."""

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from poisonguard import plots
 from poisonguard.run.summary import proxy_line
 from poisonguard.names import CLEAN, DETECTOR, PROXY_MODEL, QUARANTINE, QUARANTINE_REASONS, REPORT, REPORT_SAMPLE, \
-    REVIEW_CONFIRMED, SUMMARY, WORK, detector_reason, part_source, score_column
+    REVIEW_CONFIRMED, SUMMARY, WORK, detector_reason, input_labels, part_source, score_column
 
 MAX_FLAGGED_POINTS = 1500
 MAX_THUMBNAILS = 12
@@ -116,7 +116,7 @@ def render_report(run_dir: str, table: dict | None = None, summary: dict | None 
     params = summary["parameters"]
     cols, report_cfg = params["columns"], params.get("report", {})
     detectors = [d["name"] for d in params["detectors"]]
-    sources = [i["path"] for i in summary["inputs"]]
+    sources = input_labels([i["path"] for i in summary["inputs"]])
     image_col = report_cfg.get("image_column")
     wanted = [cols["id"], cols["label"], cols["embedding"], *(score_column(d) for d in detectors), QUARANTINE_REASONS]
     if params.get("embedding", {}).get("features"):
@@ -209,7 +209,7 @@ def _class_section(label, summary, held, clean, detectors, cols, report_cfg, run
     order = _suspect_order(suspects, active)
     top = suspects.take(order[:top_n]) if suspects.num_rows else suspects
     table_rows = [{
-        "id": row[cols["id"]], "reasons": ", ".join(row[QUARANTINE_REASONS]), "source": os.path.basename(row["_source"]),
+        "id": row[cols["id"]], "reasons": ", ".join(row[QUARANTINE_REASONS]), "source": row["_source"],
         "scores": [("-" if row.get(score_column(d)) is None or not np.isfinite(row[score_column(d)])
                     else f"{row[score_column(d)]:.3g}") for d in active],
     } for row in top.to_pylist()]

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from poisonguard.names import DECISION_STATUS, QUARANTINE, QUARANTINE_REASONS, REPORT, REVIEW_CSV, REVIEW_STATUS, is_added_column, \
-    part_source, score_column
+    input_labels, part_source, score_column
 
 
 # OWASP CSV injection: a cell a spreadsheet would read as a formula gets a leading quote.
@@ -106,14 +106,14 @@ def build_table(run_dir: str, summary: dict, from_log: bool = False) -> dict:
 
     params = summary["parameters"]
     cols, detectors = params["columns"], [d["name"] for d in params["detectors"]]
-    sources = [i["path"] for i in summary["inputs"]]
+    sources = input_labels([i["path"] for i in summary["inputs"]])
     parts = sorted(glob.glob(os.path.join(run_dir, QUARANTINE, "*.parquet")))
     wanted = [cols["id"], cols["label"], QUARANTINE_REASONS, REVIEW_STATUS, *(score_column(d) for d in detectors)]
     tables = []
     for part in parts:
         t = pads.dataset(part, format="parquet").to_table(columns=wanted)
         index = part_source(os.path.basename(part))
-        source = os.path.basename(sources[index]) if index is not None and index < len(sources) else ""
+        source = sources[index] if index is not None and index < len(sources) else ""
         tables.append(t.append_column("_source", pa.array([source] * t.num_rows, pa.string())))
     held = pa.concat_tables(tables) if tables else None
     if held is None or not held.num_rows:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from conftest import error_lines, gaussian_table, read_outputs, run_cli, write
+from conftest import embedding_array, error_lines, gaussian_table, read_outputs, read_review, run_cli, write
 from poisonguard.config import Config
 from poisonguard.errors import InputError
 from poisonguard.io import folders_below, plan_discovered
@@ -30,6 +30,9 @@ def ids(table: pa.Table) -> list[str]:
 @pytest.mark.parametrize("engine", ["memory", "beam"])
 def test_a_partitioned_lake_scans_as_the_table_it_was_cut_from(tmp, engine):
     table = gaussian_table(150, 3, 6)
+    x = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, 6).copy()
+    x[[0, 200]] = 1e7  # two rows past embedding.max_abs_value: quarantined whatever the detectors say
+    table = table.set_column(2, "embedding", embedding_array(x))
     flat = write(table, tmp / "flat.parquet")
     code, _, stderr = run_cli("scan", flat, "--out", tmp / "flat_run", "--quiet")
     assert code == 0, stderr
@@ -45,6 +48,10 @@ def test_a_partitioned_lake_scans_as_the_table_it_was_cut_from(tmp, engine):
     assert all(by_id[i] == label for i, label in zip(clean.column("id").to_pylist(), clean.column("label").to_pylist()))
     summary = json.loads((tmp / "run" / "summary.json").read_text())
     assert summary["counts"]["in"] == table.num_rows and summary["parameters"]["partitioning"] == "hive"
+    # review.csv and the report name each row's file below the lake, not "part-0.parquet" for all
+    sources = {row["source_file"] for row in read_review(tmp / "run" / "review.csv")}
+    assert held.num_rows >= 2 and sources == {"label=0/part-0.parquet", "label=1/part-0.parquet"}  # below day=...
+    assert '"label=0/part-0.parquet"' in (tmp / "run" / "report.html").read_text()  # the quarantine table's data
 
 
 def test_keys_are_read_below_the_input_only_and_typed_without_losing_text(tmp):
