@@ -67,33 +67,32 @@ class InputPlan:
 
 def discover(inputs: list[str]) -> list[str]:
     """Expand files, folders (every *.parquet below) and globs into a sorted, de-duplicated list."""
-    unique = sorted(dict.fromkeys(path for path, _ in _walk(inputs)))  # one file however it is reached
-    if not unique:
+    return _sorted_paths(folders_below(inputs))
+
+
+def _sorted_paths(found: dict[str, str]) -> list[str]:
+    if not found:
         raise InputError("no input files given")
-    return unique
+    return sorted(found)
 
 
 def folders_below(inputs: list[str]) -> dict[str, str]:
-    """Each discovered file's folders below the input that found it (a folder, a pattern's fixed
-    prefix; for a file named directly, the folders as written): where Hive partition keys are read."""
+    """Each discovered file (one entry however it is reached) and its folders below the input that
+    found it (a folder, a pattern's fixed prefix; for a file named directly, the folders as written):
+    where Hive partition keys are read."""
     found: dict[str, str] = {}
     for path, below in _walk(inputs):
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError("the file's path is not valid UTF-8 (a folder or file name holds other bytes)",
+                             path=path) from None
         found.setdefault(path, below)
     return found
 
 
 def _walk(inputs: list[str]):
     """(real path, folders below the input item) of every file each input names."""
-    for path, below in _walk_items(inputs):
-        try:
-            path.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InputError("the file's path is not valid UTF-8 (a folder or file name holds other bytes)",
-                             path=path) from None
-        yield path, below
-
-
-def _walk_items(inputs: list[str]):
     for item in inputs:
         if any(ch in item for ch in "*?["):
             matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
@@ -124,7 +123,8 @@ def _below(path: str, base: str) -> str:
 
 def plan_discovered(inputs: list[str], config: Config) -> InputPlan:
     """``plan_inputs`` over every file the inputs name, with their partition folders where read."""
-    return plan_inputs(discover(inputs), config, folders_below(inputs) if config.partitioning == "hive" else None)
+    found = folders_below(inputs)  # one walk of the inputs for both
+    return plan_inputs(_sorted_paths(found), config, found if config.partitioning == "hive" else None)
 
 
 def plan_inputs(paths: list[str], config: Config, below: dict[str, str] | None = None) -> InputPlan:
