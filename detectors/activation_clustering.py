@@ -52,13 +52,13 @@ class ActivationClustering(PoisonDetector):
                  accept_mass_quarantine: bool = False):
         store_params(self, locals())
 
-    def fit_states(self, states):
+    def fit_states(self, states, *, features=None):
         from threadpoolctl import threadpool_limits
 
         # one limit around every class's k-means: OpenMP threads spin against busy cores and other
         # workers, and entering the limit scans the loaded libraries (3.5 ms: 35 s at 10^4 classes)
         with threadpool_limits(1):
-            return super().fit_states(states)
+            return super().fit_states(states, features=features)
 
     def _fit_classes(self, states):
         if self.reduce != "pca" or len(states) <= MANY_CLASSES:

@@ -19,6 +19,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from poisonguard.detectors.calibration import CANDIDATE, DIFFUSE, MIN_CLASS_ROWS, NOT_TESTED, SMALL_SAMPLE, ClassDecision, \
     gate_by_other_classes, guard_mass_quarantine, separated_minority, too_small, top_fraction
+from poisonguard.detectors.lookalike import lookalike as feature_lookalike
 from poisonguard.detectors.params import validate_params
 from poisonguard.detectors.stats import ClassState, default_keys, states_by_class
 
@@ -64,11 +65,16 @@ class PoisonDetector(BaseEstimator):
         self.classes_ = list(states)
         self.n_features_in_ = next(iter(states.values())).dim if states else 0
 
-    def fit_states(self, states: dict[object, ClassState]):
+    def fit_states(self, states: dict[object, ClassState], *, features: dict[object, ClassState] | None = None):
+        """``features``: the same rows' feature-column states by label, where the engine has them
+        (a proxy's table): a separated group there is asked whether it is another class's rows
+        before it is passed as a natural sub-mode (``detectors.lookalike``)."""
         self._start_fit(states)
         self.class_models_ = {}
         self.decisions_ = {}
         self._states, self._centres = states, None  # other classes, for natural_submode
+        self._features = features or {}
+        self._label_of = {id(state): label for label, state in states.items()}
         rate_mode = self.expected_poison_rate is not None
         models = self._fit_classes({c: s for c, s in states.items() if s.n > 0 and (s.n >= MIN_CLASS_ROWS or rate_mode)})
         for label, state in states.items():
@@ -84,21 +90,21 @@ class PoisonDetector(BaseEstimator):
         self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(
             self.decisions_, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None)
         self.linear_ = self._linear_table()
-        del self._states, self._centres
+        del self._states, self._centres, self._features, self._label_of
         return self
 
-    def _fit_views(self, states, first, second):
+    def _fit_views(self, states, first, second, features=None):
         """Fit every class in a ``first`` view of its rows (the detector reads ``self._view``) and,
         unless ``second`` is None, again in a ``second``; a class suspicious only in the second
         keeps that view's model where the second look clears a higher bar: class z >=
         ``SECOND_LOOK_Z`` among the classes (its diffuse path included) and ``SECOND_LOOK_MIN_ROWS``
         rows.  Other classes keep the first view's model and decision."""
-        models, decisions = self._fit_view(states, first)
+        models, decisions = self._fit_view(states, first, features)
         if second is None or self.expected_poison_rate is not None or \
                 not any(len(s.sample_x) >= SECOND_LOOK_MIN_ROWS for s in states.values()):
             return self  # (no class large enough for the second look: 10^4 small classes pay nothing)
         models, decisions = dict(models), dict(decisions)
-        for label, decision in self._fit_view(states, second)[1].items():
+        for label, decision in self._fit_view(states, second, features)[1].items():
             if (decision.suspicious and not decisions[label].suspicious and decision.rows_tested >= SECOND_LOOK_MIN_ROWS
                     and self.min_class_z is not None and decision.class_z >= max(self.min_class_z, SECOND_LOOK_Z)):
                 models[label] = self.class_models_[label]
@@ -108,10 +114,10 @@ class PoisonDetector(BaseEstimator):
         self.linear_ = self._linear_table()
         return self
 
-    def _fit_view(self, states, view):
+    def _fit_view(self, states, view, features=None):
         self._view = view
         try:
-            PoisonDetector.fit_states(self, states)
+            PoisonDetector.fit_states(self, states, features=features)
         finally:
             del self._view
         return self.class_models_, self.decisions_
@@ -142,7 +148,8 @@ class PoisonDetector(BaseEstimator):
         if decision.suspicious:
             decision = replace(decision, threshold=float(self._untransform(decision.threshold)))
             flagged = scores > decision.threshold
-            submode = natural_submode(decision, state, flagged, self._other_classes, own=own)
+            submode = natural_submode(decision, state, flagged, self._other_classes, own=own,
+                                      lookalike=self._lookalike)
             if submode.suspicious:
                 return model, replace(submode, spread_ratio=_spread_ratio(np.asarray(state.sample_x, np.float64), flagged))
             if past_submode and submode.why.startswith(SUBMODE) and len(state.sample_x) >= PAST_SUBMODE_MIN_ROWS:
@@ -183,6 +190,15 @@ class PoisonDetector(BaseEstimator):
             self._centres = (tested, np.array([s.mean for s in tested]),
                              np.array([max(float(np.trace(s.covariance)), 1e-300) for s in tested]))
         return self._centres
+
+    def _lookalike(self, state: ClassState, group_keys: np.ndarray):
+        """``detectors.lookalike`` for the class whose rows ``state`` holds, where the feature
+        column's states were given (None otherwise)."""
+        label = self._label_of.get(id(state))
+        own = self._features.get(label) if self._features and label is not None else None
+        if own is None:
+            return None
+        return feature_lookalike(own, group_keys, self._features)
 
     def _note_decision_scores(self, model, scores: np.ndarray) -> None:
         """What a detector keeps of its decision rows' scores for a test across classes (none here)."""
@@ -395,7 +411,7 @@ INSIDE_OTHER = 0.5  # ... unless its mean sits this deep inside another class (s
 
 
 def natural_submode(decision: ClassDecision, state: ClassState, flagged: np.ndarray, other_classes,
-                    own: ClassState | None = None) -> ClassDecision:
+                    own: ClassState | None = None, lookalike=None) -> ClassDecision:
     """Cluster shape, not only distance.  A natural sub-mode (two ways of writing a digit, or a
     dataset's augmented copies: one-pixel shifts of every image) is a large sub-population as
     diffuse as the rest of its class, or tighter.  Dirty-label poison from several source classes
@@ -405,7 +421,9 @@ def natural_submode(decision: ClassDecision, state: ClassState, flagged: np.ndar
     tr(cov(rest)) at most ``SUBMODE_MAX_SPREAD`` is taken for a sub-mode and the class is not
     flagged, unless the group sits deep inside another class (its mean within ``INSIDE_OTHER`` of
     that class's mean squared radius: ||g - mu_k||^2 <= 0.5 tr(cov_k)): rows of another class under
-    this label are a targeted label flip, however class-like their spread.
+    this label are a targeted label flip, however class-like their spread.  Where the engine has the
+    feature column's states (a proxy's table), ``lookalike`` asks the same of the features, which a
+    memorising proxy cannot move (``detectors.lookalike``).
 
     Chosen on the development families' class splits (``benchmarks/split_shapes.py``): of the 122
     splits holding 15% or more of their class past the separation test, the 60 tighter than half the
@@ -452,6 +470,11 @@ def natural_submode(decision: ClassDecision, state: ClassState, flagged: np.ndar
         group = x[flagged].mean(axis=0)
         if np.min(((means[others] - group) ** 2).sum(axis=1) / radii[others]) <= INSIDE_OTHER:
             return decision
+    found = lookalike(state if own is None else own, np.asarray(state.sample_keys)[flagged]) if lookalike else None
+    if found is not None:
+        label, r_other, r_own = found
+        return replace(decision, why=f"{decision.why}: in the feature column its rows look like class {label}'s "
+                                     f"(k-NN distance ratio {r_other:.2f}, {r_own:.2f} to the rest of its own class)")
     return replace(decision, suspicious=False, threshold=float("inf"),
                    why=f"{SUBMODE}: {share:.0%} of the class, no more diffuse than the rest "
                        f"(spread ratio {spread:.2f})")

@@ -134,7 +134,7 @@ class KnnDistance(PoisonDetector):
                  max_distance_pairs: int = 100_000_000):
         store_params(self, locals())
 
-    def fit_states(self, states):
+    def fit_states(self, states, *, features=None):
         """The fit's distance work, sum over classes of decision rows x reference rows, is bounded by
         ``max_distance_pairs`` (1e8: 10 classes of 5,000 decision rows and 2,000 reference rows,
         about 2 s): past it both shrink by one factor in every class (to no fewer than
@@ -144,7 +144,7 @@ class KnnDistance(PoisonDetector):
         pairs = float(np.sum(sizes * np.minimum(sizes, self.reference_rows)))
         self._shrink = min(1.0, float(np.sqrt(self.max_distance_pairs / pairs))) if pairs > 0 else 1.0
         try:
-            super().fit_states(states)
+            super().fit_states(states, features=features)
         finally:
             del self._shrink
         if self.expected_poison_rate is None:

@@ -45,9 +45,9 @@ class SpectralSignatures(PoisonDetector):
 
     _second_look = "relative to the pooled within-class covariance"
 
-    def fit_states(self, states):
+    def fit_states(self, states, *, features=None):
         whitener = _pooled_whitener(states) if self.pooled_view else None
-        return self._fit_views(states, None, whitener)
+        return self._fit_views(states, None, whitener, features)
 
     def _fit_class(self, state: ClassState):
         if state.n < 2:

@@ -83,7 +83,7 @@ class Spectre(PoisonDetector):
 
     _second_look = "in all directions"
 
-    def fit_states(self, states):
+    def fit_states(self, states, *, features=None):
         """Each class is tested in its top directions (``explained_variance``) and, with
         ``all_directions``, again in every direction up to the caps (``PoisonDetector._fit_views``).
 
@@ -97,7 +97,7 @@ class Spectre(PoisonDetector):
         width = max(1, min(self.max_components, dim, max((len(s.sample_x) for s in states.values()), default=0) // 5))
         self._pad = width if len(states) > STACKED_MIN_CLASSES and dim * width <= STACKED_MAX_WIDTH else None
         try:
-            self._fit_views(states, self.explained_variance, second)
+            self._fit_views(states, self.explained_variance, second, features)
         finally:
             pad, self._pad = self._pad, None
         self.quadratic_ = None

@@ -234,7 +234,9 @@ def merge_class_states(into: dict[object, ClassState], states) -> dict[object, C
 
 def fit_detectors(states: dict[object, ClassState], config: Config) -> dict[str, PoisonDetector]:
     """Every configured detector fitted on the class states; with feature-column states
-    (``split_views``), confident learning is fitted on those, with a probe of its own."""
+    (``split_views``), confident learning is fitted on those, with a probe of its own, and the
+    other detectors ask them whether a separated group is another class's rows
+    (``detectors.lookalike``)."""
     states, features = split_views(states)
     if len(states) > config.max_classes:
         from poisonguard.errors import InputError
@@ -249,7 +251,7 @@ def fit_detectors(states: dict[object, ClassState], config: Config) -> dict[str,
         users = {name: detectors[name] for name in detectors if name in names}
         probe = shared_probe(ordered, users) if users else None
         fitted.update({name: detector.fit_states(ordered, probe=probe) if name in PROBE_USERS
-                       else detector.fit_states(ordered) for name, detector in users.items()})
+                       else detector.fit_states(ordered, features=features or None) for name, detector in users.items()})
     return {name: fitted[name] for name in detectors}
 
 
