@@ -171,6 +171,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, codes_in, store_params
 from poisonguard.detectors.calibration import MIN_CLASS_ROWS, NOT_TESTED, ClassDecision, guard_mass_quarantine, too_small
+from poisonguard.detectors.feature_votes import MAJORITY, FeatureVotes
 from poisonguard.detectors.probe import LabelProbe, fit_probe
 from poisonguard.detectors.stats import ClassState
 
@@ -204,14 +205,20 @@ class KnnLabel(PoisonDetector):
                  deep_disagreement: float | None = 0.5, weak_min_share: float = 0.03):
         store_params(self, locals())
 
-    def fit_states(self, states: dict[object, ClassState], probe: LabelProbe | None = None):
+    def fit_states(self, states: dict[object, ClassState], probe: LabelProbe | None = None, *,
+                   features: dict[object, ClassState] | None = None):
         """``probe``: the scan's shared linear probe (``detectors.probe``); fitted here when not given
         and ``weak_min_disagreement`` is set.  Where it finds the representation weak, a row needs
         ``weak_min_disagreement`` of its neighbours on one other label instead of ``min_disagreement``,
-        and a class ``weak_min_share`` of its decision rows so instead of ``min_share``."""
+        and a class ``weak_min_share`` of its decision rows so instead of ``min_share``.
+        ``features``: the same rows' feature-column states by label (a proxy's table): a row's score
+        then needs its neighbours in the features to agree (``detectors.feature_votes``), and the
+        score pass reads X as the embedding followed by the feature column."""
         from sklearn.neighbors import NearestNeighbors
 
         self._start_fit(states)
+        self.feature_votes_ = FeatureVotes.fit(states, features, self.reference_size, self.n_neighbors) \
+            if features else None
         if probe is None and self.weak_min_disagreement is not None:
             probe = fit_probe(states, random_state=self.random_state)
         weak = probe is not None and self.weak_min_disagreement is not None and probe.weak
@@ -262,6 +269,11 @@ class KnnLabel(PoisonDetector):
         self.representation_ = {**(probe.representation if probe is not None else {}),
                                 "knn_accuracy": round(accuracy, 4), "knn_unexplained": round(unexplained, 4),
                                 "rows": int(len(scores)), "weak": weak, "effect": "weakened" if weak else None}
+        if self.feature_votes_ is not None:  # (the representation is judged on the embedding's own votes)
+            scores = self.feature_votes_.corroborate(scores, FeatureVotes.rows_of(features, y, keys), y, keys)
+            self.representation_["feature_votes"] = (
+                f"a row counts as label-inconsistent only where at least {MAJORITY:.0%} of its {self.k_} nearest "
+                "rows in the feature column carry other labels")
         supported = weak and unexplained <= NEIGHBOURS_SUPPORT
         if supported:
             self._set_thresholds(False, len(states))
@@ -403,15 +415,19 @@ class KnnLabel(PoisonDetector):
         check_is_fitted(self, "decisions_")
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y)
+        X, F = (X[:, :self.n_features_in_], X[:, self.n_features_in_:]) if X.shape[1] > self.n_features_in_ else (X, None)
+        votes = self.feature_votes_ if F is not None else None
         out = np.full(len(X), np.nan)
         if self.index_ is None:
             return out
         rows = slice(None) if self.score_every_row else np.flatnonzero(np.isfinite(self.thresholds_for(y)))
-        if self.score_every_row or len(rows) == len(X):
-            return self._scores(X, y, sample_keys, neighbours_fn=neighbours_fn)
-        if len(rows):
+        if not self.score_every_row and len(rows) == len(X):
+            rows = slice(None)
+        if isinstance(rows, slice) or len(rows):
             keys = None if sample_keys is None else np.asarray(sample_keys)[rows]
             out[rows] = self._scores(X[rows], y[rows], keys, neighbours_fn=neighbours_fn)
+            if votes is not None:
+                out[rows] = votes.corroborate(out[rows], F[rows], y[rows], keys)
         return out
 
     def _project(self, X):

@@ -210,10 +210,20 @@ FEATURE_VIEW = "features-view"  # key of a class's state of the feature column: 
 FEATURE_VIEW_DETECTORS = ("confident_label",)  # what reads the feature column where label_view is features
 
 
+JOINT_VIEW_DETECTORS = ("knn_label",)  # ... and what reads the embedding followed by the feature column
+
+
 def view_rows(name: str, x: np.ndarray, features: np.ndarray | None) -> np.ndarray:
     """The rows detector ``name`` reads: the feature column for the label checks of the feature view
-    (``features`` given), else the embedding."""
-    return features if features is not None and name in FEATURE_VIEW_DETECTORS else x
+    (``features`` given), the embedding and the feature column side by side for the k-NN label
+    check (``detectors.feature_votes``), else the embedding."""
+    if features is None:
+        return x
+    if name in FEATURE_VIEW_DETECTORS:
+        return features
+    if name in JOINT_VIEW_DETECTORS:
+        return np.hstack([np.asarray(x, dtype=np.float32), np.asarray(features, dtype=np.float32)])
+    return x
 
 
 def split_views(states: dict) -> tuple[dict, dict]:
@@ -245,13 +255,15 @@ def fit_detectors(states: dict[object, ClassState], config: Config) -> dict[str,
                          column=config.columns.label)
     detectors = {det.name: make_detector(det.name, **config.detector_params(det)) for det in config.detectors}
     on_features = {name for name in detectors if features and name in FEATURE_VIEW_DETECTORS}
+    ordered_features = dict(sorted(features.items(), key=lambda kv: (str(type(kv[0])), kv[0]))) if features else None
+    extra = lambda name: {"features": ordered_features} if ordered_features and name not in on_features else {}
     fitted = {}
     for view, names in ((states, set(detectors) - on_features), (features, on_features)):
         ordered = dict(sorted(view.items(), key=lambda kv: (str(type(kv[0])), kv[0])))
         users = {name: detectors[name] for name in detectors if name in names}
         probe = shared_probe(ordered, users) if users else None
-        fitted.update({name: detector.fit_states(ordered, probe=probe) if name in PROBE_USERS
-                       else detector.fit_states(ordered, features=features or None) for name, detector in users.items()})
+        fitted.update({name: detector.fit_states(ordered, probe=probe, **extra(name)) if name in PROBE_USERS
+                       else detector.fit_states(ordered, **extra(name)) for name, detector in users.items()})
     return {name: fitted[name] for name in detectors}
 
 
