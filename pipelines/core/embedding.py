@@ -54,7 +54,8 @@ def label_view(choice: str, source: str, layout: str | None) -> str:
     were given; the features never saw a label.  On the development table source (breast cancer,
     ``benchmarks/families.py proxy``) this took label flips from F1 0.13-0.15 to 0.83-0.88; the
     backdoor detectors keep the proxy, where triggers separate (the k-NN check too: on raw features
-    it flagged 1.6% of clean rows, boundary rows)."""
+    alone it flagged 1.6% of clean rows, boundary rows; it takes their vote, ``detectors.feature_votes``,
+    and the sub-mode rule asks them too, ``detectors.lookalike``)."""
     if choice != "auto":
         return choice
     return "features" if source == "proxy" and layout == "table" else "embedding"
