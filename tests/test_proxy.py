@@ -263,6 +263,16 @@ def _flipped_table(tmp):
     return write(table, tmp / "flipped.parquet"), truth
 
 
+def _every_score(run) -> dict:
+    """Each detector's score of every row (clean and quarantined), by id."""
+    import pyarrow.dataset as ds
+
+    parts = [ds.dataset(str(run / part), format="parquet") for part in ("clean", "quarantine")]
+    columns = ["id"] + [name for name in parts[1].schema.names if name.startswith("score_")]
+    table = pa.concat_tables([part.to_table(columns=columns) for part in parts]).sort_by("id")
+    return {name: table[name].to_numpy(zero_copy_only=False) for name in columns[1:]}
+
+
 def _confident_flags(run) -> np.ndarray:
     import pyarrow.dataset as ds
 
@@ -279,10 +289,15 @@ def test_on_a_table_confident_learning_reads_the_features_the_proxy_never_fitted
     feature column (label_view auto -> features) still finds them, on both engines alike."""
     path, truth = _flipped_table(tmp)
     proxy = ["--set", "embedding.source=proxy", "--set", "embedding.features=f", "--set", "embedding.device=cpu"]
+    # the k-NN label check scores every row, so that its feature vote shows where no class is flagged
+    every = [d.model_dump() for d in Config().detectors]
+    next(d for d in every if d["name"] == "knn_label")["params"]["score_every_row"] = True
+    (tmp / "every.yaml").write_text(json.dumps({"detectors": every}))
     runs = {}
     for name, extra in (("features", []), ("beam", ["--engine", "beam"]),
                         ("embedding", ["--set", "embedding.label_view=embedding"])):
-        code, _, stderr = run_cli("scan", path, "--out", tmp / name, "--quiet", *proxy, *extra)
+        code, _, stderr = run_cli("scan", path, "--out", tmp / name, "--quiet", "--config", tmp / "every.yaml",
+                                  *proxy, *extra)
         assert code in (0, 1), stderr
         runs[name] = _confident_flags(tmp / name)
     summary = json.loads((tmp / "features" / "summary.json").read_text())
@@ -291,6 +306,13 @@ def test_on_a_table_confident_learning_reads_the_features_the_proxy_never_fitted
     assert found[truth].mean() >= 0.6 and found[~truth].mean() <= 0.01
     assert np.array_equal(runs["beam"], found)
     assert runs["embedding"][truth].mean() <= 0.3  # the memorising proxy hides them
+    # every detector's score of every row alike on both engines, the k-NN check's feature vote included
+    scores = {name: _every_score(tmp / name) for name in runs}
+    assert scores["features"].keys() == scores["beam"].keys()
+    for column, values in scores["features"].items():
+        assert np.array_equal(values, scores["beam"][column], equal_nan=True), column
+    voted, alone = scores["features"]["score_knn_label"], scores["embedding"]["score_knn_label"]
+    assert np.isfinite(voted).all() and (voted < alone).any()  # the vote lowered rows the features disown
 
 
 def test_the_feature_view_needs_a_feature_column():
