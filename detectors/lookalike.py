@@ -67,22 +67,38 @@ def _ratio(group: np.ndarray, ref: np.ndarray) -> float:
     return float(np.median(kth_distances(group, ref, k))) / spacing
 
 
+def pooled_scale(features: dict) -> np.ndarray:
+    """Each feature's standard deviation over every class's rows (from the mergeable moments:
+    within-class variance plus the spread of the class means), 1 where a feature is constant."""
+    states = [s for s in features.values() if s.n > 0]
+    n = np.array([s.n for s in states], dtype=np.float64)
+    means = np.stack([np.asarray(s.mean, dtype=np.float64) for s in states])
+    within = np.stack([np.diag(s.covariance) for s in states])
+    centre = n @ means / n.sum()
+    variance = (n @ within + n @ (means - centre) ** 2) / n.sum()
+    scale = np.sqrt(np.maximum(variance, 0.0))
+    return np.where(scale > 1e-12, scale, 1.0)
+
+
 def lookalike(own, group_keys: np.ndarray, features: dict) -> tuple[object, float, float] | None:
     """(the class whose rows the group looks like, r_c, r_own), or None.  ``own``: the feature
     column's state of the group's class; ``group_keys``: the sample keys of the group's rows;
-    ``features``: every class's feature-column state, by label."""
-    x = np.asarray(own.sample_x, dtype=np.float64)
+    ``features``: every class's feature-column state, by label.  Distances are read in
+    standardised features (``pooled_scale``), so that a column in large units does not drown the rest."""
     in_group = np.isin(own.sample_keys, group_keys)
     if in_group.sum() < 2 or (~in_group).sum() < N_NEIGHBORS + 1:
         return None
-    group, rest = x[in_group], x[~in_group]
     others = [(label, state) for label, state in features.items()
               if state is not own and len(state.sample_x) > N_NEIGHBORS]
     if not others:
         return None
+    scale = pooled_scale(features)
+    x = np.asarray(own.sample_x, dtype=np.float64) / scale
+    group, rest = x[in_group], x[~in_group]
     centre = group.mean(axis=0)
-    others.sort(key=lambda ls: float(((np.asarray(ls[1].mean) - centre) ** 2).sum()))
-    ratios = [(label, _ratio(group, np.asarray(state.sample_x))) for label, state in others[:CANDIDATES]]
+    others.sort(key=lambda ls: float(((np.asarray(ls[1].mean) / scale - centre) ** 2).sum()))
+    ratios = [(label, _ratio(group, np.asarray(state.sample_x, dtype=np.float64) / scale))
+              for label, state in others[:CANDIDATES]]
     ratios = [(label, r) for label, r in ratios if np.isfinite(r)]
     if not ratios:
         return None

@@ -56,9 +56,25 @@ def test_a_submode_that_is_a_submode_in_the_features_too_stays_unflagged(cls):
 def test_the_ratios_read_exchangeable_near_one_and_apart_far_above():
     emb, feats, group = _classes("class1")
     label, r_other, r_own = lookalike(feats[0], group, feats)
-    assert label == 1 and 0.7 <= r_other <= 1.5 and r_own >= 3.0
+    assert label == 1 and 0.7 <= r_other <= 1.5 and r_own >= 2.5  # (in standardised features)
     emb, feats, group = _classes("apart")
     assert lookalike(feats[0], group, feats) is None
+
+
+def test_a_column_in_large_units_does_not_drown_the_others():
+    """Features as a user's table holds them (one column in units a thousand times the rest): the
+    ratios are those of the standardised features."""
+    from poisonguard.detectors import states_by_class as by_class
+
+    emb, feats, group = _classes("class1")
+    scaled = {}
+    for label, state in feats.items():
+        x = np.asarray(state.sample_x, dtype=np.float64).copy()
+        x[:, 0] *= 1000.0
+        scaled.update(by_class(x.astype(np.float32), np.full(len(x), label), state.sample_keys, 5000))
+    plain, large = lookalike(feats[0], group, feats), lookalike(scaled[0], group, scaled)
+    assert large is not None and large[0] == plain[0] == 1
+    assert np.allclose(large[1:], plain[1:], rtol=0.05)
 
 
 def test_the_core_hands_the_feature_columns_states_to_the_cluster_detectors():
