@@ -114,7 +114,11 @@ def read_training_sample(plan, config) -> tuple[np.ndarray, np.ndarray]:
             keep &= ok
             xs.append(x[keep])
             ys.append(np.asarray(batch.column(1).to_numpy(zero_copy_only=False))[keep])
-    return np.concatenate(xs), np.concatenate(ys)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    if not len(x):
+        raise InputError("no row has a label and a finite value in every feature: nothing to train the proxy on",
+                         path=plan.files[0].path if len(plan.files) == 1 else None, column=emb.features)
+    return x, y
 
 
 def train_proxy(plan, config, out_path: str) -> dict:

@@ -318,3 +318,18 @@ def test_on_a_table_confident_learning_reads_the_features_the_proxy_never_fitted
 def test_the_feature_view_needs_a_feature_column():
     with pytest.raises(ValueError, match="label_view features needs a feature column"):
         Config.model_validate({"embedding": {"label_view": "features"}})
+
+
+def test_no_row_with_finite_features_is_exit_2_naming_the_file_and_column(tmp):
+    """Every row's feature column holds a NaN somewhere: the proxy has nothing to train on (was a
+    ValueError from the training loop, exit 3)."""
+    x = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    x[:, 3] = np.nan
+    table = pa.table({"id": pa.array([f"r{i}" for i in range(60)]), "label": pa.array(np.arange(60) % 3),
+                      "f": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 8)})
+    path = write(table, tmp / "nan.parquet")
+    code, _, stderr = run_cli("scan", path, "--out", tmp / "run", "--set", "embedding.source=proxy",
+                              "--set", "embedding.features=f", "--set", "embedding.device=cpu")
+    line = [ln for ln in stderr.splitlines() if "nothing to train the proxy on" in ln]
+    assert code == 2 and line and "nan.parquet" in line[0] and "'f'" in line[0], stderr
+    assert not (tmp / "run").exists() and "Traceback" not in stderr
