@@ -302,6 +302,11 @@ def test_on_a_table_confident_learning_reads_the_features_the_proxy_never_fitted
         runs[name] = _confident_flags(tmp / name)
     summary = json.loads((tmp / "features" / "summary.json").read_text())
     assert summary["embedding"]["layout"]["kind"] == "table" and summary["embedding"]["label_view"] == "features"
+    votes = summary["detectors"]["knn_label"]["representation"]["feature_votes"]
+    assert "nearest rows in the feature column" in votes  # and the reviewer's page says so
+    assert f'id="feature-votes-knn_label">Label check knn_label, corroborated by the feature column: {votes}' in \
+        (tmp / "features" / "report.html").read_text()
+    assert "feature-votes" not in (tmp / "embedding" / "report.html").read_text()
     found = runs["features"]
     assert found[truth].mean() >= 0.6 and found[~truth].mean() <= 0.01
     assert np.array_equal(runs["beam"], found)
