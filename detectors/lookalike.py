@@ -73,7 +73,7 @@ def pooled_scale(features: dict) -> np.ndarray:
     states = [s for s in features.values() if s.n > 0]
     n = np.array([s.n for s in states], dtype=np.float64)
     means = np.stack([np.asarray(s.mean, dtype=np.float64) for s in states])
-    within = np.stack([np.diag(s.covariance) for s in states])
+    within = np.stack([s.variance for s in states])
     centre = n @ means / n.sum()
     variance = (n @ within + n @ (means - centre) ** 2) / n.sum()
     scale = np.sqrt(np.maximum(variance, 0.0))

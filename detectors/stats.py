@@ -95,6 +95,15 @@ class ClassState:
             return np.zeros((self.dim, self.dim))
         return self.scatter() / self.n
 
+    @property
+    def variance(self) -> np.ndarray:
+        """The covariance's diagonal, without forming the d x d matrix while the state is exact."""
+        if self.n == 0:
+            return np.zeros(self.dim)
+        if self.m2 is not None:
+            return np.diag(self.m2) / self.n
+        return ((self.sample_x.astype(np.float64) - self.mean) ** 2).sum(axis=0) / self.n
+
 
 def _bottom_k(keys: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k rows with the smallest keys, sorted by (key, row bytes) so ties are order-free."""

@@ -212,6 +212,9 @@ def test_chan_merge_equals_direct_moments_and_sample_is_order_free():
         np.testing.assert_allclose(merged.covariance, np.cov(x.astype(np.float64).T, bias=True), rtol=1e-10, atol=1e-10)
         np.testing.assert_array_equal(merged.sample_keys, whole.sample_keys)
         np.testing.assert_array_equal(merged.sample_x, whole.sample_x)
+        np.testing.assert_allclose(merged.variance, x.astype(np.float64).var(0), rtol=1e-10)
+    exact = ClassState.from_block(x[:300], keys[:300], 500)  # every row in the sample: no scatter matrix kept
+    assert exact.exact and np.allclose(exact.variance, np.diag(exact.covariance), rtol=1e-12)
 
 
 @pytest.mark.parametrize("cls", [SpectralSignatures, ActivationClustering])
