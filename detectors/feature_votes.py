@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from poisonguard.detectors.stats import ClassState
+from poisonguard.detectors.stats import ClassState, pooled_moments
 
 MAJORITY = 0.5
 MAX_DIRECT_COLUMNS = 64  # wider feature columns are searched in their top principal components
@@ -59,9 +59,7 @@ class FeatureVotes:
         if not xs or sum(len(x) for x in xs) <= n_neighbors + 1:
             return None
         reference = np.concatenate(xs)
-        centre = reference.mean(axis=0)
-        scale = reference.std(axis=0)
-        scale[~(scale > 1e-12)] = 1.0
+        centre, scale = pooled_moments(features[label] for label in labels)
         basis = None
         if reference.shape[1] > MAX_DIRECT_COLUMNS:
             from poisonguard.detectors.base import top_eigh

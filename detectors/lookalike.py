@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from poisonguard.detectors.stats import pooled_moments
+
 N_NEIGHBORS = 10
 LOOKALIKE_RATIO = 1.5  # r_c(G) at most this: G's rows as dense among class c's as c's own rows
 LOOKALIKE_APART = 2.0  # r_own(G) at least this many times r_c(G): G sits apart from its own class
@@ -67,24 +69,11 @@ def _ratio(group: np.ndarray, ref: np.ndarray) -> float:
     return float(np.median(kth_distances(group, ref, k))) / spacing
 
 
-def pooled_scale(features: dict) -> np.ndarray:
-    """Each feature's standard deviation over every class's rows (from the mergeable moments:
-    within-class variance plus the spread of the class means), 1 where a feature is constant."""
-    states = [s for s in features.values() if s.n > 0]
-    n = np.array([s.n for s in states], dtype=np.float64)
-    means = np.stack([np.asarray(s.mean, dtype=np.float64) for s in states])
-    within = np.stack([s.variance for s in states])
-    centre = n @ means / n.sum()
-    variance = (n @ within + n @ (means - centre) ** 2) / n.sum()
-    scale = np.sqrt(np.maximum(variance, 0.0))
-    return np.where(scale > 1e-12, scale, 1.0)
-
-
 def lookalike(own, group_keys: np.ndarray, features: dict) -> tuple[object, float, float] | None:
     """(the class whose rows the group looks like, r_c, r_own), or None.  ``own``: the feature
     column's state of the group's class; ``group_keys``: the sample keys of the group's rows;
     ``features``: every class's feature-column state, by label.  Distances are read in
-    standardised features (``pooled_scale``), so that a column in large units does not drown the rest."""
+    standardised features (``stats.pooled_moments``), so that a column in large units does not drown the rest."""
     in_group = np.isin(own.sample_keys, group_keys)
     if in_group.sum() < 2 or (~in_group).sum() < N_NEIGHBORS + 1:
         return None
@@ -92,7 +81,7 @@ def lookalike(own, group_keys: np.ndarray, features: dict) -> tuple[object, floa
               if state is not own and len(state.sample_x) > N_NEIGHBORS]
     if not others:
         return None
-    scale = pooled_scale(features)
+    _, scale = pooled_moments(features.values())
     x = np.asarray(own.sample_x, dtype=np.float64) / scale
     group, rest = x[in_group], x[~in_group]
     centre = group.mean(axis=0)

@@ -105,6 +105,19 @@ class ClassState:
         return ((self.sample_x.astype(np.float64) - self.mean) ** 2).sum(axis=0) / self.n
 
 
+def pooled_moments(states) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and standard deviation of each column over every class's rows (within-class variance
+    plus the spread of the class means), the deviation 1 where a column is constant: what
+    standardises a view for a distance read across classes."""
+    states = [s for s in states if s.n > 0]
+    n = np.array([s.n for s in states], dtype=np.float64)
+    means = np.stack([np.asarray(s.mean, dtype=np.float64) for s in states])
+    centre = n @ means / n.sum()
+    variance = (n @ np.stack([s.variance for s in states]) + n @ (means - centre) ** 2) / n.sum()
+    scale = np.sqrt(np.maximum(variance, 0.0))
+    return centre, np.where(scale > 1e-12, scale, 1.0)
+
+
 def _bottom_k(keys: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k rows with the smallest keys, sorted by (key, row bytes) so ties are order-free."""
     if len(keys) > k:
