@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from poisonguard.core import copies
 from poisonguard.config import Config, load_config, validated
 from poisonguard.names import QUARANTINE_REASONS, RUN_ID, SCREEN_ROW, is_added_column
 
@@ -136,6 +137,7 @@ def screen(data, y=None, config: Config | str | dict | None = None, *, ids=None,
     rows = rows.sort_values(SCREEN_ROW).drop(columns=SCREEN_ROW).reset_index(drop=True)  # the input's order
     rows = rows.rename(columns={QUARANTINE_REASONS: "reasons"})
     return Findings(rows, _class_table(result.fit), {"counts": result.counts, "detectors": result.fit,
+                                                     "copies": copies.summary(result.copies, result.counts),
                                                      "embedding": embedding})
 
 

@@ -83,7 +83,7 @@ def _eligible(sizes: dict, limit: int) -> list:
 def embedding_power(plan, config: Config, rows_per_item: int) -> dict:
     from poisonguard.engines import memory
 
-    states, _ = memory.fit_pass(Screener(config, plan), rows_per_item)
+    states, _, _ = memory.fit_pass(Screener(config, plan), rows_per_item)
     return power_of(states, config)
 
 

@@ -31,6 +31,7 @@ class RowBlock:
     released: np.ndarray | None = None  # rows a reviewer released: detector flags do not apply
     model_rows: int = 0  # rows this block ran through an embedding model (model and proxy modes)
     features: np.ndarray | None = None  # float32 feature column, where confident learning reads it (label_view)
+    copies: tuple[np.ndarray, np.ndarray] | None = None  # rows with an exact copy, and those whose copies' labels differ
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -4,7 +4,7 @@ Beam-free and engine-agnostic.  Both engines (``poisonguard.engines.memory`` and
 ``poisonguard.engines.beam``) only move Arrow tables to a ``Screener`` and its results back:
 
 * pass 1, per block: built-in checks and embedding (``make_block``), then the mergeable per-class
-  state and the id hashes (``fit_part``), merged with ``merge_class_states`` and fitted by
+  state, the id hashes and the rows' content hashes (``fit_part``, ``core.copies``), merged with ``merge_class_states`` and fitted by
   ``fit_detectors``;
 * pass 2, per block: built-in checks, the suite and review decisions (``validate``), every
   detector's scores and flags (``score``), the split into output tables and statistics (``split``).
@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from poisonguard.config import Config
 from poisonguard.core.block import RowBlock, builtin_block
+from poisonguard.core.copies import CopyGroups, content_hashes, labelled_hashes
 from poisonguard.detectors import ClassState, PoisonDetector, make_detector
 from poisonguard.detectors.base import label_codes
 from poisonguard.detectors.stats import states_of_block
@@ -31,19 +32,23 @@ from poisonguard.names import DECISION_STATUS, ID_DUPLICATE, ID_MISSING, LABEL_M
 
 @dataclass
 class FitPart:
-    """What pass 1 takes from one block: per-class states and the hashes of its non-null ids."""
+    """What pass 1 takes from one block: per-class states, the hashes of its non-null ids, and the
+    (content, labelled) hash pair of each scorable row (``core.copies``)."""
 
     states: list[tuple[object, ClassState]]
     id_hashes: np.ndarray
+    copy_pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.uint64))
 
 
 @dataclass
 class Fitted:
-    """Pass 1's result, the side input of pass 2: fitted detectors and duplicated id hashes."""
+    """Pass 1's result, the side input of pass 2: fitted detectors, duplicated id hashes and the
+    groups of exact copies."""
 
     detectors: dict[str, PoisonDetector]
     duplicate_ids: np.ndarray
     class_rows: dict = field(default_factory=dict)  # rows per class (the report sample's key bounds)
+    copies: CopyGroups = field(default_factory=CopyGroups)
 
 
 class Screener:
@@ -131,8 +136,11 @@ class Screener:
 
     # ---- pass 1 ------------------------------------------------------------------------------
     def fit_part(self, block: RowBlock) -> FitPart:
+        ok = block.scorable
+        content = content_hashes(block.x[ok])
         return FitPart(class_states(block, self.config.max_fit_rows_per_class),
-                       block.id_hash[~block.mask(ID_MISSING)])
+                       block.id_hash[~block.mask(ID_MISSING)],
+                       np.column_stack([content, labelled_hashes(content, block.labels[ok])]))
 
     # ---- pass 2 ------------------------------------------------------------------------------
     def validate(self, table: pa.Table, block: RowBlock) -> list[str]:
@@ -150,6 +158,7 @@ class Screener:
         return warnings
 
     def score(self, block: RowBlock, fitted: Fitted) -> dict[str, np.ndarray]:
+        mark_copies(block, fitted.copies)
         return score_block(block, fitted.detectors, fitted.duplicate_ids, self.scorer)
 
     @property
@@ -282,6 +291,16 @@ def shared_probe(states: dict[object, ClassState], detectors: dict[str, PoisonDe
     return fit_probe(states, random_state=detectors["knn_label"].random_state)
 
 
+def mark_copies(block: RowBlock, copies: CopyGroups) -> None:
+    """Which scorable rows of the block are exact copies of another row (pass 1's groups), and which
+    of those copies disagree on the label: counted by ``block_stats``, not a reason."""
+    ok = np.flatnonzero(block.scorable)
+    copied, conflicting = np.zeros(len(block), bool), np.zeros(len(block), bool)
+    if len(copies.hashes) and len(ok):
+        copied[ok], conflicting[ok] = copies.marks(content_hashes(block.x[ok]))
+    block.copies = (copied, conflicting)
+
+
 def duplicate_hashes(hashes: np.ndarray) -> np.ndarray:
     values, counts = np.unique(hashes, return_counts=True)
     return values[counts > 1]
@@ -365,11 +384,20 @@ def block_stats(block: RowBlock, warnings: list[str] | None = None) -> dict:
         "classes": classes,
         "batch_warnings": dict(Counter(warnings or [])),
         "model_rows_in_score_pass": block.model_rows,
+        **_copy_stats(block, quarantined),
         "review": {
             "released": int(0 if block.released is None else (block.released & ~quarantined).sum()),
             "confirmed": int(block.mask(REVIEW_CONFIRMED).sum()),
         },
     }
+
+
+def _copy_stats(block: RowBlock, quarantined: np.ndarray) -> dict:
+    if block.copies is None:
+        return {}
+    copied, conflicting = block.copies
+    return {"copies": {"rows": int(copied.sum()), "quarantined": int((copied & quarantined).sum()),
+                       "conflicting_label_quarantined": int((conflicting & quarantined).sum())}}
 
 
 def _count_by(labels: np.ndarray, quarantined: np.ndarray):

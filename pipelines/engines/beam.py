@@ -17,6 +17,7 @@ import pyarrow as pa
 from apache_beam.pvalue import AsSingleton
 
 from poisonguard import io as pio
+from poisonguard.core.copies import BUCKETS as COPY_BUCKETS, CopyGroups
 from poisonguard.core.screening import Fitted, Screener, duplicate_hashes, fit_detectors, fit_report, \
     merge_class_states, merge_stats, split_views
 from poisonguard.core.threads import blas_threads, limit_worker
@@ -71,8 +72,9 @@ class ReadDataset(beam.PTransform):
 
 
 class _FitPass(beam.DoFn):
-    """Per-class states and id hashes as ("state", label, state) and ("ids", bucket, hashes) elements,
-    merged across the bundle and emitted once per class and bucket.
+    """Per-class states, id hashes and the rows' (content, labelled) hash pairs as ("state", label,
+    state), ("ids", bucket, hashes) and ("copies", bucket, pairs) elements, merged across the bundle
+    and emitted once per class and bucket.
 
     Emitting one state per batch would let the runner materialise every batch's sample (a copy of
     the embeddings) before the combine; merging in the bundle bounds what leaves a worker by
@@ -92,6 +94,7 @@ class _FitPass(beam.DoFn):
     def start_bundle(self):
         self.states: dict = {}
         self.ids: dict[int, list[np.ndarray]] = {}
+        self.copies: dict[int, list[np.ndarray]] = {}
 
     def process(self, element):
         item, first_row, table = element
@@ -102,6 +105,9 @@ class _FitPass(beam.DoFn):
         buckets = part.id_hashes % HASH_BUCKETS
         for bucket in np.unique(buckets):
             self.ids.setdefault(int(bucket), []).append(part.id_hashes[buckets == bucket])
+        buckets = part.copy_pairs[:, 0] % COPY_BUCKETS
+        for bucket in np.unique(buckets):
+            self.copies.setdefault(int(bucket), []).append(part.copy_pairs[buckets == bucket])
         if self.per_batch:
             yield from self._drain()
 
@@ -116,7 +122,9 @@ class _FitPass(beam.DoFn):
             yield "state", label, state
         for bucket, parts in self.ids.items():
             yield "ids", bucket, np.concatenate(parts)
-        self.states, self.ids = {}, {}
+        for bucket, parts in self.copies.items():
+            yield "copies", bucket, np.concatenate(parts)
+        self.states, self.ids, self.copies = {}, {}, {}
 
 
 class _MergeStates(beam.CombineFn):
@@ -134,7 +142,8 @@ class _MergeStates(beam.CombineFn):
 
 
 class FitDetectors(beam.PTransform):
-    """Batches -> (Fitted: detectors and duplicated id hashes, per-class moments), one element each."""
+    """Batches -> (Fitted: detectors, duplicated id hashes and groups of exact copies; per-class
+    moments), one element each."""
 
     def __init__(self, screener: Screener, staging: str, per_batch: bool = False):
         super().__init__()
@@ -166,7 +175,16 @@ class FitDetectors(beam.PTransform):
             | "AllDups" >> beam.combiners.ToList()
             | "Concat" >> beam.Map(lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.uint64))
         )
-        fitted = detectors | "WithDups" >> beam.Map(lambda fit, dups: Fitted(fit[0], dups, fit[1]), AsSingleton(dups))
+        copies = (
+            parts
+            | "CopyPairs" >> beam.FlatMap(lambda e: [(e[1], e[2])] if e[0] == "copies" else [])
+            | "CopiesByBucket" >> beam.GroupByKey()
+            | "CopiesInBucket" >> beam.Map(lambda kv: CopyGroups.of_pairs(np.concatenate(list(kv[1]))))
+            | "AllCopies" >> beam.combiners.ToList()
+            | "UnionCopies" >> beam.Map(CopyGroups.union)
+        )
+        fitted = detectors | "WithDups" >> beam.Map(lambda fit, dups, copies: Fitted(fit[0], dups, fit[1], copies),
+                                                     AsSingleton(dups), AsSingleton(copies))
         return fitted, moments
 
 
@@ -292,6 +310,7 @@ def build_scan(pipeline: beam.Pipeline, screener: Screener, staging: str, run_id
     (
         (counts | "TagCounts" >> beam.Map(lambda c: ("counts", c)),
          fitted | "TagFit" >> beam.Map(lambda f: ("fit", fit_report(f.detectors))),
+         fitted | "TagCopies" >> beam.Map(lambda f: ("copies", f.copies.report())),
          moments | "TagMoments" >> beam.Map(lambda m: ("moments", m)))
         | "AllResults" >> beam.Flatten()
         | "SaveResults" >> beam.MapTuple(lambda key, value: save_result(staging, key, value))

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from poisonguard.core.copies import CopyGroups
 from poisonguard.core.screening import Fitted, Screener, duplicate_hashes, fit_detectors, fit_report, \
     merge_class_states, merge_stats, split_views
 from poisonguard.core.threads import blas_threads
@@ -43,10 +44,11 @@ def _batches(screener: Screener, columns: list[str] | None, rows_per_item: int, 
 
 
 def fit_pass(screener: Screener, rows_per_item: int):
-    """Pass 1: per-class mergeable states and the hashes of every non-null id."""
+    """Pass 1: per-class mergeable states, the hashes of every non-null id, and the groups of exact
+    copies among the scorable rows."""
     cols, config = screener.config.columns, screener.config
     progress = Progress("fit pass", screener.plan.total_rows)
-    states, hashes = {}, []
+    states, hashes, pairs = {}, [], []
     # (model and proxy mode keep pass 1's batches: their spilled embeddings are keyed by them)
     width = screener.plan.dim if config.embedding.source == "column" else screener.plan.n_features
     fit_rows = config.batch_size if screener.spill_dir else max(config.batch_size, FIT_BATCH_VALUES // max(width or 128, 1))
@@ -55,8 +57,10 @@ def fit_pass(screener: Screener, rows_per_item: int):
         part = screener.fit_part(screener.make_block(table, file_index, first_row))
         merge_class_states(states, part.states)
         hashes.append(part.id_hashes)
+        pairs.append(part.copy_pairs)
         progress.add(table.num_rows)
-    return states, (np.concatenate(hashes) if hashes else np.zeros(0, np.uint64))
+    copies = CopyGroups.of_pairs(np.concatenate(pairs)) if pairs else CopyGroups()
+    return states, (np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)), copies
 
 
 def run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tuple[EngineResult, Fitted]:
@@ -70,9 +74,10 @@ def run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tupl
 def _run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tuple[EngineResult, Fitted]:
     config, plan = screener.config, screener.plan
     with phase("fit"):
-        states, hashes = fit_pass(screener, rows_per_item)
+        states, hashes, copies = fit_pass(screener, rows_per_item)
         classes = split_views(states)[0]
-        fitted = Fitted(fit_detectors(states, config), duplicate_hashes(hashes), {c: s.n for c, s in classes.items()})
+        fitted = Fitted(fit_detectors(states, config), duplicate_hashes(hashes), {c: s.n for c, s in classes.items()},
+                        copies)
         bounds = screener.report_bounds(fitted)
 
     counts: dict = {}
@@ -86,4 +91,4 @@ def _run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tup
             write(file_index, first_row, clean, held, screener.report_candidates(clean, bounds))
             counts = merge_stats(counts, stats)
             score_progress.add(table.num_rows)
-    return EngineResult(counts, fit_report(fitted.detectors), class_moments(classes)), fitted
+    return EngineResult(counts, fit_report(fitted.detectors), class_moments(classes), copies.report()), fitted

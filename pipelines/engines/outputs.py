@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from poisonguard.errors import InputError, IntegrityError, PoisonguardError, one_line
 from poisonguard.names import CLEAN, QUARANTINE, REPORT_SAMPLE, WORK, part_name
 
-RESULT_KEYS = ("counts", "fit", "moments")
+RESULT_KEYS = ("counts", "fit", "moments", "copies")
 ERROR = "error.json"
 
 
@@ -29,6 +29,7 @@ class EngineResult:
     counts: dict  # merged block statistics: rows, clean, quarantined, reasons, classes, ...
     fit: dict  # per-detector fit report (parameters, per-class decisions)
     moments: dict  # per-class rows, shares, means and covariance traces (drift baselines)
+    copies: dict  # the groups of exact copies (``core.copies.CopyGroups.report``)
 
 
 def write_block(staging: str, file_index: int, first_row: int, clean: pa.Table, held: pa.Table,

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from poisonguard.config import Config
+from poisonguard.core import copies
 from poisonguard.core.screening import output_schemas
 from poisonguard.engines.outputs import EngineResult
 from poisonguard.errors import InputError, IntegrityError
@@ -46,6 +47,10 @@ def check_outputs(staging: str, plan: InputPlan, config: Config, result: EngineR
             and counts.get("clean") == n_clean and counts.get("quarantined") == n_held):
         raise IntegrityError(f"row count mismatch: {total} rows in, pipeline counted {counts.get('rows')}, "
                              f"wrote {n_clean} clean + {n_held} quarantined; nothing published")
+    seen, fitted = counts.get("copies", {}).get("rows", 0), result.copies.get("rows", 0)
+    if seen != fitted:  # both passes score the bytes that were hashed
+        raise IntegrityError(f"the score pass found {seen} rows with an exact copy, the fit pass {fitted}; "
+                             "nothing published")
     return written, outputs
 
 
@@ -75,6 +80,7 @@ def build_summary(run_id: str, plan: InputPlan, config: Config, result: EngineRe
                    "quarantined_share": share},
         "per_reason": dict(sorted(counts.get("reasons", {}).items())),
         "per_class": dict(sorted(counts.get("classes", {}).items())),
+        "copies": copies.summary(result.copies, counts),
         "batch_warnings": counts.get("batch_warnings", {}),
         "review": counts.get("review", {"released": 0, "confirmed": 0}),
         "detectors": result.fit,
@@ -125,6 +131,8 @@ def console_summary(summary: dict, run_dir: str) -> str:
     lines += [f"    {c}: {v['rows']} / {v['quarantined']}" for c, v in sorted(summary["per_class"].items())]
     if not flagged:
         lines.append("    (no class has quarantined rows)")
+    if copies.line(summary.get("copies")):
+        lines.append(f"  {copies.line(summary['copies'])}")
     proxy = proxy_line(summary.get("embedding") or {})
     if proxy:
         lines.append(f"  {proxy}")
