@@ -13,10 +13,11 @@ Pass 1 hashes each scorable row's embedding (``content_hashes``) and the embeddi
 engine over buckets of the hash, so that no group spans two buckets; pass 2 marks the rows of a
 block that fall in a group, so that the summary says how many of them were quarantined.
 
-The hash is linear in the embedding's 32-bit words (one integer matrix product a block, no loop
-per row) followed by a 64-bit finaliser; -0.0 and 0.0 hash alike.  Two different rows share a hash
-with probability about 2^-64 unless someone crafts them to: an attacker who does only changes
-what this count reports, never which rows are quarantined.
+The hash is linear in the embedding read as 64-bit words (two float32 values each; one integer
+matrix product a block, no loop per row), with random odd weights, followed by a 64-bit finaliser;
+-0.0 and 0.0 hash alike.  Two unrelated rows share a hash with probability about 2^-64 (rows that
+differ only in the high bits of their words, signs say, about 2^-32); a crafted collision only
+changes what this count reports, never which rows are quarantined.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Beam-free and engine-agnostic.  Both engines (``poisonguard.engines.memory`` and
 ``poisonguard.engines.beam``) only move Arrow tables to a ``Screener`` and its results back:
 
 * pass 1, per block: built-in checks and embedding (``make_block``), then the mergeable per-class
-  state, the id hashes and the rows' content hashes (``fit_part``, ``core.copies``), merged with ``merge_class_states`` and fitted by
-  ``fit_detectors``;
+  state, the id hashes and the rows' content hashes (``fit_part``, ``core.copies``), merged with
+  ``merge_class_states`` and fitted by ``fit_detectors``;
 * pass 2, per block: built-in checks, the suite and review decisions (``validate``), every
   detector's scores and flags (``score``), the split into output tables and statistics (``split``).
 """
