@@ -23,13 +23,20 @@ changes what this count reports, never which rows are quarantined.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
 from poisonguard.core.block import hash_strings
 
 BUCKETS = 16  # the Beam engine groups the (content, labelled) hash pairs by content hash modulo this
-_WORDS = np.random.default_rng(0x9E3779B9).integers(0, 2**63, size=65536, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+@lru_cache(maxsize=8)
+def _weights(words: int) -> np.ndarray:
+    """Random odd 64-bit weights, one per word of a row, the same for every block of a width."""
+    drawn = np.random.default_rng([0x9E3779B9, words]).integers(0, 2**63, size=words, dtype=np.uint64)
+    return drawn * np.uint64(2) + np.uint64(1)
 
 
 def _finalise(h: np.ndarray) -> np.ndarray:
@@ -51,9 +58,8 @@ def content_hashes(x: np.ndarray) -> np.ndarray:
     if d % 2:
         values = np.hstack([values, np.zeros((len(x), 1), np.float32)])
     words = values.view(np.uint64)
-    weights = _WORDS[np.arange(words.shape[1]) % len(_WORDS)] ^ np.uint64(d)
     with np.errstate(over="ignore"):
-        h = words @ weights
+        h = words @ _weights(words.shape[1])
     return _finalise(h + np.uint64(d))
 
 
