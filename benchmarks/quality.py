@@ -119,12 +119,14 @@ def poisonguard_methods(e, y, seed):
 
 
 def _class_normalised(scores, y):
-    """Scores are per-class quantities; rank them within each class so a pooled AUROC is meaningful."""
+    """Scores are per-class quantities; rank them within each class so a pooled AUROC is meaningful.
+    Ties (and unscored rows, NaN, ranked lowest) share their average rank, not the row order."""
+    from scipy.stats import rankdata
+
     out = np.full(len(scores), np.nan)
     for c in np.unique(y):
         m = y == c
-        s = scores[m]
-        out[m] = (np.argsort(np.argsort(np.nan_to_num(s, nan=-np.inf))) + 0.5) / m.sum()
+        out[m] = (rankdata(np.nan_to_num(scores[m], nan=-np.inf)) - 0.5) / m.sum()
     return out
 
 
