@@ -343,7 +343,7 @@ def _aurocs(found, y, truth) -> dict:
     aurocs = {}
     poisoned_classes = np.isin(y, np.unique(y[truth])) if truth.any() else np.zeros(len(y), bool)
     for col in [c for c in found.columns if c.startswith("score_")]:
-        scores = _within_class_rank(found[col].to_numpy(dtype=float), y)
+        scores = within_class_rank(found[col].to_numpy(dtype=float), y)
         if truth.any() and (poisoned_classes & ~truth).any():
             aurocs[col[6:]] = float(roc_auc_score(truth[poisoned_classes],
                                                   np.nan_to_num(scores[poisoned_classes], nan=0.0)))
@@ -356,8 +356,9 @@ def _metrics(flags, truth) -> dict:
             "precision": tp / (tp + fp) if tp + fp else None, "f1": 2 * tp / (2 * tp + fp + fn) if truth.any() else None}
 
 
-def _within_class_rank(scores, y):
-    """Each row's rank within its class, as a share of the class.  Tied scores share their average
+def within_class_rank(scores, y):
+    """Each row's rank within its class, as a share of the class (so a pooled AUROC over classes
+    means something; ``quality.py`` ranks with it too).  Tied scores share their average
     rank, and a row left unscored (NaN) ranks with the lowest: a detector that did not score a class
     (the k-NN distance under 150 rows) ranks it at AUROC 0.5, not in the row order, which in sources
     stored by class (iris, wine) had put the relabelled rows on top."""

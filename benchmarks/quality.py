@@ -31,6 +31,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import poisonguard  # noqa: E402
+from families import within_class_rank  # noqa: E402  (benchmarks/, the script's own folder)
 from poisonguard.detectors import DEFAULT_DETECTORS, DETECTORS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.md"
@@ -108,25 +109,13 @@ def poisonguard_methods(e, y, seed):
         det = cls(random_state=seed, **every).fit(e, y)
         scores = det.score_samples(e, y)
         flags = det.flag(e, y, scores=scores)
-        out[name] = (flags, _class_normalised(scores, y), time.perf_counter() - t0)
+        out[name] = (flags, within_class_rank(scores, y), time.perf_counter() - t0)
         flags_by[name] = flags
     out["fusion:spectral+ac"] = (flags_by["spectral"] | flags_by["activation_clustering"], None,
                                  out["spectral"][2] + out["activation_clustering"][2])
     t0 = time.perf_counter()  # the scan's own core: every default detector, its gates and second looks
     found = poisonguard.screen(e, y, {"seed": seed}).rows
     out["fusion:default"] = (found["quarantined"].to_numpy(), None, time.perf_counter() - t0)
-    return out
-
-
-def _class_normalised(scores, y):
-    """Scores are per-class quantities; rank them within each class so a pooled AUROC is meaningful.
-    Ties (and unscored rows, NaN, ranked lowest) share their average rank, not the row order."""
-    from scipy.stats import rankdata
-
-    out = np.full(len(scores), np.nan)
-    for c in np.unique(y):
-        m = y == c
-        out[m] = (rankdata(np.nan_to_num(scores[m], nan=-np.inf)) - 0.5) / m.sum()
     return out
 
 
@@ -158,7 +147,7 @@ def art_methods(e, y, true_rate):
             m = y == c
             if m.sum():
                 scores[m] = SpectralSignatureDefense.spectral_signature_scores(e[m]).ravel()
-        out[label] = (np.asarray(is_clean) == 0, _class_normalised(scores, y), time.perf_counter() - t0)
+        out[label] = (np.asarray(is_clean) == 0, within_class_rank(scores, y), time.perf_counter() - t0)
     for label, kwargs in (("ART activation (default)", {}), ("ART activation (silhouette)", {"cluster_analysis": "silhouette-scores"})):
         t0 = time.perf_counter()
         defence = ActivationDefence(_Embeddings(n_classes), e, onehot)

@@ -40,5 +40,5 @@ def test_tied_scores_share_their_rank():
     auroc = families._aurocs(pd.DataFrame({"score_share": shares}), y, truth)["share"]
     n_clean = int(np.sum((y == 0) & ~truth))
     assert auroc == pytest.approx(1 - 0.5 * 2 / n_clean)  # each poisoned row ties with 2 clean rows
-    ranks = families._within_class_rank(shares, y)
+    ranks = families.within_class_rank(shares, y)
     assert len(set(ranks[(y == 0) & (shares == 0.8)].round(12))) == 1
