@@ -86,6 +86,7 @@ class PoisonDetector(BaseEstimator):
             gated = gate_by_other_classes(self.decisions_, min_class_z=self.min_class_z)
             self.decisions_ = {c: diffuse_despite_gate(self.decisions_[c], d) if self._diffuse else d
                                for c, d in gated.items()}
+            self.decisions_ = withhold_systemic_diffuse(self.decisions_)
         # the papers' rate mode flags the top of every class by design: no guard there
         self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(
             self.decisions_, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None)
@@ -393,6 +394,36 @@ def diffuse_despite_gate(before: ClassDecision, after: ClassDecision) -> ClassDe
                        why=f"{DIFFUSE} (spread {before.spread_ratio:.2f} times the rest of its class; "
                            f"separated at D = {before.separation:.1f}, though not an outlier among classes)")
     return after
+
+
+DIFFUSE_SYSTEMIC_CLASSES = 3  # a detector whose diffuse path takes this many classes reads a systemic widening
+
+
+def withhold_systemic_diffuse(decisions: dict) -> dict:
+    """The diffuse path's decisions, withdrawn where it fired in ``DIFFUSE_SYSTEMIC_CLASSES`` or more
+    classes at once.  The path exists for a dirty-label backdoor's rows, which widen the one class
+    they were put into (or a few); it asks for no cross-class test, since a diffuse group need not
+    stand out among the classes.  Random label noise widens every class alike: each holds rows of
+    the others, and the path then takes a wide slice of several classes, the flipped rows with clean
+    ones beside them (the label checks, which read the labels, are the detectors for that).  The
+    bound is the mass-quarantine guard's premise, that an attack targets one or a few classes, and
+    its count of three (a bound of two scored a little higher in a replay of the same scans, 0.5671
+    against 0.5669, but a backdoor with two target classes is an attack the benchmark does not
+    plant).  On the development families the rows this path alone had flagged in scans
+    where it fired in three or more classes (random flips only) were 168 clean and 14 poisoned
+    (held out: 346 and 20, among them 274 clean rows of one glyph class beside its 5% random flip).
+    End to end, development: 11 cases changed, all random flips, none lost F1 (digits / CNN's 5%
+    0.877 -> 0.896 on a seed), every target kept, mean F1 0.5667 -> 0.5669, clean rows flagged on
+    poisoned cases 0.811% -> 0.805%; held out (reported): shapes / MLP's 5% random flip 0.911 ->
+    0.990, two of the mixture's flips 0.997 / 0.995 -> 0.994 / 0.992, no target moved, mean F1
+    0.7375 -> 0.7381."""
+    diffuse = {c for c, d in decisions.items() if d.suspicious and d.why.startswith(DIFFUSE)}
+    if len(diffuse) < DIFFUSE_SYSTEMIC_CLASSES:
+        return decisions
+    why = (f"not flagged: a diffuse separated minority, but this detector found one in {len(diffuse)} classes "
+           "(a widening of many classes, as random label noise gives, not one attack's minority)")
+    return {c: replace(d, suspicious=False, threshold=float("inf"), why=why) if c in diffuse else d
+            for c, d in decisions.items()}
 
 
 def _spread_ratio(x: np.ndarray, flagged: np.ndarray) -> float:

@@ -96,3 +96,44 @@ def test_a_gated_split_with_the_diffuse_shape_still_counts():
     for shape in ({"spread_ratio": 0.9}, {"spread_ratio": 7.0}, {"minority_share": 0.2}, {"minority_share": 0.004}):
         assert diffuse_despite_gate(replace(before, **shape), after) is after  # a class-like, scattered, large or tiny group
     assert diffuse_despite_gate(before, before) is before  # not gated: unchanged
+
+
+def test_the_diffuse_path_is_withheld_where_it_fires_in_three_or_more_classes():
+    from poisonguard.detectors.base import withhold_systemic_diffuse
+    from poisonguard.detectors.calibration import DIFFUSE, ClassDecision
+
+    def diffuse(share):
+        return ClassDecision(True, 1.5, 3.8, share, 500, f"{DIFFUSE} (spread 2.10 times the rest of its class)")
+
+    separated = ClassDecision(True, 2.0, 9.0, 0.05, 500, "separated minority")
+    clean = ClassDecision(False, float("inf"), 2.1, 0.2, 500, "no separated minority")
+    two = {"a": diffuse(0.04), "b": diffuse(0.06), "c": separated, "d": clean}
+    assert withhold_systemic_diffuse(two) == two  # a backdoor's target, or two: kept
+    three = {**two, "e": diffuse(0.05)}
+    out = withhold_systemic_diffuse(three)
+    for label in ("a", "b", "e"):
+        assert not out[label].suspicious and out[label].threshold == float("inf")
+        assert out[label].why.startswith("not flagged: a diffuse separated minority") and "in 3 classes" in out[label].why
+        assert out[label].minority_share == three[label].minority_share  # the evidence stays readable
+    assert out["c"] == separated and out["d"] == clean  # a separated minority is not the diffuse path's
+
+
+def test_a_detector_applies_the_systemic_diffuse_rule_to_its_own_decisions(monkeypatch):
+    """Wired into every sub-population detector's fit: with the bound at one class, a diffuse
+    decision that stood is withdrawn with the rule's reason (8 Gaussian classes, 5% random flips:
+    activation clustering finds a diffuse group in one of them)."""
+    import poisonguard.detectors.base as base
+    from poisonguard.detectors import ActivationClustering
+
+    rng = np.random.default_rng(0)
+    y_true = np.repeat(np.arange(8), 500)
+    x = (rng.normal(scale=4.0, size=(8, 16))[y_true] + rng.normal(size=(4000, 16))).astype(np.float32)
+    y = y_true.copy()
+    flip = rng.random(len(y)) < 0.05
+    y[flip] = (y[flip] + rng.integers(1, 8, flip.sum())) % 8
+    found = ActivationClustering().fit(x, y).decisions_
+    diffuse = [c for c, d in found.items() if d.suspicious and d.why.startswith("a diffuse")]
+    assert len(diffuse) == 1
+    monkeypatch.setattr(base, "DIFFUSE_SYSTEMIC_CLASSES", 1)
+    withheld = ActivationClustering().fit(x, y).decisions_
+    assert not withheld[diffuse[0]].suspicious and "in 1 classes" in withheld[diffuse[0]].why
