@@ -102,12 +102,8 @@ class _FitPass(beam.DoFn):
             part = self.screener.fit_part(self.screener.make_block(table, item.file_index, first_row))
         self.progress.add(table.num_rows)
         merge_class_states(self.states, part.states)
-        buckets = part.id_hashes % HASH_BUCKETS
-        for bucket in np.unique(buckets):
-            self.ids.setdefault(int(bucket), []).append(part.id_hashes[buckets == bucket])
-        buckets = part.copy_pairs[:, 0] % COPY_BUCKETS
-        for bucket in np.unique(buckets):
-            self.copies.setdefault(int(bucket), []).append(part.copy_pairs[buckets == bucket])
+        _add_by_bucket(self.ids, part.id_hashes, part.id_hashes % HASH_BUCKETS)
+        _add_by_bucket(self.copies, part.copy_pairs, part.copy_pairs[:, 0] % COPY_BUCKETS)
         if self.per_batch:
             yield from self._drain()
 
@@ -125,6 +121,12 @@ class _FitPass(beam.DoFn):
         for bucket, parts in self.copies.items():
             yield "copies", bucket, np.concatenate(parts)
         self.states, self.ids, self.copies = {}, {}, {}
+
+
+def _add_by_bucket(store: dict[int, list[np.ndarray]], rows: np.ndarray, buckets: np.ndarray) -> None:
+    """Append each bucket's rows to its list in ``store``."""
+    for bucket in np.unique(buckets):
+        store.setdefault(int(bucket), []).append(rows[buckets == bucket])
 
 
 class _MergeStates(beam.CombineFn):

@@ -131,8 +131,9 @@ def console_summary(summary: dict, run_dir: str) -> str:
     lines += [f"    {c}: {v['rows']} / {v['quarantined']}" for c, v in sorted(summary["per_class"].items())]
     if not flagged:
         lines.append("    (no class has quarantined rows)")
-    if copies.line(summary.get("copies")):
-        lines.append(f"  {copies.line(summary['copies'])}")
+    copied = copies.line(summary.get("copies"))
+    if copied:
+        lines.append(f"  {copied}")
     proxy = proxy_line(summary.get("embedding") or {})
     if proxy:
         lines.append(f"  {proxy}")
