@@ -101,6 +101,7 @@ class PoisonDetector(BaseEstimator):
         ``SECOND_LOOK_Z`` among the classes (its diffuse path included) and ``SECOND_LOOK_MIN_ROWS``
         rows.  Other classes keep the first view's model and decision."""
         models, decisions = self._fit_view(states, first, features)
+        first_guard = self.mass_quarantine_
         if second is None or self.expected_poison_rate is not None or \
                 not any(len(s.sample_x) >= SECOND_LOOK_MIN_ROWS for s in states.values()):
             return self  # (no class large enough for the second look: 10^4 small classes pay nothing)
@@ -112,6 +113,8 @@ class PoisonDetector(BaseEstimator):
                 decisions[label] = replace(decision, why=f"{decision.why} ({self._second_look})")
         self.class_models_ = models
         self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(decisions, accept=self.accept_mass_quarantine)
+        if first_guard["unreliable"] and not self.mass_quarantine_["unreliable"]:
+            self.mass_quarantine_ = first_guard  # the first view's flags were held back: its evidence says why
         self.linear_ = self._linear_table()
         return self
 

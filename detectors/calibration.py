@@ -209,31 +209,56 @@ HELD_BACK = "held back"  # how the guard's verdict on a class it withdrew begins
 CRISP_CONFIDENCE = 0.7  # chosen on the development families (benchmarks/families.py): random flips of 5-20%
 
 
-def guard_mass_quarantine(decisions: dict, *, accept: bool, confidence: float | None = None) -> tuple[dict, dict]:
+MASS_MIN_CLASSES = 2  # tested classes the guard needs: with two, "more than half" is both
+
+
+def crisp_confidence(classes: int | None) -> float:
+    """The issue confidence at or above which label issues read as label noise, with ``classes``
+    labels in the probe (None: unknown).  ``CRISP_CONFIDENCE`` was chosen on development families of
+    three to ten classes, where a weak representation spreads a doubted row's probability over
+    several classes (0.31-0.58).  With two classes every row the probe misclassifies has a
+    probability of the other class above 1/2, so a probe that can hardly tell the classes apart still
+    reads 0.6-0.8: there the bar is ``CRISP_CONFIDENCE``'s margin over chance at ten classes carried to
+    two, 1/2 + (0.7 - 1/10) / (1 - 1/10) x 1/2 = 0.83 (development breast cancer's random and targeted
+    flips: 0.85-0.96).  The same margin at three classes (0.78) would withdraw most of iris's real
+    random flips (0.55-0.78), so it applies to two classes only."""
+    if classes != 2:
+        return CRISP_CONFIDENCE
+    margin = (CRISP_CONFIDENCE - 0.1) / 0.9
+    return 0.5 + margin * 0.5
+
+
+def guard_mass_quarantine(decisions: dict, *, accept: bool, confidence: float | None = None,
+                          classes: int | None = None) -> tuple[dict, dict]:
     """Hold back a detector that would flag a large share of most classes: (decisions, evidence).
 
     A poisoning attack targets one or a few classes (a backdoor's target, a flipped class); a
     detector flagging at least ``MASS_CLASS_SHARE`` of the rows in more than ``MASS_CLASSES`` of the
-    tested classes (and at least 3) is reading a weak representation (an under-fitted proxy, labels
-    its neighbourhoods cannot support), not poison.  Its flags are withdrawn and it is reported as
-    unreliable, with the evidence, unless ``accept``.  A real flip of even 20% of one class does not
-    trigger it.
+    tested classes (at least ``MASS_MIN_CLASSES``: in a binary task, both) is reading a weak
+    representation (an under-fitted proxy, labels its neighbourhoods cannot support), not poison.
+    Its flags are withdrawn and it is reported as unreliable, with the evidence, unless ``accept``.  A
+    real flip of even 20% of one class does not trigger it, nor does a backdoor in one of two classes.
+    The guard first needed three tested classes; a clean real binary table (RAND's health insurance
+    experiment, 20,190 rows, ``benchmarks/real_tables.py``) then lost 27% of its rows (18% in proxy
+    mode) to confident learning reading a probe that could hardly tell its two classes apart (out of
+    fold 0.72 on a balanced sample, issue confidence 0.75) and to SPECTRE's splits of both classes.
 
     Random label noise does flag a share of every class.  What tells it from a weak representation
     is how sure the evidence is: ``confidence`` (the linear probe's median probability of another
     class over its label issues, under the model refitted without them: ``detectors.probe``) of at
-    least ``CRISP_CONFIDENCE`` says the rows belong to another class, not that the representation
-    cannot tell classes apart; then nothing is held back.  On the development families random
-    flips of 5-20% give 0.78-0.93, weak representations 0.31-0.58.
+    least ``crisp_confidence(classes)`` (``classes``: the probe's label count) says the rows belong to
+    another class, not that the representation cannot tell classes apart; then nothing is held back.
+    On the development families random flips of 5-20% give 0.78-0.93, weak representations 0.31-0.58.
     """
     tested = [d for d in decisions.values() if d.rows_tested >= MIN_CLASS_ROWS]
     heavy = [d for d in tested if d.suspicious and d.minority_share >= MASS_CLASS_SHARE]
-    systemic = len(tested) >= 3 and len(heavy) > MASS_CLASSES * len(tested)
+    systemic = len(tested) >= MASS_MIN_CLASSES and len(heavy) > MASS_CLASSES * len(tested)
     share = float(np.mean([d.minority_share for d in heavy])) if heavy else 0.0
-    crisp = confidence is not None and confidence >= CRISP_CONFIDENCE
+    crisp = confidence is not None and confidence >= crisp_confidence(classes)
     evidence = {"classes_flagging_5pct": len(heavy), "classes_tested": len(tested), "mean_share_flagged": share,
                 "unreliable": systemic and not crisp, "accepted": accept,
-                "median_other_class_confidence": None if confidence is None else round(float(confidence), 4)}
+                "median_other_class_confidence": None if confidence is None else round(float(confidence), 4),
+                "crisp_confidence": None if confidence is None else round(crisp_confidence(classes), 4)}
     if not systemic or accept or crisp:
         return decisions, evidence
     why = (f"{HELD_BACK}: this detector would flag {share:.0%} of the rows in {len(heavy)} of {len(tested)} classes, "

@@ -105,7 +105,7 @@ class ConfidentLabel(PoisonDetector):
                 self.decisions_[label] = ClassDecision(False, float("inf"), float("nan"), share, int(counts[j]), why)
         self.decisions_, self.mass_quarantine_ = guard_mass_quarantine(
             self.decisions_, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None,
-            confidence=probe.representation["issue_confidence"])
+            confidence=probe.representation["issue_confidence"], classes=len(probe.labels))
         self.suspicious_ = np.array([self.decisions_[c].suspicious for c in labels])  # by class code
         self.linear_ = None
         return self

@@ -319,7 +319,8 @@ class KnnLabel(PoisonDetector):
         # the papers' rate mode flags the top of every class by design: no guard there
         return guard_mass_quarantine(
             decisions, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None,
-            confidence=None if probe is None else probe.representation["issue_confidence"])
+            confidence=None if probe is None else probe.representation["issue_confidence"],
+            classes=None if probe is None else len(probe.labels))
 
     def _set_thresholds(self, weak: bool, n_classes: int) -> None:
         self.min_disagreement_ = max(self.min_disagreement, self.weak_min_disagreement) if weak else self.min_disagreement

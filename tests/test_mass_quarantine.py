@@ -112,3 +112,98 @@ def test_a_real_20_percent_label_flip_in_one_class_is_still_quarantined(tmp):
     ids = np.array(table.column("id").to_pylist())
     assert set(ids[flipped]) <= held
     assert len(held - set(ids[flipped])) <= 0.005 * len(ids)
+
+
+def _binary(shift: float, flip: float = 0.0, seed: int = 0):
+    """Two Gaussian classes of 1,500 rows, their means 2 x ``shift`` apart along one of 8 dimensions;
+    ``flip``: that share of all rows relabelled to the other class."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1], 1500)
+    x = rng.normal(size=(len(y), 8)).astype(np.float32)
+    x[:, 0] += np.where(y == 1, shift, -shift)
+    flipped = rng.random(len(y)) < flip
+    return x, np.where(flipped, 1 - y, y), flipped
+
+
+def test_two_classes_a_probe_can_hardly_tell_apart_are_not_a_mass_of_label_issues():
+    """A clean binary table whose classes overlap (a balanced linear probe right on 61% of rows out of
+    fold): confident learning names 28% of each class a label issue, at a median other-class
+    probability of 0.79, which any misclassified row of two classes exceeds 0.5 towards.  Both classes
+    heavy is "most classes" in a binary task, and 0.79 is under the two-class bar (0.83): held back.
+    (With the guard's old three-class minimum it flagged 35% of the rows.)"""
+    from poisonguard.detectors import DETECTORS
+    from poisonguard.detectors.calibration import CRISP_CONFIDENCE, crisp_confidence
+
+    x, y, _ = _binary(0.3)
+    det = DETECTORS["confident_label"](random_state=0).fit(x, y)
+    guard = det.mass_quarantine_
+    assert guard["classes_flagging_5pct"] == guard["classes_tested"] == 2 and guard["unreliable"]
+    assert guard["median_other_class_confidence"] < guard["crisp_confidence"] == round(crisp_confidence(2), 4)
+    assert not det.flag(x, y).any()
+    assert crisp_confidence(2) > CRISP_CONFIDENCE == crisp_confidence(3) == crisp_confidence(10) == crisp_confidence(None)
+
+
+def test_random_label_noise_in_a_separated_binary_table_is_still_quarantined():
+    """10% of the rows of two separated classes relabelled: both classes flag a share, but the issues
+    are confidently the other class (above the two-class bar), so nothing is held back."""
+    from poisonguard.detectors import DETECTORS
+
+    x, y, flipped = _binary(2.0, flip=0.10)
+    det = DETECTORS["confident_label"](random_state=0).fit(x, y)
+    flags = det.flag(x, y)
+    assert det.mass_quarantine_["classes_flagging_5pct"] == 2 and not det.mass_quarantine_["unreliable"]
+    assert np.sum(flags & flipped) >= 0.7 * flipped.sum() and np.sum(flags & ~flipped) <= 0.01 * (~flipped).sum()
+
+
+def test_the_guard_counts_both_of_two_classes_and_one_heavy_class_is_an_attack():
+    from poisonguard.detectors.calibration import ClassDecision, guard_mass_quarantine
+
+    heavy, light = ClassDecision(True, 0.0, 6.0, 0.2, 500, "x"), ClassDecision(True, 0.0, 6.0, 0.01, 500, "x")
+    held, guard = guard_mass_quarantine({0: heavy, 1: heavy}, accept=False)
+    assert guard["unreliable"] and not any(d.suspicious for d in held.values())
+    kept, guard = guard_mass_quarantine({0: heavy, 1: light}, accept=False)  # a backdoor in one of two classes
+    assert not guard["unreliable"] and all(d.suspicious for d in kept.values())
+    for confidence, unreliable in ((0.80, True), (0.86, False)):  # label noise must be crisper with two classes
+        _, guard = guard_mass_quarantine({0: heavy, 1: heavy}, accept=False, confidence=confidence, classes=2)
+        assert guard["unreliable"] is unreliable
+    _, guard = guard_mass_quarantine({c: heavy for c in range(3)}, accept=False, confidence=0.75, classes=3)
+    assert not guard["unreliable"]  # three classes keep the development bar, 0.7
+
+
+def test_a_cluster_detector_held_back_in_both_of_two_classes_says_so():
+    """A tight group of 10% in each of two classes: every cluster detector would flag both classes,
+    so the guard holds it back; SPECTRE and spectral signatures fit a second view after the first, and
+    their evidence must still say why nothing is flagged (it had said "reliable": the second view
+    recomputed it from decisions the first had already withdrawn).  Accepted, they flag the groups."""
+    from poisonguard.detectors import DETECTORS
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 1000)
+    x = rng.normal(size=(len(y), 16)).astype(np.float32)
+    x[y == 1, 0] += 10
+    groups = np.zeros(len(y), dtype=bool)
+    for c in (0, 1):
+        rows = np.flatnonzero(y == c)[:100]
+        x[rows] *= 0.2
+        x[rows, 1 + c] += 8
+        x[rows, 0] += 10 * c
+        groups[rows] = True
+    for name in ("spectre", "spectral", "activation_clustering"):
+        det = DETECTORS[name](random_state=0).fit(x, y)
+        assert det.mass_quarantine_["unreliable"] and det.mass_quarantine_["classes_flagging_5pct"] == 2, name
+        assert not det.flag(x, y).any() and all(d.why.startswith("held back") for d in det.decisions_.values())
+        accepted = DETECTORS[name](random_state=0, accept_mass_quarantine=True).fit(x, y)
+        assert np.sum(accepted.flag(x, y) & groups) >= 0.9 * groups.sum(), name
+
+
+def test_a_scan_of_an_unreadable_binary_table_says_why_the_label_check_is_held_back(tmp):
+    x, y, _ = _binary(0.3)
+    table = pa.table({"id": [f"r{i}" for i in range(len(y))], "label": y, "embedding": embedding_array(x)})
+    code, stdout, stderr = run_cli("scan", write(table, tmp / "binary.parquet"), "--out", tmp / "run",
+                                   "--set", "detectors=[{name: confident_label}]")
+    assert code == 0, stderr
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    guard = summary["detectors"]["confident_label"]["mass_quarantine"]
+    assert guard["unreliable"] and guard["crisp_confidence"] == 0.8333 and summary["counts"]["quarantined"] == 0
+    assert "confident_label: unreliable here" in stdout and "its label issues are unsure" in stdout
+    assert "under the 0.83 that says label noise" in " ".join((tmp / "run" / "report.html").read_text().split())

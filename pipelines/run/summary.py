@@ -145,8 +145,11 @@ def console_summary(summary: dict, run_dir: str) -> str:
             lines.append(f"  {name}: {representation['why']}")
         guard = report.get("mass_quarantine") or {}
         if guard.get("unreliable"):
+            unsure = (f" (its label issues are unsure: median other-class probability "
+                      f"{guard['median_other_class_confidence']:.2f}, under the {guard['crisp_confidence']:.2f} that "
+                      "says label noise)") if guard.get("crisp_confidence") is not None else ""
             lines.append(f"  {name}: unreliable here: it would flag {guard['mean_share_flagged']:.0%} of the rows in "
-                         f"{guard['classes_flagging_5pct']} of {guard['classes_tested']} classes; "
+                         f"{guard['classes_flagging_5pct']} of {guard['classes_tested']} classes{unsure}; "
                          + ("applied (--accept-mass-quarantine)" if guard["accepted"] else "its flags are held back"))
     if summary.get("canaries"):
         c = summary["canaries"]
