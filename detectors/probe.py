@@ -41,7 +41,7 @@ explains its errors better (unexplained at most ``WEAK_UNEXPLAINED`` and no more
 The refit was first tried only past ``WEAK_UNEXPLAINED`` itself, to save a representation from
 being called weak; but an underfit probe just under it is worse than a weak verdict, since its
 confident joint then names boundary rows as label issues.  Iris (three classes of 50, two of them
-overlapping; a development source since this round) showed it: in proxy mode confident learning
+overlapping; a development source since it was added) showed it: in proxy mode confident learning
 reads its four raw features, where the probe at C = 0.01 left 10.7% unexplained and named 16% of a
 clean class label issues; the clean control lost 13.8% of its rows (0.67% with the refit, which
 explains all but 4.7%).  Chosen on the development families: at 0.08 every column-mode case is

@@ -90,3 +90,25 @@ def test_the_core_hands_the_feature_columns_states_to_the_cluster_detectors():
     for name in ("spectral", "spectre"):
         assert told[name].decisions_[0].suspicious and "look like class 1's" in told[name].decisions_[0].why
         assert not alone[name].decisions_[0].suspicious
+
+
+def test_a_group_between_its_own_class_and_another_is_not_a_lookalike(monkeypatch):
+    """A group whose features sit nearer another class than the rest of its own, but not inside it
+    (as a clean table's unchosen alternatives of one mode sit by the chosen ones: r_own about twice
+    r_other) is not another class's rows: LOOKALIKE_APART is the middle of the development gap (2.5),
+    not its natural side (2.0).  Drawn inside the other class it is (test above: about 3 times)."""
+    from poisonguard.detectors.lookalike import LOOKALIKE_APART
+
+    rng = np.random.default_rng(0)
+    n, g = 300, 50
+    feats = [rng.normal(size=(n, 4)) for _ in range(3)]
+    feats[1][:, 1] += 6.0
+    feats[2][:, 2] += 6.0
+    feats[0][:g] = rng.normal(size=(g, 4)) + np.array([0.0, 4.5, 0.0, 0.0])  # three quarters of the way to class 1
+    y = np.repeat([0, 1, 2], n)
+    keys = np.arange(3 * n, dtype=np.uint64) * np.uint64(2654435761) + np.uint64(7)
+    states = states_by_class(np.concatenate(feats).astype(np.float32), y, keys, 5000)
+    assert lookalike(states[0], keys[:g], states) is None
+    monkeypatch.setattr("poisonguard.detectors.lookalike.LOOKALIKE_APART", 0.0)  # the ratios themselves
+    label, r_other, r_own = lookalike(states[0], keys[:g], states)
+    assert label == 1 and r_other <= 1.5 and 2.0 <= r_own / r_other < LOOKALIKE_APART
