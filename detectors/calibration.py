@@ -219,8 +219,8 @@ def crisp_confidence(classes: int | None) -> float:
     several classes (0.31-0.58).  With two classes every row the probe misclassifies has a
     probability of the other class above 1/2, so a probe that can hardly tell the classes apart still
     reads 0.6-0.8: there the bar is ``CRISP_CONFIDENCE``'s margin over chance at ten classes carried to
-    two, 1/2 + (0.7 - 1/10) / (1 - 1/10) x 1/2 = 0.83 (development breast cancer's random and targeted
-    flips: 0.85-0.96).  The same margin at three classes (0.78) would withdraw most of iris's real
+    two, 1/2 + (0.7 - 1/10) / (1 - 1/10) x 1/2 = 0.83 (development breast cancer's flips, wherever
+    confident learning names more than a trace of the class: 0.85-0.96).  The same margin at three classes (0.78) would withdraw most of iris's real
     random flips (0.55-0.78), so it applies to two classes only."""
     if classes != 2:
         return CRISP_CONFIDENCE
@@ -239,7 +239,7 @@ def guard_mass_quarantine(decisions: dict, *, accept: bool, confidence: float | 
     Its flags are withdrawn and it is reported as unreliable, with the evidence, unless ``accept``.  A
     real flip of even 20% of one class does not trigger it, nor does a backdoor in one of two classes.
     The guard first needed three tested classes; a clean real binary table (RAND's health insurance
-    experiment, 20,190 rows, ``benchmarks/real_tables.py``) then lost 27% of its rows (18% in proxy
+    experiment, 20,190 rows, ``benchmarks/real_tables.py``) then lost 27% of its rows (21% in proxy
     mode) to confident learning reading a probe that could hardly tell its two classes apart (out of
     fold 0.72 on a balanced sample, issue confidence 0.75) and to SPECTRE's splits of both classes.
 
