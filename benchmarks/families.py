@@ -431,9 +431,13 @@ def evaluate_proxy_case(source: str, attack: str, rate: float, seed: int, archit
            "epochs": info["epochs"], "stopped": info["stopped"], "auroc": _aurocs(found.rows, y, truth),
            **_metrics(flags, truth)}
     row["worst_class_clean_loss"] = _worst_class_loss(flags, y, truth)
-    unreliable = [d for d, rep in found.summary["detectors"].items() if (rep.get("mass_quarantine") or {}).get("unreliable")]
-    row["unreliable"] = unreliable
+    row["unreliable"] = unreliable_detectors(found.summary)
     return row
+
+
+def unreliable_detectors(summary: dict) -> list[str]:
+    """The detectors a scan's mass-quarantine guard held back (``summary.json``'s ``detectors``)."""
+    return [d for d, rep in summary["detectors"].items() if (rep.get("mass_quarantine") or {}).get("unreliable")]
 
 
 def evaluate_proxy(split: str, architectures: list[str], jobs: int, large_seeds: int, sources=()) -> list[dict]:

@@ -71,7 +71,7 @@ def mlp_embedding(z: np.ndarray, codes: np.ndarray, seed: int = 0) -> tuple[np.n
 
 def scan(x: np.ndarray, codes: np.ndarray, mode: str) -> dict:
     import poisonguard
-    from families import feature_table
+    from families import feature_table, unreliable_detectors
 
     z = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-12)
     fit = ""
@@ -92,8 +92,7 @@ def scan(x: np.ndarray, codes: np.ndarray, mode: str) -> dict:
     for reasons in found.rows.loc[flags, "reasons"]:
         for name in {r.split(":")[1] for r in reasons if r.startswith("detector:")}:
             by_detector[name] = by_detector.get(name, 0) + 1
-    held = sorted(name for name, rep in found.summary["detectors"].items()
-                  if (rep.get("mass_quarantine") or {}).get("unreliable"))
+    held = sorted(unreliable_detectors(found.summary))
     worst = max(float(flags[codes == c].mean()) for c in np.unique(codes))
     return {"flagged": float(flags.mean()), "worst": worst, "by_detector": by_detector, "held": held, "fit": fit,
             "seconds": time.perf_counter() - t0}
