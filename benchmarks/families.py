@@ -432,6 +432,7 @@ def evaluate_proxy_case(source: str, attack: str, rate: float, seed: int, archit
            **_metrics(flags, truth)}
     row["worst_class_clean_loss"] = _worst_class_loss(flags, y, truth)
     row["unreliable"] = unreliable_detectors(found.summary)
+    row["weak"] = [d for d, rep in found.summary["detectors"].items() if (rep.get("representation") or {}).get("weak")]
     return row
 
 

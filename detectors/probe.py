@@ -91,6 +91,21 @@ class LabelProbe:
     def weak(self) -> bool:
         return bool(self.representation["weak"])
 
+    def issues_of(self, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Per row, whether the pruned model calls it a label issue (step 3 on its probabilities); False
+        for a label the probe does not know."""
+        import pandas as pd
+
+        from poisonguard.detectors.base import codes_in
+
+        codes = codes_in(pd.Index(self.labels, dtype=object), np.asarray(y))
+        out = np.zeros(len(X), dtype=bool)
+        known = np.flatnonzero(codes >= 0)
+        if len(known):
+            z = (np.asarray(X, dtype=np.float64)[known] - self.mean) / self.scale
+            out[known] = label_issues(self.model.predict_proba(z), codes[known], self.thresholds)
+        return out
+
 
 def label_issues(proba: np.ndarray, y: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     rows = np.arange(len(y))

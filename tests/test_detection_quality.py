@@ -98,6 +98,54 @@ def test_neighbourhoods_that_agree_keep_the_knn_check_at_full_strength_where_a_l
     assert knn.representation_["linear_probe_weak"] and not knn.flag(x, y).any()
 
 
+def _weak_with_a_flip(flip: float, seed: int = 0, classes: int = 8, n: int = 400, dim: int = 16):
+    """A weak representation: classes 2-7 overlap (a linear probe misreads about a fifth of the rows and
+    most neighbourhoods are mixed), classes 0 and 1 are apart from them and each other, and class 2
+    touches class 0.  ``flip``: that share of class 1 relabelled 0 (a targeted flip).  Deep inside
+    class 1 a flipped row's neighbours include the other flipped rows, so about 1 - ``flip`` of them
+    carry its true label: at 20%, most flipped rows miss the weak representation's 9 of 10."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=0.5, size=(classes, dim))
+    centres[:2] = rng.normal(scale=6.0, size=(2, dim))
+    towards = rng.normal(size=dim)
+    centres[2] = centres[0] + 2.0 * towards / np.linalg.norm(towards)
+    y = np.repeat(np.arange(classes), n)
+    x = (centres[y] + rng.normal(size=(len(y), dim))).astype(np.float32)
+    truth = (y == 1) & (rng.random(len(y)) < flip)
+    y[truth] = 0
+    return x, y, truth
+
+
+def test_a_weak_representations_suspicious_class_flags_from_lower_thresholds_where_the_probe_agrees():
+    """In a weak representation the k-NN label check asks for 9 of 10 neighbours on one other label
+    and 3% of a class so.  A class found that way is flagged from 7 (or, with 20 such decision rows,
+    5) of 10 as in a strong one, but a row under 9 of 10 only where the shared linear probe also calls
+    it a label issue: class 0's clean rows on its boundary with class 2 have mixed neighbourhoods too,
+    and the probe does not doubt most of them."""
+    x, y, truth = _weak_with_a_flip(0.20)
+    knn = DETECTORS["knn_label"](random_state=0).fit(x, y)
+    assert knn.representation_["weak"] and knn.corroborated_
+    assert knn.min_disagreement_ == 0.9 and (knn.flag_disagreement_, knn.deep_disagreement_) == (0.7, 0.5)
+    assert knn.decisions_[0].suspicious and "where the linear probe also calls the row a label issue" in \
+        knn.decisions_[0].why
+    flags, scores = knn.flag(x, y), knn.score_samples(x, y)
+    below = flags & (scores < 0.9)
+    assert below.any() and knn.probe_.issues_of(x[below], y[below]).all()
+    assert flags[truth].mean() >= 0.9 and np.sum(flags & ~truth) <= 0.01 * (~truth).sum()
+    # the same thresholds without the probe's word: class 0's boundary rows too
+    probe, knn.probe_ = knn.probe_, None
+    uncorroborated = knn.flag(x, y)
+    knn.probe_ = probe
+    assert np.sum(uncorroborated & ~truth) >= 3 * np.sum(flags & ~truth)
+    # without the rule (9 of 10 only), most of the flip is missed
+    old = DETECTORS["knn_label"](random_state=0, weak_probe_corroborates=False).fit(x, y)
+    assert not old.corroborated_ and old.flag(x, y)[truth].mean() <= 0.3
+    # the clean representation: no class is suspicious, nothing flagged
+    x, y, _ = _weak_with_a_flip(0.0)
+    clean = DETECTORS["knn_label"](random_state=0).fit(x, y)
+    assert clean.representation_["weak"] and not clean.flag(x, y).any()
+
+
 def test_an_underfit_probe_on_a_small_clean_table_refits_before_naming_label_issues():
     """Iris (150 rows, two overlapping classes), clean: at C = 0.01 the probe underfits (10.7% of
     its errors unexplained, under the 12% that calls a representation weak) and names a sixth of a
@@ -441,17 +489,28 @@ def test_knn_label_flags_from_half_of_ten_where_a_class_holds_twenty_label_incon
 def test_a_weak_representation_needs_three_percent_of_a_class_label_inconsistent():
     """Where the representation is weak a row needs 9 of 10 neighbours on one other label, and a class
     3% of its decision rows (``weak_min_share``): natural boundaries there reach 2.4% of a clean class
-    (development digits on random features).  Flagged classes keep 9 of 10: no lower tier."""
+    (development digits on random features).  A flagged class's lower tiers need the probe's word
+    (``corroborated_``); without ``weak_probe_corroborates`` it keeps 9 of 10."""
     from poisonguard.detectors import KnnLabel
 
-    det = KnnLabel(random_state=0)
+    det = KnnLabel(random_state=0, weak_probe_corroborates=False)
     scores, threshold = np.zeros(1000), float(np.nextafter(0.9, -np.inf))
     det._set_thresholds(True, 6)
     assert det.min_disagreement_ == det.flag_disagreement_ == det.deep_disagreement_ == 0.9 and det.min_share_ == 0.03
+    assert not det.corroborated_
     turned_down = det._decide_knn(scores, 25, threshold)
     assert not turned_down.suspicious and "weak_min_share" in turned_down.why
     flagged = det._decide_knn(scores, 35, threshold)
     assert flagged.suspicious and flagged.threshold == threshold
+    det = KnnLabel(random_state=0)
+    det._set_thresholds(True, 6)
+    assert det.corroborated_ and (det.min_disagreement_, det.flag_disagreement_, det.deep_disagreement_) == (0.9, 0.7, 0.5)
+    assert not det._decide_knn(scores, 25, threshold).suspicious  # the class decision is unchanged
+    flagged = det._decide_knn(scores, 35, threshold)
+    assert flagged.suspicious and flagged.threshold == float(np.nextafter(0.5, -np.inf))
+    assert "where the linear probe also calls the row a label issue" in flagged.why
+    det._set_thresholds(True, 2)  # two classes: no lower tier, weak or not
+    assert det.flag_disagreement_ == 0.9 and not det.corroborated_
     det._set_thresholds(False, 6)
     assert det.min_share_ == 0.02 and det._decide_knn(scores, 25, threshold).suspicious
 
