@@ -128,12 +128,24 @@ that err differently, the neighbourhood and a linear model that never saw the is
 decision is unchanged, so a clean control, whose classes the check does not find, flags exactly as
 before.  Two limits: where the lower tiers would take more than ``max_share`` of the class's
 decision rows, 9 of 10 stands (the labels, not the rows, are in question); and where more than
-``WEAK_LOWER_UNEXPLAINED`` (30%) of the decision rows' neighbourhoods are mixed (``knn_unexplained``)
-the neighbourhood is no witness and the tiers stay off (``neighbours_mixed_``).  The second came
-from the clean real tables (``benchmarks/real_tables.py``): Seattle weather and fair read 0.39-0.58
-there, their ambiguous classes were already found, and the tiers took 20-53% of a clean class
-(Seattle weather on raw features 2.9% -> 9.0% of rows); the development cases the rule helps read
-0.14-0.21 (digits on random features, but its 20% random flip, 0.32-0.39), so 30% sits between.
+``WEAK_LOWER_UNEXPLAINED`` (17%) of the decision rows have a mixed neighbourhood that the probe
+does not call a label issue (``knn_mixed_beyond_issues``) the neighbourhood is no witness and the
+tiers stay off (``neighbours_mixed_``).  The second came from the clean real tables
+(``benchmarks/real_tables.py``): Seattle weather and fair read 0.19-0.29 there (0.39-0.58 counting
+every mixed neighbourhood, ``knn_unexplained``), their ambiguous classes were already found, and
+the tiers took 20-53% of a clean class (Seattle weather on raw features 2.9% -> 9.0% of rows); the
+development cases the rule helps read 0.08-0.15 (digits on random features), so 17% sits between.
+Random flips mix neighbourhoods themselves: a flipped row in a weak representation has its true
+label's neighbours, short of 9 of 10, and at 20% of all rows the flips alone took digits on random
+features from 0.14-0.18 of mixed neighbourhoods to 0.32-0.39.  So the witness is read beyond the
+rows the probe doubts, which counts the flips out (0.13-0.15 there) and a representation's own
+overlap in: round 15 read every mixed neighbourhood against 30%, and missed the 20% random flip.
+Chosen on the development families (round 16, targets met, then mean F1): only digits on random
+features' 20% random flip moved, F1 0.29 -> 0.75 (recall 0.17 -> 0.68, clean rows flagged 0.14% ->
+2.9%), mean F1 0.5695 -> 0.5729, every clean control and target count identical; the clean real
+tables identical on this machine.  Held out (reported, not chosen on): only modes / linear's 20%
+random flip moved, F1 0.23 -> 0.66 (clean rows 0.12% -> 4.0%; now above ART's 0.42), mean F1
+0.7453 -> 0.7480, target counts and clean controls identical.  Round 15's figures, for the record:
 Chosen on the development families (targets met, then mean F1): label flips meeting F1 0.8 24 -> 26
 of 60, mean F1 0.5622 -> 0.5695 (0.5729 without the 30% limit), every clean control and every other
 target identical, clean rows flagged on the poisoned cases 0.79% -> 0.84%; only digits on random
@@ -215,7 +227,8 @@ MIN_DECISION_ROWS = 20  # decision rows a class keeps however many classes share
 NEIGHBOURS_SUPPORT = 0.08  # neighbourhood-unexplained share up to which a weak linear probe does not weaken this check
 FLAG_MIN_ROWS = 5  # label-inconsistent decision rows a class needs before its rows are flagged from flag_disagreement
 DEEP_MIN_ROWS = 20  # ... and before they are flagged from deep_disagreement
-WEAK_LOWER_UNEXPLAINED = 0.30  # a weak representation's lower tiers only where at most this share of neighbourhoods is mixed
+WEAK_LOWER_UNEXPLAINED = 0.17  # a weak representation's lower tiers only where at most this share of neighbourhoods is
+                               # mixed beyond the rows the shared probe calls label issues
 ROW_LEVEL = "no label-inconsistent row among its decision rows; any in the score pass is flagged"
 
 
@@ -304,11 +317,16 @@ class KnnLabel(PoisonDetector):
         scores, own = self._scores(x, y, keys, own_share=True)
         # how well the embedding separates the labels: leave-self-out k-NN accuracy on the class samples
         accuracy = float(np.mean(own > 0.5))
-        unexplained = float(np.mean((own <= 0.5) & (scores < self.min_disagreement)))
-        self.neighbours_mixed_ = unexplained > WEAK_LOWER_UNEXPLAINED
+        mixed_rows = (own <= 0.5) & (scores < self.min_disagreement)
+        unexplained = float(np.mean(mixed_rows))
+        # a lower tier's witness: neighbourhoods mixed beyond the rows the probe doubts (flips mix them too)
+        issues = probe.issues_of(x, y) if probe is not None else None
+        mixed = float(np.mean(mixed_rows & ~issues)) if issues is not None else unexplained
+        self.neighbours_mixed_ = mixed > WEAK_LOWER_UNEXPLAINED
         self._set_thresholds(weak, len(states))
         self.representation_ = {**(probe.representation if probe is not None else {}),
                                 "knn_accuracy": round(accuracy, 4), "knn_unexplained": round(unexplained, 4),
+                                "knn_mixed_beyond_issues": round(mixed, 4),
                                 "rows": int(len(scores)), "weak": weak, "effect": "weakened" if weak else None}
         if self.feature_votes_ is not None:  # (the representation is judged on the embedding's own votes)
             scores = self.feature_votes_.corroborate(scores, FeatureVotes.rows_of(features, y, keys), y, keys)
@@ -327,7 +345,7 @@ class KnnLabel(PoisonDetector):
         sizes = np.array([states[c].n for c in labels])
         # where the lower tiers need the probe's word: whether it doubts each decision row too
         lower_tiers_may_ask = weak and self.weak_probe_corroborates and not self.neighbours_mixed_
-        issues = probe.issues_of(x, y) if lower_tiers_may_ask else None
+        issues = issues if lower_tiers_may_ask else None
         evidence = (labels, counts, sizes, scores, reach, probe, issues)
         self.decisions_, self.mass_quarantine_ = self._decide_classes(*evidence)
         if supported and self.mass_quarantine_["unreliable"] and not self.mass_quarantine_["accepted"]:
