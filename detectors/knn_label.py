@@ -320,13 +320,13 @@ class KnnLabel(PoisonDetector):
         mixed_rows = (own <= 0.5) & (scores < self.min_disagreement)
         unexplained = float(np.mean(mixed_rows))
         # a lower tier's witness: neighbourhoods mixed beyond the rows the probe doubts (flips mix them too)
-        issues = probe.issues_of(x, y) if probe is not None else None
-        mixed = float(np.mean(mixed_rows & ~issues)) if issues is not None else unexplained
-        self.neighbours_mixed_ = mixed > WEAK_LOWER_UNEXPLAINED
+        issues = probe.issues_of(x, y) if weak else None  # only a weak representation's tiers read the witness
+        mixed = float(np.mean(mixed_rows & ~issues)) if weak else None
+        self.neighbours_mixed_ = weak and mixed > WEAK_LOWER_UNEXPLAINED
         self._set_thresholds(weak, len(states))
         self.representation_ = {**(probe.representation if probe is not None else {}),
                                 "knn_accuracy": round(accuracy, 4), "knn_unexplained": round(unexplained, 4),
-                                "knn_mixed_beyond_issues": round(mixed, 4),
+                                "knn_mixed_beyond_issues": None if mixed is None else round(mixed, 4),
                                 "rows": int(len(scores)), "weak": weak, "effect": "weakened" if weak else None}
         if self.feature_votes_ is not None:  # (the representation is judged on the embedding's own votes)
             scores = self.feature_votes_.corroborate(scores, FeatureVotes.rows_of(features, y, keys), y, keys)
