@@ -8,6 +8,7 @@ not read the clean rows; ``poisonguard report RUN_DIR`` re-renders it from clean
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -104,6 +105,15 @@ def _embeddings(table: pa.Table, summary: dict, run_dir: str) -> np.ndarray | No
                      for v in column.to_pylist()])
 
 
+@functools.cache
+def _template():
+    """The report's compiled template, once per process (compiling it took a tenth of a second a scan)."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=select_autoescape(["html", "j2"]))
+    return env.get_template("report.html.j2")
+
+
 def render_report(run_dir: str, table: dict | None = None, summary: dict | None = None,
                   integrity: dict | None = None) -> str:
     """Write RUN_DIR/report.html and return its path; ``table``: the workbench's quarantine table,
@@ -111,8 +121,6 @@ def render_report(run_dir: str, table: dict | None = None, summary: dict | None 
     re-render's check of the quarantine files against the log ({checked, line}).  A scan renders it in
     its staging folder, where the score pass's clean-sample candidates still are; a re-render of a
     published run reads the clean rows."""
-    from jinja2 import Environment, FileSystemLoader, select_autoescape
-
     summary = summary if summary is not None else json.loads(Path(run_dir, SUMMARY).read_text())
     params = summary["parameters"]
     cols, report_cfg = params["columns"], params.get("report", {})
@@ -137,8 +145,7 @@ def render_report(run_dir: str, table: dict | None = None, summary: dict | None 
         from poisonguard.workbench import build_table
 
         table = build_table(run_dir, summary)
-    env = Environment(loader=FileSystemLoader(str(TEMPLATE_DIR)), autoescape=select_autoescape(["html", "j2"]))
-    page = env.get_template("report.html.j2").render(
+    page = _template().render(
         summary=summary, counts=summary["counts"], sections=sections, detectors=detectors,
         drift=summary.get("drift") or {}, overview=_overview_plot(summary),
         hidden_classes=max(0, len(classes) - len(sections)), table=table,
