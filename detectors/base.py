@@ -17,7 +17,8 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from poisonguard.detectors.calibration import CANDIDATE, DIFFUSE, MIN_CLASS_ROWS, NOT_TESTED, SMALL_SAMPLE, ClassDecision, \
+from poisonguard.detectors.calibration import CANDIDATE, DIFFUSE, MIN_CLASS_ROWS, NOT_SEPARATED, NOT_TESTED, SMALL_SAMPLE, \
+    ClassDecision, \
     gate_by_other_classes, guard_mass_quarantine, separated_minority, too_small, top_fraction
 from poisonguard.detectors.lookalike import lookalike as feature_lookalike
 from poisonguard.detectors.params import validate_params
@@ -146,6 +147,8 @@ class PoisonDetector(BaseEstimator):
             candidate_separation=DIFFUSE_SEPARATION if self._diffuse and DIFFUSE_SEPARATION < self.min_separation else None,
             small_sample=self._small_sample,
         )
+        if np.isfinite(decision.split_threshold):
+            decision = replace(decision, split_threshold=float(self._untransform(decision.split_threshold)))
         if decision.why == CANDIDATE:
             threshold = float(self._untransform(decision.threshold))
             return model, diffuse_minority(replace(decision, threshold=threshold), state, scores > threshold)
@@ -367,7 +370,7 @@ def diffuse_minority(candidate: ClassDecision, state: ClassState, flagged: np.nd
     x = np.asarray(state.sample_x, dtype=np.float64)
     spread = _spread_ratio(x, flagged)
     decision = replace(candidate, suspicious=False, threshold=float("inf"), spread_ratio=spread,
-                       why="no separated minority")
+                       why=NOT_SEPARATED)
     if (candidate.minority_share <= DIFFUSE_SHARE and flagged.sum() >= DIFFUSE_ROWS
             and DIFFUSE_SPREAD[0] <= spread <= DIFFUSE_SPREAD[1]):
         return replace(decision, suspicious=True, threshold=candidate.threshold,

@@ -46,6 +46,7 @@ class ClassDecision:
     class_z: float = float("nan")
     spread_ratio: float = float("nan")  # tr(cov) of the flagged group over the rest's (detectors.base)
     past_submode: float = float("nan")  # D of the best split once a natural sub-mode is set aside (detectors.base)
+    split_threshold: float = float("nan")  # the best split's threshold, flagged or not (poisonguard.core.exclusion)
 
     @property
     def gate_separation(self) -> float:
@@ -54,7 +55,8 @@ class ClassDecision:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        for key in ("threshold", "separation", "minority_share", "class_z", "spread_ratio", "past_submode"):
+        for key in ("threshold", "separation", "minority_share", "class_z", "spread_ratio", "past_submode",
+                    "split_threshold"):
             out[key] = _finite_or_none(out[key])
         return out
 
@@ -116,13 +118,14 @@ def separated_minority(
     if best == 0 and lo_i > 1 and separation >= 2.95 + small_sample / n:
         return ClassDecision(False, float("inf"), separation, share, n, PINNED)
     if separation >= max(min_separation, 2.95 + small_sample / n):
-        return ClassDecision(True, threshold, separation, share, n, "separated minority")
+        return ClassDecision(True, threshold, separation, share, n, "separated minority", split_threshold=threshold)
     if candidate_separation is not None and separation >= max(candidate_separation, 2.95 + small_sample / n):
-        return ClassDecision(False, threshold, separation, share, n, CANDIDATE)
-    return ClassDecision(False, float("inf"), separation, share, n, "no separated minority")
+        return ClassDecision(False, threshold, separation, share, n, CANDIDATE, split_threshold=threshold)
+    return ClassDecision(False, float("inf"), separation, share, n, NOT_SEPARATED, split_threshold=threshold)
 
 
 CANDIDATE = "candidate: separated less than min_separation"
+NOT_SEPARATED = "no separated minority"
 PINNED = ("a sub-population larger than max_share of the class (the best split is pinned at that limit): "
           "a natural sub-mode, not an attack's minority")
 
