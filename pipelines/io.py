@@ -59,6 +59,7 @@ class InputPlan:
     n_features: int | None = None
     model_path: str | None = None
     label_view: str = "embedding"  # "features": confident learning reads the feature column (core.embedding)
+    confirmed_groups: tuple = ()  # (detector, str(label)) that exclusionary reclassification confirmed (exclusion)
 
     @property
     def total_rows(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -98,35 +99,54 @@ def cnn_stride(shape: list[int]) -> int:
     return max(1, -(-int(side) // full))
 
 
-def read_training_sample(plan, config) -> tuple[np.ndarray, np.ndarray]:
-    """Rows with a seeded id hash under a cut chosen to keep ~proxy_max_rows rows (one streaming pass)."""
+def read_training_sample(plan, config, with_keys: bool = False):
+    """(x, labels) of the rows with a seeded id hash under a cut chosen to keep ~proxy_max_rows rows (one
+    streaming pass); ``with_keys``: and that hash, the rows' sample keys (``core.block``'s, so that a fit
+    on the sample draws the class samples an engine's fit draws)."""
     cols, emb = config.columns, config.embedding
     share = emb.proxy_max_rows / max(plan.total_rows, 1)
     cut = np.uint64(2**64 - 1) if share >= 1 else np.uint64(int(share * 2**64))
-    xs, ys = [], []
+    xs, ys, ks = [], [], []
     for item in work_items(plan, 1 << 62):  # through the reader that checks each file is the one hashed
         for _, table in read_batches(item, [cols.id, cols.label, emb.features], 65536):
             batch = table.combine_chunks()
             ids = np.asarray(batch.column(0).cast("string").to_numpy(zero_copy_only=False), dtype=object)
-            keep = hash_strings(np.where(ids == None, "", ids).astype(object), seeded_hash_key(config.seed)) <= cut  # noqa: E711
+            hashed = hash_strings(np.where(ids == None, "", ids).astype(object), seeded_hash_key(config.seed))  # noqa: E711
+            keep = hashed <= cut
             keep &= ~np.asarray(batch.column(1).is_null(), dtype=bool)
             x, ok = features_to_numpy(batch.column(2), plan.n_features)
             keep &= ok
             xs.append(x[keep])
             ys.append(np.asarray(batch.column(1).to_numpy(zero_copy_only=False))[keep])
+            ks.append(hashed[keep])
     x, y = np.concatenate(xs), np.concatenate(ys)
     if not len(x):
         raise InputError("no row has a label and a finite value in every feature: nothing to train the proxy on",
                          path=plan.files[0].path if len(plan.files) == 1 else None, column=emb.features)
-    return x, y
+    return (x, y, np.concatenate(ks)) if with_keys else (x, y)
 
 
-def train_proxy(plan, config, out_path: str) -> dict:
-    """Train the proxy on the data's bounded sample and save it as TorchScript; returns its record."""
-    x, labels = read_training_sample(plan, config)
-    model, info = fit_proxy(x, labels, plan, config)
+@dataclass
+class TrainingSample:
+    """The rows a proxy was trained on, what it was trained as, and the trained proxy."""
+
+    x: np.ndarray
+    labels: np.ndarray
+    keys: np.ndarray  # the rows' sample keys (``read_training_sample``)
+    layout: object  # ``poisonguard.layout.Layout``
+    model: torch.nn.Module
+
+
+def train_proxy(plan, config, out_path: str) -> tuple[dict, TrainingSample]:
+    """Train the proxy on the data's bounded sample and save it as TorchScript; returns its record
+    and the sample with the trained proxy (``poisonguard.core.exclusion`` asks a second question of both)."""
+    from poisonguard.layout import infer_layout
+
+    x, labels, keys = read_training_sample(plan, config, with_keys=True)
+    layout = infer_layout(x, config.embedding.features_shape, config.embedding.features)
+    model, info = fit_proxy(x, labels, plan, config, layout)
     torch.jit.script(model).save(out_path)
-    return info
+    return info, TrainingSample(x, labels, keys, layout, model)
 
 
 def fit_proxy(x: np.ndarray, labels: np.ndarray, plan, config, layout=None):

@@ -83,9 +83,9 @@ def test_input_replaced_after_the_fit_pass_is_exit_2_and_publishes_nothing(tmp, 
     harmful = write(pa.table(poisoned, schema=table.schema), tmp / "harmful.parquet")
     original = screening.fit_detectors
 
-    def swap_then_fit(states, config):
+    def swap_then_fit(states, config, *confirmed):
         os.replace(harmful, data)  # same rows and schema, other bytes, between the passes
-        return original(states, config)
+        return original(states, config, *confirmed)
 
     monkeypatch.setattr("poisonguard.engines.memory.fit_detectors", swap_then_fit)
     _rejected(["scan", data, "--out", tmp / "run", "--engine", "memory"], "data.parquet", "changed")

@@ -83,9 +83,9 @@ def test_the_memory_engine_fits_and_scores_with_the_configured_blas_threads(monk
     seen = []
     original = memory.fit_detectors
 
-    def recording(states, config):
+    def recording(states, config, *confirmed):
         seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
-        return original(states, config)
+        return original(states, config, *confirmed)
 
     monkeypatch.setattr(memory, "fit_detectors", recording)
     rng = np.random.default_rng(0)

@@ -25,14 +25,20 @@ def resolve_embedding(plan: InputPlan, config: Config, work_dir: str) -> tuple[I
     if emb.source == "column":
         return plan, {"source": "column", "column": config.columns.embedding, "dim": plan.dim, "label_view": "embedding"}
     info: dict = {"source": emb.source, "features": emb.features, "features_shape": emb.features_shape}
+    confirmed: tuple = ()
     if emb.source == "proxy":
         from poisonguard.proxy import train_proxy
 
         os.makedirs(work_dir, exist_ok=True)
         path = os.path.join(work_dir, PROXY_MODEL)
         log.info("proxy: training on up to %d rows for %d epochs", emb.proxy_max_rows, emb.proxy_epochs)
-        info.update(train_proxy(plan, config, path))
+        record, sample = train_proxy(plan, config, path)
+        info.update(record)
         log.info("proxy: training accuracy %.4f", info["train_accuracy"])
+        if emb.proxy_exclusion:
+            from poisonguard.core.exclusion import exclusion_check
+
+            info["exclusion"], confirmed = exclusion_check(sample, plan, config)
     else:
         path = os.path.abspath(emb.model)
         if not os.path.isfile(path):
@@ -44,7 +50,7 @@ def resolve_embedding(plan: InputPlan, config: Config, work_dir: str) -> tuple[I
                          path=emb.model or path)
     info["dim"] = dim
     info["label_view"] = label_view(emb.label_view, emb.source, (info.get("layout") or {}).get("kind"))
-    return replace(plan, dim=dim, model_path=path, label_view=info["label_view"]), info
+    return replace(plan, dim=dim, model_path=path, label_view=info["label_view"], confirmed_groups=confirmed), info
 
 
 def label_view(choice: str, source: str, layout: str | None) -> str:

@@ -251,11 +251,12 @@ def merge_class_states(into: dict[object, ClassState], states) -> dict[object, C
     return into
 
 
-def fit_detectors(states: dict[object, ClassState], config: Config) -> dict[str, PoisonDetector]:
+def fit_detectors(states: dict[object, ClassState], config: Config, confirmed: tuple = ()) -> dict[str, PoisonDetector]:
     """Every configured detector fitted on the class states; with feature-column states
     (``split_views``), confident learning is fitted on those, with a probe of its own, and the
     other detectors ask them whether a separated group is another class's rows
-    (``detectors.lookalike``)."""
+    (``detectors.lookalike``).  ``confirmed``: the groups proxy mode's exclusionary
+    reclassification confirmed (``poisonguard.core.exclusion``; ``InputPlan.confirmed_groups``)."""
     states, features = split_views(states)
     if len(states) > config.max_classes:
         from poisonguard.errors import InputError
@@ -273,6 +274,10 @@ def fit_detectors(states: dict[object, ClassState], config: Config) -> dict[str,
         probe = shared_probe(ordered, users) if users else None
         fitted.update({name: detector.fit_states(ordered, probe=probe, **extra(name)) if name in PROBE_USERS
                        else detector.fit_states(ordered, **extra(name)) for name, detector in users.items()})
+    if confirmed:
+        from poisonguard.core.exclusion import apply_confirmed
+
+        apply_confirmed(fitted, confirmed)
     return {name: fitted[name] for name in detectors}
 
 

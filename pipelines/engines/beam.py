@@ -160,12 +160,13 @@ class FitDetectors(beam.PTransform):
             | "MergePerClass" >> beam.CombinePerKey(_MergeStates())
             | "AllClasses" >> beam.combiners.ToList()
         )
-        staging = self.staging
+        staging, confirmed = self.staging, self.screener.plan.confirmed_groups
 
         def fit(pairs):
             limit_worker(config.blas_threads)
             with reporting_errors(staging):
-                return fit_detectors(dict(pairs), config), {c: s.n for c, s in split_views(dict(pairs))[0].items()}
+                return (fit_detectors(dict(pairs), config, confirmed),
+                        {c: s.n for c, s in split_views(dict(pairs))[0].items()})
 
         detectors = states | "Fit" >> beam.Map(fit)
         moments = states | "ClassMoments" >> beam.Map(lambda pairs: class_moments(split_views(dict(pairs))[0]))

@@ -111,8 +111,12 @@ def proxy_line(info: dict) -> str:
     fit = f"training accuracy {info['train_accuracy']:.3f}" + (f", held-out {held:.3f}" if held is not None else "")
     state = f"converged ({info['stopped']})" if info.get("converged") else "not converged: stopped at proxy_epochs"
     kept = f", weights of epoch {info['kept_epoch']} kept" if info.get("stop_rule") == "held_out" else ""
+    from poisonguard.core.exclusion import line
+
+    excluded = line(info.get("exclusion"))
     return (f"proxy: {info['architecture']} for {layout.get('kind', 'features')} data ({layout.get('why', '')}); "
-            f"{fit}; {info['epochs']} epochs by the {info.get('stop_rule', 'train_loss')} rule, {state}{kept}")
+            f"{fit}; {info['epochs']} epochs by the {info.get('stop_rule', 'train_loss')} rule, {state}{kept}"
+            + (f"; {excluded}" if excluded else ""))
 
 
 def console_summary(summary: dict, run_dir: str) -> str:
