@@ -433,6 +433,8 @@ def evaluate_proxy_case(source: str, attack: str, rate: float, seed: int, archit
     row["worst_class_clean_loss"] = _worst_class_loss(flags, y, truth)
     row["unreliable"] = unreliable_detectors(found.summary)
     row["weak"] = [d for d, rep in found.summary["detectors"].items() if (rep.get("representation") or {}).get("weak")]
+    row["exclusion"] = [{k: g[k] for k in ("detector", "class", "rows", "moved", "confirmed")}
+                        for g in (info.get("exclusion") or {}).get("groups", [])]  # poisonguard.core.exclusion
     return row
 
 
