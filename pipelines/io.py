@@ -59,7 +59,7 @@ class InputPlan:
     n_features: int | None = None
     model_path: str | None = None
     label_view: str = "embedding"  # "features": confident learning reads the feature column (core.embedding)
-    confirmed_groups: tuple = ()  # (detector, str(label)) that exclusionary reclassification confirmed (exclusion)
+    confirmed_groups: tuple = ()  # (detector, str(label), moved share) that proxy mode's core.exclusion confirmed
 
     @property
     def total_rows(self) -> int:

@@ -88,7 +88,8 @@ def is_candidate(decision) -> bool:
 def exclusion_check(sample, plan, config) -> tuple[dict, tuple]:
     """(the record for summary.json, the confirmed (detector, label, moved share) triples)."""
     from poisonguard.core.screening import fit_detectors
-    from poisonguard.detectors.stats import states_by_class
+    from poisonguard.detectors.base import label_codes
+    from poisonguard.detectors.stats import states_of_block
 
     started = time.monotonic()
     record = {"detectors": [d.name for d in config.detectors if d.name in CANDIDATE_DETECTORS],
@@ -100,7 +101,9 @@ def exclusion_check(sample, plan, config) -> tuple[dict, tuple]:
         return {**record, "why": f"not run on {sample.layout.kind} data (measured on images and sequences only)"}, ()
     emb = _forward(sample.model.embed, sample.x, sample.layout.shape)
     only = config.model_copy(update={"detectors": [d for d in config.detectors if d.name in CANDIDATE_DETECTORS]})
-    fitted = fit_detectors(states_by_class(emb, sample.labels, sample.keys, config.max_fit_rows_per_class), only)
+    labels, codes = label_codes(sample.labels)  # every class's state in one sort, as the engines build them
+    states = dict(zip(labels, states_of_block(emb, codes, len(labels), sample.keys, config.max_fit_rows_per_class)))
+    fitted = fit_detectors(states, only)
     groups, union = [], np.zeros(len(emb), bool)
     for name, detector in fitted.items():
         candidates = [(label, d) for label, d in detector.decisions_.items() if is_candidate(d)]

@@ -76,8 +76,8 @@ def _run(screener: Screener, run_id: str, sink: Sink, rows_per_item: int) -> tup
     with phase("fit"):
         states, hashes, copies = fit_pass(screener, rows_per_item)
         classes = split_views(states)[0]
-        fitted = Fitted(fit_detectors(states, config, plan.confirmed_groups), duplicate_hashes(hashes), {c: s.n for c, s in classes.items()},
-                        copies)
+        fitted = Fitted(fit_detectors(states, config, plan.confirmed_groups), duplicate_hashes(hashes),
+                        {c: s.n for c, s in classes.items()}, copies)
         bounds = screener.report_bounds(fitted)
 
     counts: dict = {}
