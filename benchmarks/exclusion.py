@@ -148,16 +148,18 @@ def proxy_section(rows: list[dict]) -> str:
     changed = [k for k, p in pairs.items() if any(g["confirmed"] for g in p[True]["exclusion"])]
     lines = ["## The check in a scan (`embedding.proxy_exclusion: true`)", "",
              f"`families.py proxy` on the images and sequences ({len(pairs)} cases), with the check and without it, "
-             "on one machine. A case where no group was confirmed is the same scan either way; "
-             f"{len(changed)} cases had a confirmed group:", "",
+             "on one machine. A case where no group was confirmed is the same scan either way (its row without the "
+             "check is the row with it, `same_scan_as_with`, seconds included); "
+             f"{len(changed)} cases had a confirmed group and were run both ways:", "",
              "| source | attack | rate | seed | F1 without | F1 with | recall without | recall with "
-             "| clean flagged without | with | confirmed (detector, class, rows, moved share) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| clean flagged without | with | seconds without | with | confirmed (detector, class, rows, moved share) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in sorted(changed):
         a, b = pairs[k][False], pairs[k][True]
         groups = ", ".join(f"{g['detector']} {g['class']} {g['rows']} {g['moved']:.2f}" for g in b["exclusion"] if g["confirmed"])
         lines.append(f"| {k[0]} | {k[2]} | {k[3]:.0%} | {k[4]} | {fmt(a['f1'])} | {fmt(b['f1'])} | {fmt(a['recall'])} "
-                     f"| {fmt(b['recall'])} | {a['clean_flagged']:.2%} | {b['clean_flagged']:.2%} | {groups} |")
+                     f"| {fmt(b['recall'])} | {a['clean_flagged']:.2%} | {b['clean_flagged']:.2%} | {a['seconds']:.0f} "
+                     f"| {b['seconds']:.0f} | {groups} |")
     clean = [k for k in pairs if k[2] == "clean"]
     lines += ["", f"Clean controls: {sum(not any(g['confirmed'] for g in pairs[k][True]['exclusion']) for k in clean)} "
               f"of {len(clean)} with no confirmed group."]
