@@ -18,8 +18,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from poisonguard.detectors.calibration import CANDIDATE, DIFFUSE, MIN_CLASS_ROWS, NOT_SEPARATED, NOT_TESTED, SMALL_SAMPLE, \
-    ClassDecision, \
-    gate_by_other_classes, guard_mass_quarantine, separated_minority, too_small, top_fraction
+    ClassDecision, gate_by_other_classes, guard_mass_quarantine, separated_minority, too_small, top_fraction
 from poisonguard.detectors.lookalike import lookalike as feature_lookalike
 from poisonguard.detectors.params import validate_params
 from poisonguard.detectors.stats import ClassState, default_keys, states_by_class
