@@ -86,7 +86,7 @@ def run(case) -> dict:
             groups.append({"detector": det, "class": int(label), "separation": round(float(d), 2),
                            "flagged": bool(decision.get("suspicious")), "rows": rows})
     out = {"key": [source, attack, rate, seed], "rows": len(y), "poison": int(truth.sum()),
-           **{k: v for k, v in F._metrics(flags, truth).items()}, "groups": []}
+           **F._metrics(flags, truth), "groups": []}
     if groups:
         excluded, _ = _proxy(x[~union], y[~union], seed)
         classes = np.unique(y[~union])

@@ -1,7 +1,7 @@
 """Proxy mode's exclusionary reclassification (poisonguard.core.exclusion, opt-in): a proxy trained
-without a suspect group sends dirty-label rows it had learnt back to their source classes and keeps a class's
-own rows; a confirmed group is flagged above its class's best split; the check is recorded,
-deterministic, and alike on both engines."""
+without a suspect group sends dirty-label rows it had learnt back to their source classes and keeps
+a class's own rows; a confirmed group is flagged above its class's best split; the check is
+recorded, deterministic, and alike on both engines."""
 
 from __future__ import annotations
 

@@ -44,10 +44,11 @@ that a proxy which never saw it cannot place, in a class too small for its other
 That version also read the second proxy alone (as the study does).  On the proxy benchmark it
 confirmed groups in classes that receive random label flips, flipped rows the first proxy had not
 learnt beside clean boundary rows that went with them: digits' 10% random flips went from 0.78-0.84%
-to 0.94-1.58% of clean rows flagged (the label checks had found the flipped rows already).  Asking that the rows were learnt first left the random flips as they were, but not the
-glyphs' targeted flip: there the group was 242 clean rows of the class the flipped rows came from
-(9.5% of it, a way of drawing it), learnt as that class, and a proxy trained without them sent them
-to the target class, where the flipped copies of their style carry that label.  A natural sub-mode
+to 0.94-1.58% of clean rows flagged (the label checks had found the flipped rows already).  Asking
+that the rows were learnt first left the random flips as they were, but not the glyphs' targeted
+flip: there the group was 242 clean rows of the class the flipped rows came from (9.5% of it, a way
+of drawing it), learnt as that class, and a proxy trained without them sent them to the target
+class, where the flipped copies of their style carry that label.  A natural sub-mode
 under 10% of its class, with another class holding rows like it, moves as poison does; that is why
 the check is off by default.
 
@@ -92,15 +93,15 @@ def exclusion_check(sample, plan, config) -> tuple[dict, tuple]:
     from poisonguard.detectors.stats import states_of_block
 
     started = time.monotonic()
-    record = {"detectors": [d.name for d in config.detectors if d.name in CANDIDATE_DETECTORS],
-              "min_separation": MIN_SEPARATION, "max_share": MAX_SHARE, "confirm_share": CONFIRM_SHARE,
-              "groups": [], "retrained": None}
+    asked = [d for d in config.detectors if d.name in CANDIDATE_DETECTORS]
+    record = {"detectors": [d.name for d in asked], "min_separation": MIN_SEPARATION, "max_share": MAX_SHARE,
+              "confirm_share": CONFIRM_SHARE, "groups": [], "retrained": None}
     if not record["detectors"]:
         return {**record, "why": "no sub-population detector configured"}, ()
     if sample.layout.kind not in SHAPED:
         return {**record, "why": f"not run on {sample.layout.kind} data (measured on images and sequences only)"}, ()
     emb = _forward(sample.model.embed, sample.x, sample.layout.shape)
-    only = config.model_copy(update={"detectors": [d for d in config.detectors if d.name in CANDIDATE_DETECTORS]})
+    only = config.model_copy(update={"detectors": asked})
     labels, codes = label_codes(sample.labels)  # every class's state in one sort, as the engines build them
     states = dict(zip(labels, states_of_block(emb, codes, len(labels), sample.keys, config.max_fit_rows_per_class)))
     fitted = fit_detectors(states, only)
@@ -121,7 +122,8 @@ def exclusion_check(sample, plan, config) -> tuple[dict, tuple]:
     shares, info = moved_shares(sample, [rows for *_, rows in groups], plan, config)
     confirmed = []
     for (name, label, decision, rows), share in zip(groups, shares):
-        record["groups"].append({"detector": name, "class": str(label), "separation": round(float(decision.separation), 3),
+        record["groups"].append({"detector": name, "class": str(label),
+                                 "separation": round(float(decision.separation), 3),
                                  "share": round(float(decision.minority_share), 4), "rows": int(rows.sum()),
                                  "moved": round(share, 4), "confirmed": share >= CONFIRM_SHARE})
         if share >= CONFIRM_SHARE:
@@ -145,7 +147,8 @@ def moved_shares(sample, groups: list[np.ndarray], plan, config) -> tuple[list[f
     labels, shape = sample.labels[union], sample.layout.shape
     learnt = np.unique(sample.labels)[_forward(sample.model, sample.x[union], shape).argmax(1)] == labels
     moved = np.zeros(len(union), bool)
-    moved[union] = learnt & (np.unique(sample.labels[keep])[_forward(model, sample.x[union], shape).argmax(1)] != labels)
+    placed = np.unique(sample.labels[keep])[_forward(model, sample.x[union], shape).argmax(1)]
+    moved[union] = learnt & (placed != labels)
     return [float(moved[g].mean()) for g in groups], info
 
 
