@@ -7,7 +7,11 @@ rows, scores and reasons are the same with and without it.
   class; one trigger per target, ``rate`` of the target class's rows, at least 3) are added to the
   proxy's training sample, so a second proxy learns them as a real backdoor.  The detectors are then
   fitted on that proxy's embeddings of the sample and the canaries, and the canaries they flag are
-  counted: "3 of 3 canaries found in class 7".
+  counted: "3 of 3 canaries found in class 7".  The rows the detectors flag on that proxy before any
+  canary is added are left out of the trials (``held_back_rows``): the question is whether an attack
+  on the rows this scan would keep is caught, and a backdoor already found shares its class with
+  the canaries planted there and pulls the class's split towards itself (on the families' signals,
+  a 10% patch had its target class's canaries caught 0 of 44 beside it, 44 of 44 without it).
 * **Column and model mode** (the model cannot be retrained): a power analysis in embedding space.
   For each class, groups of ``sizes`` (shares of the class, at least 3 rows) are planted with the
   shape real backdoors take in a poisoned model's representation, measured on the development
@@ -233,6 +237,15 @@ def _stamp(x: np.ndarray, target_index: int, shape: list[int], rng: np.random.Ge
     return out
 
 
+def _decided(emb, y, keys, features, config: Config, feature_view: bool) -> np.ndarray:
+    """The rows the detectors flag, fitted on these rows' states (and the feature column's)."""
+    states = states_by_class(emb, y, keys, config.max_fit_rows_per_class)
+    if feature_view:
+        states.update({(FEATURE_VIEW, c): s for c, s in states_by_class(
+            features, y, keys, config.max_fit_rows_per_class).items()})
+    return _flagged(fit_detectors(states, config), emb, y, keys, features=features, feature_view=feature_view)
+
+
 def proxy_canaries(plan, config: Config) -> dict:
     import torch
 
@@ -268,17 +281,15 @@ def proxy_canaries(plan, config: Config) -> dict:
                               for i in range(0, len(all_x), 8192)])
     keys = default_keys(len(y), config.seed)
     is_canary = np.r_[np.zeros(len(x), bool), np.ones(len(canary_x), bool)]
+    feature_view = plan.label_view == "features"
+    held = np.zeros(len(y), dtype=bool)
+    held[:len(x)] = _decided(emb[:len(x)], labels, keys[:len(x)], all_x[:len(x)], config, feature_view)
     per_class, planted, caught, false_alarms = {}, 0, 0, []
     for target in targets:  # one attack at a time, as a real one would be: the cross-class gate sees one
         mine = is_canary & (y == target)
-        rows = ~is_canary | mine
+        rows = (~is_canary & ~held) | mine
         e, yr, kr, fx = emb[rows], y[rows], keys[rows], all_x[rows]
-        trial = states_by_class(e, yr, kr, config.max_fit_rows_per_class)
-        if plan.label_view == "features":
-            trial.update({(FEATURE_VIEW, c): s for c, s in states_by_class(
-                fx, yr, kr, config.max_fit_rows_per_class).items()})
-        detectors = fit_detectors(trial, config)
-        flags = _flagged(detectors, e, yr, kr, features=fx, feature_view=plan.label_view == "features")
+        flags = _decided(e, yr, kr, fx, config, feature_view)
         found = int(flags[mine[rows]].sum())
         false_alarms.append(float(flags[~mine[rows]].mean()))
         planted, caught = planted + int(mine.sum()), caught + found
@@ -286,4 +297,5 @@ def proxy_canaries(plan, config: Config) -> dict:
                                   "finding": f"{found} of {int(mine.sum())} canaries found in class {target}"}
     return {"mode": "proxy", "rate": config.canaries.rate, "planted": planted, "caught": caught,
             "recall": caught / planted, "clean_rows_flagged": float(np.mean(false_alarms)),
+            "held_back_rows": int(held.sum()),
             "proxy_train_accuracy": info["train_accuracy"], "per_class": per_class}

@@ -181,3 +181,43 @@ def test_an_interrupted_power_analysis_leaves_no_worker_process_behind(monkeypat
     with pytest.raises(KeyboardInterrupt):
         canaries.power_of(states, Config.model_validate({"canaries": {"workers": 2, "max_classes": 3}}))
     assert not set(multiprocessing.active_children()) - others
+
+
+def test_proxy_canaries_leave_out_the_rows_the_detectors_already_flag(monkeypatch):
+    """A backdoor the scan finds would share its class with the canaries planted there (and pull the
+    class's split towards it); the trials run on the rows the detectors leave, plus the canaries."""
+    import types
+
+    import torch
+
+    from poisonguard import canaries, proxy
+    from poisonguard.config import validated
+
+    rng = np.random.default_rng(0)
+    x = (np.repeat(rng.normal(size=(6, 16)) * 6, 300, axis=0) + rng.normal(size=(1800, 16))).astype(np.float32)
+    y = np.repeat(np.arange(6), 300)
+    attack = rng.choice(np.flatnonzero(y != 0), size=24, replace=False)
+    x[attack, 12:14] = x.max() + 60.0  # a blatant backdoor into class 0
+    y[attack] = 0
+
+    class Identity(torch.nn.Module):  # the features are the embedding: no training in this test
+        def embed(self, t):
+            return t.reshape(len(t), -1)
+
+    monkeypatch.setattr(proxy, "read_training_sample", lambda plan, config, **_: (x, y))
+    monkeypatch.setattr(proxy, "fit_proxy", lambda *_a, **_k: (Identity(), {"train_accuracy": 1.0}))
+    seen, decided = [], canaries._decided
+
+    def spy(emb, labels, keys, features, config, feature_view):
+        seen.append(features)
+        return decided(emb, labels, keys, features, config, feature_view)
+
+    monkeypatch.setattr(canaries, "_decided", spy)
+    config = validated({"embedding": {"source": "proxy", "features": "f"}, "canaries": {"enabled": True}}, "test")
+    result = canaries.proxy_canaries(types.SimpleNamespace(label_view="embedding"), config)
+    assert result["held_back_rows"] == 24
+    assert len(seen) == 1 + len(result["per_class"])  # the scan's own decisions, then one trial per class
+    attacked = {r.tobytes() for r in x[attack]}
+    assert sum(r.tobytes() in attacked for r in seen[0]) == 24
+    assert all(not any(r.tobytes() in attacked for r in trial) for trial in seen[1:])
+    assert result["per_class"]["0"]["caught"] == result["per_class"]["0"]["canaries"] >= 15
