@@ -4,14 +4,17 @@ Opt-in (``--canaries`` / ``canaries.enabled``) and run beside the scan, never in
 rows, scores and reasons are the same with and without it.
 
 * **Proxy mode.**  Canary rows (a trigger stamped on rows of other classes, relabelled to the target
-  class; one trigger per target, ``rate`` of the target class's rows, at least 3) are added to the
-  proxy's training sample, so a second proxy learns them as a real backdoor.  The detectors are then
-  fitted on that proxy's embeddings of the sample and the canaries, and the canaries they flag are
-  counted: "3 of 3 canaries found in class 7".  The rows the detectors flag on that proxy before any
-  canary is added are left out of the trials (``held_back_rows``): the question is whether an attack
-  on the rows this scan would keep is caught, and a backdoor already found shares its class with
-  the canaries planted there and pulls the class's split towards itself (on the families' signals,
-  a 10% patch had its target class's canaries caught 0 of 44 beside it, 44 of 44 without it).
+  class; ``rate`` of the target class's rows, at least 3) are added to the proxy's training sample,
+  so a second proxy learns them as a real backdoor, each target class with a trigger of its own.
+  By default one proxy learns every target's canaries (one training); ``triggers_per_proxy`` 1
+  trains a proxy per target, one attack each as a real attack has, at a training each.  Neither
+  was better where measured (README, "Canaries").  The detectors are then fitted on that proxy's
+  embeddings of the sample and the canaries, one target at a time, and the canaries they flag are
+  counted: "3 of 3 canaries found in class 7".  The rows the detectors flag on that proxy before
+  any canary is added are left out of the trials (``held_back_rows``): the question is whether an
+  attack on the rows this scan would keep is caught, and a backdoor already found shares its class
+  with the canaries planted there and pulls the class's split towards itself (on the families'
+  signals, a 10% patch had its target class's canaries caught 0 of 44 beside it, 44 of 44 without).
 * **Column and model mode** (the model cannot be retrained): a power analysis in embedding space.
   For each class, groups of ``sizes`` (shares of the class, at least 3 rows) are planted with the
   shape real backdoors take in a poisoned model's representation, measured on the development
@@ -247,55 +250,68 @@ def _decided(emb, y, keys, features, config: Config, feature_view: bool) -> np.n
 
 
 def proxy_canaries(plan, config: Config) -> dict:
-    import torch
-
     from poisonguard.layout import infer_layout
-    from poisonguard.proxy import fit_proxy, read_training_sample
+    from poisonguard.proxy import read_training_sample
 
     x, labels = read_training_sample(plan, config)
     rng = np.random.default_rng(config.seed)
     classes, counts = np.unique(labels, return_counts=True)
     sizes = dict(zip(classes.tolist(), counts.tolist()))
     layout = infer_layout(x, config.embedding.features_shape, config.embedding.features)
-    shape = layout.shape
-    cx, cy = [], []
     targets = _eligible(sizes, config.canaries.max_classes)
-    for i, target in enumerate(targets):
-        others = np.flatnonzero(labels != target)
-        k = min(max(3, int(round(config.canaries.rate * sizes[target]))), len(others))
-        if k == 0:
-            continue
-        sources = rng.choice(others, size=k, replace=False)
-        cx.append(_stamp(x[sources], i, shape, rng))
-        cy.append(np.full(k, target, dtype=labels.dtype))
-    if not cx:
+    per_class, held_back, accuracy = {}, [], []
+    step = config.canaries.triggers_per_proxy or max(len(targets), 1)
+    for start in range(0, len(targets), step):  # one proxy per group of targets, each its own trigger
+        cx, cy = [], []
+        for i, target in enumerate(targets[start:start + step], start):  # a trigger of its own, however grouped
+            others = np.flatnonzero(labels != target)
+            k = min(max(3, int(round(config.canaries.rate * sizes[target]))), len(others))
+            if k:
+                cx.append(_stamp(x[rng.choice(others, size=k, replace=False)], i, layout.shape, rng))
+                cy.append(np.full(k, target, dtype=labels.dtype))
+        if cx:
+            found, held, fit = _proxy_trials(x, labels, np.concatenate(cx), np.concatenate(cy), plan, config, layout)
+            per_class.update(found)
+            held_back.append(held)
+            accuracy.append(fit["train_accuracy"])
+    if not per_class:
         why = (f"nothing planted: no class has the {MIN_CLASS_ROWS} rows a planted group needs" if not targets
                else "nothing planted: no other class's rows to stamp the canary trigger on")
         return {"mode": "proxy", "planted": 0, "caught": 0, "recall": None, "per_class": {}, "why": why}
-    canary_x, canary_y = np.concatenate(cx), np.concatenate(cy)
+    planted = sum(c["canaries"] for c in per_class.values())
+    caught = sum(c["caught"] for c in per_class.values())
+    return {"mode": "proxy", "rate": config.canaries.rate, "planted": planted, "caught": caught,
+            "recall": caught / planted,
+            "clean_rows_flagged": float(np.mean([c["clean_rows_flagged"] for c in per_class.values()])),
+            "proxies": len(accuracy), "held_back_rows": max(held_back),
+            "proxy_train_accuracy": min(accuracy), "per_class": per_class}
+
+
+def _proxy_trials(x, labels, canary_x, canary_y, plan, config: Config, layout) -> tuple[dict, int, dict]:
+    """A proxy trained on the sample and these canaries; then, one target class at a time, the
+    detectors fitted on its embeddings of the rows they do not already flag and that class's
+    canaries: (per-class findings, rows left out, the proxy's fit)."""
+    import torch
+
+    from poisonguard.proxy import fit_proxy
+
     all_x, y = np.concatenate([x, canary_x]), np.concatenate([labels, canary_y])
     model, info = fit_proxy(all_x, y, plan, config, layout)  # the layout the triggers were stamped in
     with torch.inference_mode():
-        embed = model.embed
-        emb = np.concatenate([embed(torch.from_numpy(all_x[i:i + 8192]).reshape([-1, *shape])).numpy()
+        emb = np.concatenate([model.embed(torch.from_numpy(all_x[i:i + 8192]).reshape([-1, *layout.shape])).numpy()
                               for i in range(0, len(all_x), 8192)])
     keys = default_keys(len(y), config.seed)
     is_canary = np.r_[np.zeros(len(x), bool), np.ones(len(canary_x), bool)]
     feature_view = plan.label_view == "features"
     held = np.zeros(len(y), dtype=bool)
     held[:len(x)] = _decided(emb[:len(x)], labels, keys[:len(x)], all_x[:len(x)], config, feature_view)
-    per_class, planted, caught, false_alarms = {}, 0, 0, []
-    for target in targets:  # one attack at a time, as a real one would be: the cross-class gate sees one
+    per_class = {}
+    for target in dict.fromkeys(canary_y.tolist()):  # one attack at a time, as a real one would be
         mine = is_canary & (y == target)
         rows = (~is_canary & ~held) | mine
-        e, yr, kr, fx = emb[rows], y[rows], keys[rows], all_x[rows]
-        flags = _decided(e, yr, kr, fx, config, feature_view)
+        flags = _decided(emb[rows], y[rows], keys[rows], all_x[rows], config, feature_view)
         found = int(flags[mine[rows]].sum())
-        false_alarms.append(float(flags[~mine[rows]].mean()))
-        planted, caught = planted + int(mine.sum()), caught + found
-        per_class[str(target)] = {"canaries": int(mine.sum()), "caught": found,
+        per_class[str(target)] = {"canaries": int(mine.sum()), "caught": found, "held_back_rows": int(held.sum()),
+                                  "clean_rows_flagged": float(flags[~mine[rows]].mean()),
                                   "finding": f"{found} of {int(mine.sum())} canaries found in class {target}"}
-    return {"mode": "proxy", "rate": config.canaries.rate, "planted": planted, "caught": caught,
-            "recall": caught / planted, "clean_rows_flagged": float(np.mean(false_alarms)),
-            "held_back_rows": int(held.sum()),
-            "proxy_train_accuracy": info["train_accuracy"], "per_class": per_class}
+    return per_class, int(held.sum()), info

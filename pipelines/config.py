@@ -119,6 +119,10 @@ class CanaryConfig(_Strict):
 
     enabled: bool = False
     rate: float = Field(default=0.05, gt=0, le=0.5, description="proxy mode: canaries per target class, share of it")
+    triggers_per_proxy: int | None = Field(
+        default=None, ge=1, le=1000,
+        description="proxy mode: target classes whose canary triggers one proxy learns at once (none: all, one "
+                    "training; 1: a proxy per target, one attack each as a real one, a training each)")
     sizes: list[float] = Field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1], min_length=1, max_length=10,
                                description="embedding mode: planted cluster sizes as shares of the class")
     distances: list[float] = Field(

@@ -32,6 +32,7 @@ def test_proxy_canaries_are_deterministic_and_change_no_published_row(tmp):
     first, second = runs["canaries"]["canaries"], runs["again"]["canaries"]
     assert first == second and runs["plain"]["canaries"] is None
     assert first["mode"] == "proxy" and len(first["per_class"]) == 3  # the three largest classes, by config
+    assert first["proxies"] == 1  # one proxy learns every target's canaries by default
     assert first["planted"] == sum(c["canaries"] for c in first["per_class"].values()) >= 3 * 8
     assert 0 <= first["caught"] <= first["planted"]
     assert all(c["finding"].endswith(f"canaries found in class {k}") for k, c in first["per_class"].items())
@@ -183,9 +184,10 @@ def test_an_interrupted_power_analysis_leaves_no_worker_process_behind(monkeypat
     assert not set(multiprocessing.active_children()) - others
 
 
-def test_proxy_canaries_leave_out_the_rows_the_detectors_already_flag(monkeypatch):
-    """A backdoor the scan finds would share its class with the canaries planted there (and pull the
-    class's split towards it); the trials run on the rows the detectors leave, plus the canaries."""
+def test_proxy_canaries_leave_out_the_rows_the_detectors_already_flag_and_group_targets_by_proxy(monkeypatch):
+    """A backdoor the scan finds would share its class with the canaries planted there; the trials run
+    on the rows the detectors leave, plus the canaries.  ``triggers_per_proxy`` sets how many target
+    classes' canaries one proxy learns (default all)."""
     import types
 
     import torch
@@ -199,25 +201,36 @@ def test_proxy_canaries_leave_out_the_rows_the_detectors_already_flag(monkeypatc
     attack = rng.choice(np.flatnonzero(y != 0), size=24, replace=False)
     x[attack, 12:14] = x.max() + 60.0  # a blatant backdoor into class 0
     y[attack] = 0
+    attacked = {r.tobytes() for r in x[attack]}
 
     class Identity(torch.nn.Module):  # the features are the embedding: no training in this test
         def embed(self, t):
             return t.reshape(len(t), -1)
 
-    monkeypatch.setattr(proxy, "read_training_sample", lambda plan, config, **_: (x, y))
-    monkeypatch.setattr(proxy, "fit_proxy", lambda *_a, **_k: (Identity(), {"train_accuracy": 1.0}))
-    seen, decided = [], canaries._decided
+    trained, seen, decided = [], [], canaries._decided
+
+    def fit(all_x, labels, *_a, **_k):
+        trained.append(set(labels[len(x):].tolist()))  # the targets of the canaries this proxy learns
+        return Identity(), {"train_accuracy": 1.0}
 
     def spy(emb, labels, keys, features, config, feature_view):
-        seen.append(features)
+        seen.append(sum(r.tobytes() in attacked for r in features))
         return decided(emb, labels, keys, features, config, feature_view)
 
+    monkeypatch.setattr(proxy, "read_training_sample", lambda plan, config, **_: (x, y))
+    monkeypatch.setattr(proxy, "fit_proxy", fit)
     monkeypatch.setattr(canaries, "_decided", spy)
+    plan = types.SimpleNamespace(label_view="embedding")
     config = validated({"embedding": {"source": "proxy", "features": "f"}, "canaries": {"enabled": True}}, "test")
-    result = canaries.proxy_canaries(types.SimpleNamespace(label_view="embedding"), config)
-    assert result["held_back_rows"] == 24
-    assert len(seen) == 1 + len(result["per_class"])  # the scan's own decisions, then one trial per class
-    attacked = {r.tobytes() for r in x[attack]}
-    assert sum(r.tobytes() in attacked for r in seen[0]) == 24
-    assert all(not any(r.tobytes() in attacked for r in trial) for trial in seen[1:])
+    result = canaries.proxy_canaries(plan, config)
+    assert trained == [set(range(6))] and result["proxies"] == 1
+    assert result["held_back_rows"] == 24 and all(c["held_back_rows"] == 24 for c in result["per_class"].values())
+    assert seen == [24] + [0] * 6  # the scan's own decisions, then one trial per target without those rows
     assert result["per_class"]["0"]["caught"] == result["per_class"]["0"]["canaries"] >= 15
+
+    for step, sizes in ((1, [1] * 6), (4, [4, 2])):
+        trained.clear()
+        grouped = canaries.proxy_canaries(plan, config.model_copy(update={
+            "canaries": config.canaries.model_copy(update={"triggers_per_proxy": step})}))
+        assert [len(t) for t in trained] == sizes and set.union(*trained) == set(range(6))
+        assert grouped["proxies"] == len(sizes) and grouped["planted"] == result["planted"]

@@ -157,7 +157,7 @@ def console_summary(summary: dict, run_dir: str) -> str:
                          + ("applied (--accept-mass-quarantine)" if guard["accepted"] else "its flags are held back"))
     if summary.get("canaries"):
         c = summary["canaries"]
-        held = f"; {c['held_back_rows']} rows already flagged left out of the trials" if c.get("held_back_rows") else ""
+        held = f"; up to {c['held_back_rows']} rows already flagged left out of a trial" if c.get("held_back_rows") else ""
         lines.append(f"  canaries ({c['mode']} mode): " + (f"{c['caught']} of {c['planted']} caught (recall {c['recall']:.2f})"
                                                           if c["recall"] is not None else c["why"]) + held)
         lines += [f"    {v['finding']}" for v in c["per_class"].values()]
