@@ -17,6 +17,11 @@ self-test then predicts recall on data it was not calibrated on.
     python benchmarks/canaries.py shape            # the development medians behind the defaults
     python benchmarks/canaries.py eval [--jobs 2]  # writes results/canaries.json and a section of quality.md
     python benchmarks/canaries.py report           # the section again, from results/canaries.json
+    python benchmarks/canaries.py eval --leave-out-flagged   # results/canaries_left_out.{json,md}
+
+``--leave-out-flagged`` plants the groups among the rows the default detectors do not flag, as proxy
+mode's canaries do (``held_back_rows``).  Measured, it predicted the real recall worse in embedding
+space (results/canaries_left_out.md), so the self-test plants among every row of the class.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ def shape(split: str = "dev") -> dict:
     return {"cases": len(gaps), "distance_quartiles": q(gaps), "spread_quartiles": q(spreads)}
 
 
-def one(key, path) -> dict:
+def one(key, path, leave_out: bool = False) -> dict:
     from threadpoolctl import threadpool_limits
 
     from poisonguard.canaries import power_of
@@ -93,6 +98,9 @@ def one(key, path) -> dict:
             flags |= detector.flag(e, y, keys)
         share = truth.sum() / max(int((y == target).sum()), 1)
         config.canaries.sizes = [float(min(share, 0.5))]
+        held = int(flags[y == target].sum()) if leave_out else 0
+        if leave_out:  # the families' classes fit in the sample: these are the exact states of the rows kept
+            states = states_by_class(e[~flags], y[~flags], keys[~flags], config.max_fit_rows_per_class)
         power = power_of(states, config, classes=[target])
         trials = {t["distance_sd"]: t["caught"] / t["rows"] for t in power["per_class"][str(target)]["trials"]}
         measured = real_shape(e, y, truth, target)
@@ -105,17 +113,18 @@ def one(key, path) -> dict:
             config.canaries.spread = float(min(max(measured[1], 1e-3), 100.0))
             matched = float(power_of(states, config, classes=[target])["recall"])
     return {"key": list(key), "split": F.split_of(key[0], key[1]), "poison": int(truth.sum()),
-            "real_recall": float(flags[truth].mean()), "canary_recall": float(trials[MEDIAN_DISTANCE]),
+            "real_recall": float(flags[truth].mean()), "held_back_rows": held,
+            "canary_recall": float(trials[MEDIAN_DISTANCE]),
             "grid_recall": grid, "real_distance": None if measured is None else measured[0],
             "real_spread": None if measured is None else measured[1],
             "matched_recall": None if measured is None else matched}
 
 
-def evaluate(jobs: int) -> list[dict]:
+def evaluate(jobs: int, leave_out: bool = False) -> list[dict]:
     work = _backdoor_cases("all")
     out = []
     with ProcessPoolExecutor(jobs) as pool:
-        for k, row in enumerate(pool.map(one, *zip(*work)), 1):
+        for k, row in enumerate(pool.map(one, *zip(*work), [leave_out] * len(work)), 1):
             out.append(row)
             if k % 20 == 0 or k == len(work):
                 print(f"[{k}/{len(work)}]", flush=True)
@@ -186,6 +195,36 @@ def markdown(rows: list[dict], dev_shape: dict) -> str:
     return "\n".join(lines)
 
 
+def left_out_markdown(rows: list[dict], baseline: list[dict]) -> str:
+    """The left-out run beside the default's (results/canaries.json), split by whether the real attack
+    was caught: where it was not, nothing of it is left out and the two should agree."""
+    base = {tuple(r["key"]): r for r in baseline}
+    lines = ["# Canaries planted among the rows the scan keeps (embedding mode)", "",
+             "`python benchmarks/canaries.py eval --leave-out-flagged`: the embedding-mode power analysis of "
+             "`results/quality.md` (\"Canary recall beside the real attack's\"), with the rows the default detectors "
+             "flag left out of their classes before any group is planted, as proxy mode's canaries leave them out of "
+             "their trials. Beside each line, the default (every row of the class kept) from `results/canaries.json`.", ""]
+    for split, title in (("heldout", "Held-out families"), ("dev", "Development families")):
+        part = [r for r in rows if r["split"] == split and tuple(r["key"]) in base]
+        if not part:
+            continue
+        before = [base[tuple(r["key"])] for r in part]
+        lines += [f"## {title}", ""]
+        for label, column in (("median distance", "canary_recall"), ("grid reading", "grid_recall"),
+                              ("oracle shape", "matched_recall")):
+            lines += [f"- {label}, left out: {_summary(part, column)}", f"- {label}, default: {_summary(before, column)}"]
+        for caught in (True, False):
+            mine = [(r, b) for r, b in zip(part, before) if (r["real_recall"] >= 0.5) == caught]
+            if mine:
+                share = [float(np.mean([x["canary_recall"] >= 0.5 for x in side])) for side in zip(*mine)]
+                held = np.median([r["held_back_rows"] / max(r["poison"], 1) for r, _ in mine])
+                lines.append(f"- real attack {'caught' if caught else 'missed'} ({len(mine)} cases; median rows left "
+                             f"out {held:.2f} times the poisoned rows): canaries at 3.95 SDs caught in {share[0]:.0%} "
+                             f"left out, {share[1]:.0%} by default")
+        lines.append("")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,9 +232,17 @@ if __name__ == "__main__":
     sub.add_parser("report", help="rewrite the quality.md section from results/canaries.json")
     ev = sub.add_parser("eval")
     ev.add_argument("--jobs", type=int, default=2)
+    ev.add_argument("--leave-out-flagged", action="store_true",
+                    help="plant among the rows the detectors do not flag; writes results/canaries_left_out.*")
     args = parser.parse_args()
     if args.command == "shape":
         print(json.dumps({split: shape(split) for split in ("dev", "heldout")}, indent=1))
+    elif args.command == "eval" and args.leave_out_flagged:
+        rows = evaluate(args.jobs, leave_out=True)
+        (RESULTS / "canaries_left_out.json").write_text(json.dumps(rows, indent=0))
+        text = left_out_markdown(rows, json.loads((RESULTS / "canaries.json").read_text()))
+        (RESULTS / "canaries_left_out.md").write_text(text)
+        print(text)
     else:
         if args.command == "report":
             rows = json.loads((RESULTS / "canaries.json").read_text())
