@@ -201,6 +201,23 @@ def _caught_in_worker(task) -> int:
     return _caught(*_worker, label, rows, keys)
 
 
+def beside_quarantined(result: dict | None, per_class: dict) -> dict | None:
+    """Embedding mode plants among every row of a class, the rows this scan quarantined included, and
+    a planted group beside rows the detectors flag can be caught with them: each class's finding says
+    how many there were (``quarantined_in_class``).  On the benchmark families, canaries at 3.95 SDs
+    were caught in 80% of the held-out cases whose real attack was found, 59% with its rows left out
+    (``benchmarks/canaries.py eval --leave-out-flagged``); left in, they predict the real recall better."""
+    if not result or result.get("mode") != "embedding":
+        return result
+    cells = {}
+    for label, cell in result["per_class"].items():
+        held = int(per_class.get(label, {}).get("quarantined", 0))
+        note = (f"; class {label} holds {held} rows this scan quarantined, and a group planted beside rows "
+                "already found can be caught with them") if held else ""
+        cells[label] = {**cell, "quarantined_in_class": held, "finding": cell["finding"] + note}
+    return {**result, "per_class": cells}
+
+
 def _finding(label, smallest: dict, largest: int) -> str:
     """"class 7: a backdoor of >= 12 rows at >= 3.95 SDs would have been caught (>= 3 rows at 8.0 SDs;
     none at 2.0 SDs, up to 90 rows)": the nearest distance where one was caught leads."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 
 import numpy as np
@@ -68,6 +69,24 @@ def test_embedding_power_analysis_reports_the_smallest_cluster_caught(tmp):
     summary = json.loads((tmp / "strict" / "summary.json").read_text())
     assert code == 1 and summary["verdict"] == "canary_recall_below_min" and not summary["canaries"]["passed"]
     assert "canary recall below canaries.min_recall" in stdout
+
+
+def test_a_power_finding_says_when_its_class_holds_rows_the_scan_quarantined(tmp):
+    """Planted groups sit among every row of their class; beside a backdoor already found they can be
+    caught with it, so the finding says the class holds quarantined rows (and how many)."""
+    code, stdout, stderr = run_cli("scan", POISONED, "--out", tmp / "run", "--config", ROOT / "configs" / "digits.yaml",
+                                   "--canaries", "--set", "canaries.max_classes=2", "--set", "canaries.sizes=[0.05]",
+                                   "--set", "canaries.distances=[8.0]")
+    assert code == 0, stderr
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    cells = summary["canaries"]["per_class"]
+    assert len(cells) == 2 and any(c["quarantined_in_class"] for c in cells.values())
+    for label, cell in cells.items():
+        held = summary["per_class"][label]["quarantined"]
+        assert cell["quarantined_in_class"] == held
+        assert cell["finding"].endswith(f"class {label} holds {held} rows this scan quarantined, and a group planted "
+                                        "beside rows already found can be caught with them") == (held > 0)
+        assert cell["finding"] in stdout and html.escape(cell["finding"]) in (tmp / "run" / "report.html").read_text()
 
 
 def test_classes_too_small_to_plant_in_report_no_recall_and_fail_a_required_minimum(tmp):

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from poisonguard.canaries import beside_quarantined
 from poisonguard.config import Config
 from poisonguard.core import copies
 from poisonguard.core.screening import output_schemas
@@ -71,6 +72,8 @@ def build_summary(run_id: str, plan: InputPlan, config: Config, result: EngineRe
     share = written[QUARANTINE] / total
     over = share > config.fail_on
     weak = canaries is not None and not canaries["passed"]
+    per_class = dict(sorted(counts.get("classes", {}).items()))
+    canaries = beside_quarantined(canaries, per_class)
     return {
         "run_id": run_id,
         "verdict": "over_fail_on" if over else "canary_recall_below_min" if weak else "within_policy",
@@ -79,7 +82,7 @@ def build_summary(run_id: str, plan: InputPlan, config: Config, result: EngineRe
         "counts": {"in": total, "clean": written[CLEAN], "quarantined": written[QUARANTINE],
                    "quarantined_share": share},
         "per_reason": dict(sorted(counts.get("reasons", {}).items())),
-        "per_class": dict(sorted(counts.get("classes", {}).items())),
+        "per_class": per_class,
         "copies": copies.summary(result.copies, counts),
         "batch_warnings": counts.get("batch_warnings", {}),
         "review": counts.get("review", {"released": 0, "confirmed": 0}),
