@@ -5,11 +5,12 @@ Each poisoned case (patches of 5% and 10%, the 10% blend) is scanned in proxy mo
 ``canaries.enabled``: the scan's real recall beside the canaries' recall in the attack's target
 class (the canaries stamped there, relabelled to it, caught or not) and over every class.
 
-    python benchmarks/proxy_canaries.py [--jobs 2] [--triggers-per-proxy 1 --max-classes 1]
+    python benchmarks/proxy_canaries.py [--jobs 2] [--triggers-per-proxy 1 --max-classes 1] [--trigger blend]
 
 ``--triggers-per-proxy 1`` trains a proxy per target class (``canaries.triggers_per_proxy``) and
 writes results/proxy_canaries_per_target.md; with ``--max-classes 1`` only the attack's target
 class (the largest, with the poisoned rows relabelled into it) is tested, a tenth of the trainings.
+``--trigger blend`` stamps blended canaries (``canaries.trigger``) and adds ``_blend`` to the file name.
 """
 
 from __future__ import annotations
@@ -29,13 +30,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import families as F  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "proxy_canaries.md"
-PER_TARGET = RESULTS.with_name("proxy_canaries_per_target.md")
+RESULTS = Path(__file__).resolve().parent / "results"
 CASES = [(source, attack, rate, seed) for source, seeds in (("digits", (0, 1, 2)), ("signals", (0, 1, 2)), ("shapes", (0,)))
          for attack, rate in (("patch", 0.05), ("patch", 0.1), ("blend", 0.1)) for seed in seeds]
 
 
-def run(case, triggers_per_proxy: int | None = None, max_classes: int = 20) -> dict:
+def run(case, triggers_per_proxy: int | None = None, max_classes: int = 20, trigger: str = "patch") -> dict:
     import poisonguard
     import pyarrow.parquet as pq
     from threadpoolctl import threadpool_limits
@@ -45,7 +45,8 @@ def run(case, triggers_per_proxy: int | None = None, max_classes: int = 20) -> d
     x, y, truth = F.poison(x0, y0, source, target, attack, rate, seed)
     table = F.feature_table(x, y)
     config = {"seed": seed, "embedding": {"source": "proxy", "features": "features", "device": "cpu"},
-              "canaries": {"enabled": True, "triggers_per_proxy": triggers_per_proxy, "max_classes": max_classes},
+              "canaries": {"enabled": True, "triggers_per_proxy": triggers_per_proxy, "max_classes": max_classes,
+                           "trigger": trigger},
               "fail_on": 1.0}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), threadpool_limits(1):
@@ -62,11 +63,15 @@ def run(case, triggers_per_proxy: int | None = None, max_classes: int = 20) -> d
             "canary_recall": canaries["recall"], "seconds": round(time.perf_counter() - start, 1)}
 
 
-def markdown(rows: list[dict], triggers_per_proxy: int | None = None, max_classes: int = 20) -> str:
+def markdown(rows: list[dict], triggers_per_proxy: int | None = None, max_classes: int = 20,
+             trigger: str = "patch") -> str:
     how = ("`--triggers-per-proxy 1`: a proxy per target class (`canaries.triggers_per_proxy: 1`)" if triggers_per_proxy
            else "one proxy learns every target class's canaries, each its own trigger (the default)")
     if max_classes == 1:
         how += "; `--max-classes 1`: the attack's target class alone, so 'all canaries' is that class's"
+    if trigger == "blend":
+        how += ("; `--trigger blend`: blended canaries (`canaries.trigger: blend`, each target class's own random "
+                "pattern at weight 0.2)")
     lines = ["# Proxy canaries against the real attack", "",
              f"`python benchmarks/proxy_canaries.py`: proxy mode (default config, the CNN proxy) with "
              f"`canaries.enabled` on the families' images and sequences; the real attack's recall beside the "
@@ -98,15 +103,19 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--triggers-per-proxy", type=int, default=None)
     parser.add_argument("--max-classes", type=int, default=20)
+    parser.add_argument("--trigger", choices=["patch", "blend"], default="patch")
     args = parser.parse_args()
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = []
-        work = partial(run, triggers_per_proxy=args.triggers_per_proxy, max_classes=args.max_classes)
+        work = partial(run, triggers_per_proxy=args.triggers_per_proxy, max_classes=args.max_classes,
+                       trigger=args.trigger)
         for k, row in enumerate(pool.map(work, CASES), 1):
             print(f"[{k}/{len(CASES)}] {json.dumps(row)}", flush=True)
             rows.append(row)
-    text = markdown(rows, args.triggers_per_proxy, args.max_classes)
-    (PER_TARGET if args.triggers_per_proxy == 1 else RESULTS).write_text(text)
+    text = markdown(rows, args.triggers_per_proxy, args.max_classes, args.trigger)
+    name = "proxy_canaries" + ("_per_target" if args.triggers_per_proxy == 1 else "") + \
+        ("_blend" if args.trigger == "blend" else "")
+    (RESULTS / f"{name}.md").write_text(text)
     print(text)
 
 

@@ -4,8 +4,9 @@ Opt-in (``--canaries`` / ``canaries.enabled``) and run beside the scan, never in
 rows, scores and reasons are the same with and without it.
 
 * **Proxy mode.**  Canary rows (a trigger stamped on rows of other classes, relabelled to the target
-  class; ``rate`` of the target class's rows, at least 3) are added to the proxy's training sample,
-  so a second proxy learns them as a real backdoor, each target class with a trigger of its own.
+  class; ``rate`` of the target class's rows, at least 3; ``trigger``: a patch, or a blend over the
+  whole input) are added to the proxy's training sample, so a second proxy learns them as a real
+  backdoor, each target class with a trigger of its own.
   By default one proxy learns every target's canaries (one training); ``triggers_per_proxy`` 1
   trains a proxy per target, one attack each as a real attack has, at a training each.  Neither
   was better where measured (README, "Canaries").  The detectors are then fitted on that proxy's
@@ -231,12 +232,17 @@ def _finding(label, smallest: dict, largest: int) -> str:
     return lead + (f" ({'; '.join(rest)})" if rest else "")
 
 
-def _stamp(x: np.ndarray, target_index: int, shape: list[int], rng: np.random.Generator) -> np.ndarray:
-    """A distinct trigger per target class: a 2x2 patch at its own place of an image (a grid of
-    places, then a second value), a 3-step burst at its own place of a sequence, else a few fixed
-    feature positions."""
+def _stamp(x: np.ndarray, target_index: int, shape: list[int], rng: np.random.Generator,
+           settings=None) -> np.ndarray:
+    """A distinct trigger per target class.  Patch: a 2x2 patch at its own place of an image (a grid
+    of places, then a second value), a 3-step burst at its own place of a sequence, else a few fixed
+    feature positions.  Blend: every value mixed with a random pattern of its own over the input's
+    range, x' = (1 - alpha) x + alpha p."""
     span = float(x.max() - x.min()) or 1.0
     out = x.copy()
+    if settings is not None and settings.trigger == "blend":
+        pattern = rng.uniform(float(x.min()), float(x.max()), size=x.shape[1]).astype(x.dtype)
+        return (1.0 - settings.blend_alpha) * out + settings.blend_alpha * pattern
     if len(shape) == 2:
         seq = out.reshape(len(out), *shape)
         places = max(1, shape[-1] // 3)
@@ -284,7 +290,7 @@ def proxy_canaries(plan, config: Config) -> dict:
             others = np.flatnonzero(labels != target)
             k = min(max(3, int(round(config.canaries.rate * sizes[target]))), len(others))
             if k:
-                cx.append(_stamp(x[rng.choice(others, size=k, replace=False)], i, layout.shape, rng))
+                cx.append(_stamp(x[rng.choice(others, size=k, replace=False)], i, layout.shape, rng, config.canaries))
                 cy.append(np.full(k, target, dtype=labels.dtype))
         if cx:
             found, held, fit = _proxy_trials(x, labels, np.concatenate(cx), np.concatenate(cy), plan, config, layout)
@@ -297,7 +303,8 @@ def proxy_canaries(plan, config: Config) -> dict:
         return {"mode": "proxy", "planted": 0, "caught": 0, "recall": None, "per_class": {}, "why": why}
     planted = sum(c["canaries"] for c in per_class.values())
     caught = sum(c["caught"] for c in per_class.values())
-    return {"mode": "proxy", "rate": config.canaries.rate, "planted": planted, "caught": caught,
+    return {"mode": "proxy", "trigger": config.canaries.trigger, "rate": config.canaries.rate,
+            "planted": planted, "caught": caught,
             "recall": caught / planted,
             "clean_rows_flagged": float(np.mean([c["clean_rows_flagged"] for c in per_class.values()])),
             "proxies": len(accuracy), "held_back_rows": max(held_back),

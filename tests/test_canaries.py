@@ -6,6 +6,7 @@ import html
 import json
 
 import numpy as np
+import pytest
 import pyarrow as pa
 
 from conftest import POISONED, ROOT, embedding_array, gaussian_table, read_outputs, run_cli, \
@@ -253,3 +254,49 @@ def test_proxy_canaries_leave_out_the_rows_the_detectors_already_flag_and_group_
             "canaries": config.canaries.model_copy(update={"triggers_per_proxy": step})}))
         assert [len(t) for t in trained] == sizes and set.union(*trained) == set(range(6))
         assert grouped["proxies"] == len(sizes) and grouped["planted"] == result["planted"]
+
+
+def test_blended_canaries_mix_each_target_class_with_a_pattern_of_its_own(monkeypatch):
+    """``canaries.trigger: blend``: x' = (1 - alpha) x + alpha p over the whole input, p a random
+    pattern per target class within the input's range (no value beyond it, as a patch has)."""
+    import types
+
+    import torch
+
+    from poisonguard import canaries, proxy
+    from poisonguard.config import validated
+
+    rng = np.random.default_rng(1)
+    x = (np.repeat(rng.normal(size=(4, 16)) * 6, 200, axis=0) + rng.normal(size=(800, 16))).astype(np.float32)
+    y = np.repeat(np.arange(4), 200)
+    learnt, stamps, stamp = [], [], canaries._stamp
+
+    class Identity(torch.nn.Module):
+        def embed(self, t):
+            return t.reshape(len(t), -1)
+
+    def fit(all_x, labels, *_a, **_k):
+        learnt.append((all_x[len(x):], labels[len(x):]))
+        return Identity(), {"train_accuracy": 1.0}
+
+    def spy(rows, *args):
+        stamps.append((rows, stamp(rows, *args)))
+        return stamps[-1][1]
+
+    monkeypatch.setattr(proxy, "read_training_sample", lambda plan, config, **_: (x, y))
+    monkeypatch.setattr(proxy, "fit_proxy", fit)
+    monkeypatch.setattr(canaries, "_stamp", spy)
+    plan = types.SimpleNamespace(label_view="embedding")
+    config = validated({"embedding": {"source": "proxy", "features": "f"},
+                        "canaries": {"enabled": True, "trigger": "blend", "blend_alpha": 0.25}}, "test")
+    result = canaries.proxy_canaries(plan, config)
+    (stamped, labels), = learnt
+    assert result["trigger"] == "blend" and result["planted"] == len(stamped) == 4 * 10 == sum(len(o) for _, o in stamps)
+    assert x.min() <= stamped.min() and stamped.max() <= x.max()
+    np.testing.assert_array_equal(stamped, np.concatenate([out for _, out in stamps]))
+    patterns = [(out - 0.75 * rows) / 0.25 for rows, out in stamps]  # one target class each
+    for pattern in patterns:
+        np.testing.assert_allclose(pattern, np.broadcast_to(pattern[0], pattern.shape), atol=1e-3)
+    assert min(np.abs(a[0] - b[0]).max() for i, a in enumerate(patterns) for b in patterns[i + 1:]) > 1.0
+    with pytest.raises(Exception):
+        validated({"canaries": {"trigger": "warp"}}, "test")
