@@ -192,7 +192,27 @@ def markdown(rows: list[dict], dev_shape: dict) -> str:
                          f"| {np.mean([r['real_recall'] for r in rs]):.3f} | {np.mean([r['canary_recall'] for r in rs]):.3f} "
                          f"| {_mean(rs, 'grid_recall', '.3f')} | {_mean(rs, 'matched_recall', '.3f')} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _proxy_lines())
+
+
+PROXY_VARIANTS = (("proxy_canaries.md", "patch canaries, one proxy for every target class (the default)"),
+                  ("proxy_canaries_per_target.md", "patch canaries, a proxy per target class (the attack's target class alone)"),
+                  ("proxy_canaries_per_target_blend.md", "blended canaries, a proxy per target class (the attack's target class alone)"),
+                  ("proxy_canaries_blend.md", "blended canaries, one proxy for every target class"))
+
+
+def _proxy_lines() -> list[str]:
+    """Proxy mode's canaries against the real attack (``benchmarks/proxy_canaries.py``), one line a
+    variant, from the tables it wrote."""
+    found = [(name, what, (RESULTS / name).read_text().strip().splitlines()[-1]) for name, what in PROXY_VARIANTS
+             if (RESULTS / name).exists()]
+    if not found:
+        return []
+    return ["### Proxy mode", "",
+            "`python benchmarks/proxy_canaries.py`: proxy mode scans (the CNN proxy) of the families' images and "
+            "sequences (patches of 5% and 10% and the 10% blend on digits, the signals and the glyphs, 21 cases) with "
+            "canaries on: the real attack's recall beside its target class's canaries caught, per case in each "
+            "file.", ""] + [f"- {what} (`results/{name}`): {last}" for name, what, last in found] + [""]
 
 
 def left_out_markdown(rows: list[dict], baseline: list[dict]) -> str:
