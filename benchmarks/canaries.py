@@ -195,9 +195,10 @@ def markdown(rows: list[dict], dev_shape: dict) -> str:
     return "\n".join(lines + _proxy_lines())
 
 
+ALONE = "a proxy per target class (the attack's target class alone)"
 PROXY_VARIANTS = (("proxy_canaries.md", "patch canaries, one proxy for every target class (the default)"),
-                  ("proxy_canaries_per_target.md", "patch canaries, a proxy per target class (the attack's target class alone)"),
-                  ("proxy_canaries_per_target_blend.md", "blended canaries, a proxy per target class (the attack's target class alone)"),
+                  ("proxy_canaries_per_target.md", f"patch canaries, {ALONE}"),
+                  ("proxy_canaries_per_target_blend.md", f"blended canaries, {ALONE}"),
                   ("proxy_canaries_blend.md", "blended canaries, one proxy for every target class"))
 
 
@@ -232,7 +233,8 @@ def left_out_markdown(rows: list[dict], baseline: list[dict]) -> str:
         lines += [f"## {title}", ""]
         for label, column in (("median distance", "canary_recall"), ("grid reading", "grid_recall"),
                               ("oracle shape", "matched_recall")):
-            lines += [f"- {label}, left out: {_summary(part, column)}", f"- {label}, default: {_summary(before, column)}"]
+            lines += [f"- {label}, left out: {_summary(part, column)}",
+                      f"- {label}, default: {_summary(before, column)}"]
         for caught in (True, False):
             mine = [(r, b) for r, b in zip(part, before) if (r["real_recall"] >= 0.5) == caught]
             if mine:

@@ -162,8 +162,8 @@ def console_summary(summary: dict, run_dir: str) -> str:
         c = summary["canaries"]
         held = f"; up to {c['held_back_rows']} rows already flagged left out of a trial" if c.get("held_back_rows") else ""
         trigger = f", {c['trigger']} trigger" if c.get("trigger") else ""
-        lines.append(f"  canaries ({c['mode']} mode{trigger}): " + (f"{c['caught']} of {c['planted']} caught (recall {c['recall']:.2f})"
-                                                          if c["recall"] is not None else c["why"]) + held)
+        found = f"{c['caught']} of {c['planted']} caught (recall {c['recall']:.2f})" if c["recall"] is not None else c["why"]
+        lines.append(f"  canaries ({c['mode']} mode{trigger}): {found}{held}")
         lines += [f"    {v['finding']}" for v in c["per_class"].values()]
     for warning in summary.get("batch_warnings", {}):
         lines.append(f"  dataset-level expectation failed: {warning}")
