@@ -209,11 +209,33 @@ def _proxy_lines() -> list[str]:
              if (RESULTS / name).exists()]
     if not found:
         return []
-    return ["### Proxy mode", "",
-            "`python benchmarks/proxy_canaries.py`: proxy mode scans (the CNN proxy) of the families' images and "
-            "sequences (patches of 5% and 10% and the 10% blend on digits, the signals and the glyphs, 21 cases) with "
-            "canaries on: the real attack's recall beside its target class's canaries caught, per case in each "
-            "file.", ""] + [f"- {what} (`results/{name}`): {last}" for name, what, last in found] + [""]
+    lines = ["### Proxy mode", "",
+             "`python benchmarks/proxy_canaries.py`: proxy mode scans (the CNN proxy) of the families' images and "
+             "sequences (patches of 5% and 10% and the 10% blend on digits, the signals and the glyphs, 21 cases) "
+             "with canaries on: the real attack's recall beside its target class's canaries caught, per case in each "
+             "file.", ""] + [f"- {what} (`results/{name}`): {last}" for name, what, last in found]
+    patch, blend = (_proxy_table(RESULTS / name) for name in ("proxy_canaries_per_target.md",
+                                                               "proxy_canaries_per_target_blend.md"))
+    if patch and blend:  # each attack beside the canaries of its own kind: a user's choice of trigger, not a rule
+        pairs = np.array([(blend if case[1] == "blend" else patch)[case] for case in patch if case in blend])
+        real, canary = pairs[:, 0], pairs[:, 1]
+        lines.append(f"- each attack beside canaries of its own kind ({ALONE}; patch canaries for the patches, "
+                     f"blended for the blends): caught / missed agree on {int(((real >= 0.5) == (canary >= 0.5)).sum())} "
+                     f"of {len(pairs)} cases; Pearson correlation {np.corrcoef(real, canary)[0, 1]:.2f}.")
+    return lines + [""]
+
+
+def _proxy_table(path: Path) -> dict:
+    """(source, attack, rate, seed) -> (real recall, target-class canary recall) from a proxy_canaries table."""
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) >= 6 and cells[3].isdigit() and " of " in cells[5]:
+            caught, planted = (int(v) for v in cells[5].split(" of "))
+            out[tuple(cells[:4])] = (float(cells[4]), caught / max(planted, 1))
+    return out
 
 
 def left_out_markdown(rows: list[dict], baseline: list[dict]) -> str:
