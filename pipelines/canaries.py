@@ -4,10 +4,10 @@ Opt-in (``--canaries`` / ``canaries.enabled``) and run beside the scan, never in
 rows, scores and reasons are the same with and without it.
 
 * **Proxy mode.**  Canary rows (a trigger stamped on rows of other classes, relabelled to the target
-  class; ``rate`` of the target class's rows, at least 3; ``trigger``: a patch, or a blend over the
-  whole input) are added to the proxy's training sample, so a second proxy learns them as a real
-  backdoor, each target class with a trigger of its own.
-  By default one proxy learns every target's canaries (one training); ``triggers_per_proxy`` 1
+  class; ``rate`` of the target class's rows, at least 3; ``trigger``: a patch, a blend over the
+  whole input, or both, each run as alone) are added to the proxy's training sample, so a second
+  proxy learns them as a real backdoor, each target class with a trigger of its own.  By default
+  one proxy learns every target's canaries (one training); ``triggers_per_proxy`` 1
   trains a proxy per target, one attack each as a real attack has, at a training each.  Neither
   was better where measured (README, "Canaries").  The detectors are then fitted on that proxy's
   embeddings of the sample and the canaries, one target at a time, and the canaries they flag are
@@ -233,16 +233,16 @@ def _finding(label, smallest: dict, largest: int) -> str:
 
 
 def _stamp(x: np.ndarray, target_index: int, shape: list[int], rng: np.random.Generator,
-           settings=None) -> np.ndarray:
+           trigger: str = "patch", alpha: float = 0.2) -> np.ndarray:
     """A distinct trigger per target class.  Patch: a 2x2 patch at its own place of an image (a grid
     of places, then a second value), a 3-step burst at its own place of a sequence, else a few fixed
     feature positions.  Blend: every value mixed with a random pattern of its own over the input's
     range, x' = (1 - alpha) x + alpha p."""
     span = float(x.max() - x.min()) or 1.0
     out = x.copy()
-    if settings is not None and settings.trigger == "blend":
+    if trigger == "blend":
         pattern = rng.uniform(float(x.min()), float(x.max()), size=x.shape[1]).astype(x.dtype)
-        return (1.0 - settings.blend_alpha) * out + settings.blend_alpha * pattern
+        return (1.0 - alpha) * out + alpha * pattern
     if len(shape) == 2:
         seq = out.reshape(len(out), *shape)
         places = max(1, shape[-1] // 3)
@@ -272,11 +272,48 @@ def _decided(emb, y, keys, features, config: Config, feature_view: bool) -> np.n
     return _flagged(fit_detectors(states, config), emb, y, keys, features=features, feature_view=feature_view)
 
 
+TRIGGERS = ("patch", "blend")  # what ``canaries.trigger: both`` runs, each as it runs alone
+
+
 def proxy_canaries(plan, config: Config) -> dict:
-    from poisonguard.layout import infer_layout
     from poisonguard.proxy import read_training_sample
 
     x, labels = read_training_sample(plan, config)
+    if config.canaries.trigger != "both":
+        return _proxy_canaries(x, labels, plan, config, config.canaries.trigger)
+    return _both({kind: _proxy_canaries(x, labels, plan, config, kind) for kind in TRIGGERS})
+
+
+def _both(results: dict) -> dict:
+    """Patch and blended canaries side by side: each class's finding names both, and the recall that
+    counts (``min_recall``) is the lower of the two, since each predicts its own kind of attack."""
+    first = results[TRIGGERS[0]]
+    if first["recall"] is None:
+        return {**first, "trigger": "both"}
+    per_class = {}
+    for label in first["per_class"]:
+        cells = {kind: result["per_class"][label] for kind, result in results.items()}
+        per_class[label] = {
+            "canaries": sum(c["canaries"] for c in cells.values()), "caught": sum(c["caught"] for c in cells.values()),
+            "held_back_rows": max(c["held_back_rows"] for c in cells.values()),
+            "clean_rows_flagged": float(np.mean([c["clean_rows_flagged"] for c in cells.values()])),
+            "by_trigger": {kind: {k: v for k, v in c.items() if k != "finding"} for kind, c in cells.items()},
+            "finding": " and ".join(f"{c['caught']} of {c['canaries']} {kind} canaries" for kind, c in cells.items())
+                       + f" found in class {label}"}
+    return {"mode": "proxy", "trigger": "both", "rate": first["rate"],
+            "planted": sum(r["planted"] for r in results.values()), "caught": sum(r["caught"] for r in results.values()),
+            "recall": min(r["recall"] for r in results.values()),
+            "by_trigger": {kind: {"planted": r["planted"], "caught": r["caught"], "recall": r["recall"]}
+                           for kind, r in results.items()},
+            "clean_rows_flagged": float(np.mean([r["clean_rows_flagged"] for r in results.values()])),
+            "proxies": sum(r["proxies"] for r in results.values()),
+            "held_back_rows": max(r["held_back_rows"] for r in results.values()),
+            "proxy_train_accuracy": min(r["proxy_train_accuracy"] for r in results.values()), "per_class": per_class}
+
+
+def _proxy_canaries(x, labels, plan, config: Config, trigger: str) -> dict:
+    from poisonguard.layout import infer_layout
+
     rng = np.random.default_rng(config.seed)
     classes, counts = np.unique(labels, return_counts=True)
     sizes = dict(zip(classes.tolist(), counts.tolist()))
@@ -290,7 +327,8 @@ def proxy_canaries(plan, config: Config) -> dict:
             others = np.flatnonzero(labels != target)
             k = min(max(3, int(round(config.canaries.rate * sizes[target]))), len(others))
             if k:
-                cx.append(_stamp(x[rng.choice(others, size=k, replace=False)], i, layout.shape, rng, config.canaries))
+                cx.append(_stamp(x[rng.choice(others, size=k, replace=False)], i, layout.shape, rng, trigger,
+                                 config.canaries.blend_alpha))
                 cy.append(np.full(k, target, dtype=labels.dtype))
         if cx:
             found, held, fit = _proxy_trials(x, labels, np.concatenate(cx), np.concatenate(cy), plan, config, layout)
@@ -303,7 +341,7 @@ def proxy_canaries(plan, config: Config) -> dict:
         return {"mode": "proxy", "planted": 0, "caught": 0, "recall": None, "per_class": {}, "why": why}
     planted = sum(c["canaries"] for c in per_class.values())
     caught = sum(c["caught"] for c in per_class.values())
-    return {"mode": "proxy", "trigger": config.canaries.trigger, "rate": config.canaries.rate,
+    return {"mode": "proxy", "trigger": trigger, "rate": config.canaries.rate,
             "planted": planted, "caught": caught,
             "recall": caught / planted,
             "clean_rows_flagged": float(np.mean([c["clean_rows_flagged"] for c in per_class.values()])),

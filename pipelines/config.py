@@ -119,11 +119,12 @@ class CanaryConfig(_Strict):
 
     enabled: bool = False
     rate: float = Field(default=0.05, gt=0, le=0.5, description="proxy mode: canaries per target class, share of it")
-    trigger: Literal["patch", "blend"] = Field(
+    trigger: Literal["patch", "blend", "both"] = Field(
         default="patch",
         description="proxy mode: the canaries' trigger: patch (a 2x2 patch, a 3-step burst or a few fixed features, "
-                    "its own place per target class; Gu et al. 2017) or blend (the whole input mixed with a seeded "
-                    "random pattern per target class, x' = (1 - blend_alpha) x + blend_alpha p; Chen et al. 2017)")
+                    "its own place per target class; Gu et al. 2017), blend (the whole input mixed with a seeded "
+                    "random pattern per target class, x' = (1 - blend_alpha) x + blend_alpha p; Chen et al. 2017) "
+                    "or both (each run as alone, twice the proxies; the lower recall counts)")
     blend_alpha: float = Field(default=0.2, gt=0, lt=1, description="proxy mode, blend trigger: the pattern's weight")
     triggers_per_proxy: int | None = Field(
         default=None, ge=1, le=1000,

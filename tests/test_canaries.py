@@ -300,3 +300,58 @@ def test_blended_canaries_mix_each_target_class_with_a_pattern_of_its_own(monkey
     assert min(np.abs(a[0] - b[0]).max() for i, a in enumerate(patterns) for b in patterns[i + 1:]) > 1.0
     with pytest.raises(Exception):
         validated({"canaries": {"trigger": "warp"}}, "test")
+
+
+def test_both_triggers_run_each_as_alone_and_the_lower_recall_counts(monkeypatch):
+    """``canaries.trigger: both``: the patch and the blended canaries, each as its own run would give
+    them; each class's finding names both, and the recall that ``min_recall`` reads is the lower."""
+    import types
+
+    import torch
+
+    from poisonguard import canaries, proxy
+    from poisonguard.config import validated
+    from poisonguard.run.summary import console_summary
+
+    rng = np.random.default_rng(2)
+    x = (np.repeat(rng.normal(size=(3, 16)) * 6, 250, axis=0) + rng.normal(size=(750, 16))).astype(np.float32)
+    y = np.repeat(np.arange(3), 250)
+
+    class Identity(torch.nn.Module):
+        def embed(self, t):
+            return t.reshape(len(t), -1)
+
+    monkeypatch.setattr(proxy, "read_training_sample", lambda plan, config, **_: (x, y))
+    monkeypatch.setattr(proxy, "fit_proxy", lambda *a, **k: (Identity(), {"train_accuracy": 1.0}))
+    plan = types.SimpleNamespace(label_view="embedding")
+
+    def run(trigger):
+        return canaries.proxy_canaries(plan, validated({"embedding": {"source": "proxy", "features": "f"},
+                                                        "canaries": {"enabled": True, "trigger": trigger}}, "test"))
+
+    alone = {kind: run(kind) for kind in ("patch", "blend")}
+    both = run("both")
+    assert both["trigger"] == "both" and both["proxies"] == 2
+    assert both["recall"] == min(r["recall"] for r in alone.values())
+    weaker = {**alone["blend"], "caught": 1, "recall": 1 / alone["blend"]["planted"]}  # a blend mostly missed
+    assert canaries._both({"patch": alone["patch"], "blend": weaker})["recall"] == weaker["recall"]
+    assert canaries._both({"patch": weaker, "blend": alone["blend"]})["recall"] == weaker["recall"]
+    assert both["planted"] == sum(r["planted"] for r in alone.values())
+    for kind, result in alone.items():
+        assert both["by_trigger"][kind] == {k: result[k] for k in ("planted", "caught", "recall")}
+        for label, cell in result["per_class"].items():
+            assert both["per_class"][label]["by_trigger"][kind] == {k: v for k, v in cell.items() if k != "finding"}
+    label = next(iter(both["per_class"]))
+    p, b = (alone[k]["per_class"][label] for k in ("patch", "blend"))
+    assert both["per_class"][label]["finding"] == (f"{p['caught']} of {p['canaries']} patch canaries and {b['caught']} "
+                                                   f"of {b['canaries']} blend canaries found in class {label}")
+    line = next(t for t in console_summary(_summary_with(both), "run").splitlines() if "canaries (" in t)
+    assert line.startswith("  canaries (proxy mode, patch and blend triggers): patch ")
+    assert "; the lower recall counts" in line
+
+
+def _summary_with(canaries_result: dict) -> dict:
+    return {"run_id": "r", "verdict": "within_policy", "counts": {"in": 1, "clean": 1, "quarantined": 0,
+                                                                  "quarantined_share": 0.0},
+            "per_reason": {}, "per_class": {}, "parameters": {"fail_on": 0.05}, "detectors": {},
+            "canaries": canaries_result}

@@ -161,8 +161,11 @@ def console_summary(summary: dict, run_dir: str) -> str:
     if summary.get("canaries"):
         c = summary["canaries"]
         held = f"; up to {c['held_back_rows']} rows already flagged left out of a trial" if c.get("held_back_rows") else ""
-        trigger = f", {c['trigger']} trigger" if c.get("trigger") else ""
+        trigger = {None: "", "both": ", patch and blend triggers"}.get(c.get("trigger"), f", {c.get('trigger')} trigger")
         found = f"{c['caught']} of {c['planted']} caught (recall {c['recall']:.2f})" if c["recall"] is not None else c["why"]
+        if c.get("by_trigger"):
+            found = "; ".join(f"{kind} {v['caught']} of {v['planted']} caught (recall {v['recall']:.2f})"
+                              for kind, v in c["by_trigger"].items()) + "; the lower recall counts"
         lines.append(f"  canaries ({c['mode']} mode{trigger}): {found}{held}")
         lines += [f"    {v['finding']}" for v in c["per_class"].values()]
     for warning in summary.get("batch_warnings", {}):
