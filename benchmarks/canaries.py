@@ -98,8 +98,9 @@ def one(key, path, leave_out: bool = False) -> dict:
             flags |= detector.flag(e, y, keys)
         share = truth.sum() / max(int((y == target).sum()), 1)
         config.canaries.sizes = [float(min(share, 0.5))]
-        held = int(flags[y == target].sum()) if leave_out else 0
+        held = 0
         if leave_out:  # the families' classes fit in the sample: these are the exact states of the rows kept
+            held = int(flags[y == target].sum())
             states = states_by_class(e[~flags], y[~flags], keys[~flags], config.max_fit_rows_per_class)
         power = power_of(states, config, classes=[target])
         trials = {t["distance_sd"]: t["caught"] / t["rows"] for t in power["per_class"][str(target)]["trials"]}
