@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -302,9 +303,10 @@ def test_blended_canaries_mix_each_target_class_with_a_pattern_of_its_own(monkey
         validated({"canaries": {"trigger": "warp"}}, "test")
 
 
-def test_both_triggers_run_each_as_alone_and_the_lower_recall_counts(monkeypatch):
+def test_both_triggers_run_each_as_alone_and_the_lower_recall_counts(monkeypatch, tmp):
     """``canaries.trigger: both``: the patch and the blended canaries, each as its own run would give
-    them; each class's finding names both, and the recall that ``min_recall`` reads is the lower."""
+    them; each class's finding names both, and the recall that ``min_recall`` reads is the lower (the
+    console line and the report say so)."""
     import types
 
     import torch
@@ -348,6 +350,16 @@ def test_both_triggers_run_each_as_alone_and_the_lower_recall_counts(monkeypatch
     line = next(t for t in console_summary(_summary_with(both), "run").splitlines() if "canaries (" in t)
     assert line.startswith("  canaries (proxy mode, patch and blend triggers): patch ")
     assert "; the lower recall counts" in line
+    from poisonguard.report import render_report
+
+    code, _, stderr = run_cli("scan", _separable(tmp), "--out", tmp / "run", "--quiet")
+    assert code == 0, stderr
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    page = Path(render_report(str(tmp / "run"), summary={**summary, "canaries": {**both, "min_recall": None}})).read_text()
+    assert "Canary self-test (proxy mode, patch and blend triggers)" in page
+    lower = " and ".join(f"{kind} {v['caught']} of {v['planted']} ({v['recall']:.2f})" for kind, v in both["by_trigger"].items())
+    assert f"(recall\n{both['recall']:.2f}, the lower of {lower})" in page
+    assert all(html.escape(c["finding"]) in page for c in both["per_class"].values())
 
 
 def _summary_with(canaries_result: dict) -> dict:
