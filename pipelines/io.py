@@ -335,6 +335,8 @@ MAX_WIDTH = 16384  # embedding dimensions / feature values per row; wider is exi
 def _list_width(schema: pa.Schema, files: list[InputFile], column: str, declared: int | None) -> int:
     """A list column's width (the fixed size, the declared one, or the most common length), capped."""
     width = _width(schema, files, column, declared)
+    if width < 1:
+        raise InputError("vectors are empty (width 0): nothing to screen", path=files[0].path, column=column)
     if width > MAX_WIDTH:
         raise InputError(f"vectors of {width} values exceed the limit of {MAX_WIDTH}", path=files[0].path,
                          column=column)
@@ -356,8 +358,9 @@ def _width(schema: pa.Schema, files: list[InputFile], column: str, declared: int
     for f in files:
         for _, table in read_batches(WorkItem(f.index, f.path, 0, f.row_groups, 0, f.identity), [column], 4096):
             lengths = pc.list_value_length(table.column(0)).drop_null()
-            if len(lengths):
-                return int(pc.mode(lengths, n=1)[0]["mode"].as_py())
+            if len(lengths):  # the most common length but 0 (empty lists are rows to quarantine), 0 if all are
+                sized = lengths.filter(pc.greater(lengths, 0))
+                return int(pc.mode(sized if len(sized) else lengths, n=1)[0]["mode"].as_py())
     raise InputError("cannot infer the vector width: every value is null; set embedding.dim",
                      path=files[0].path, column=column)
 

@@ -119,6 +119,29 @@ def test_wrong_column_types(tmp, previous_run, column, array, problem):
     assert_rejected(tmp, previous_run, [tmp / "types.parquet"], "types.parquet", problem)
 
 
+@pytest.mark.parametrize("vectors", [pa.array([[]] * 60, pa.list_(pa.float32())),
+                                     pa.array([[]] * 60, pa.large_list(pa.float64()))])
+def test_empty_vectors_are_exit_2(tmp, previous_run, vectors):
+    table = gaussian_table(30, 2, 3)
+    write(table.set_column(table.schema.get_field_index("embedding"), "embedding", vectors), tmp / "empty.parquet")
+    assert_rejected(tmp, previous_run, [tmp / "empty.parquet"], "empty.parquet", "'embedding'",
+                    "vectors are empty (width 0)")
+
+
+def test_empty_vectors_among_sized_ones_are_quarantined_rows(tmp):
+    """The width is the most common non-zero length, so a majority of empty lists in the first rows
+    quarantines those rows (``embedding_dim``) rather than every other row."""
+    table = gaussian_table(30, 2, 3)
+    x = table.column("embedding").to_pylist()
+    vectors = pa.array([[] if i % 3 else v for i, v in enumerate(x)], pa.list_(pa.float32()))
+    write(table.set_column(table.schema.get_field_index("embedding"), "embedding", vectors), tmp / "some.parquet")
+    code, _, stderr = run_cli("scan", tmp / "some.parquet", "--out", tmp / "run", "--quiet", "--set", "fail_on=1.0")
+    assert code == 0, stderr
+    clean, held = read_outputs(tmp / "run")
+    assert clean.num_rows == 20 and held.num_rows == 40
+    assert all(r == ["validation:builtin:embedding_dim"] for r in held.column("quarantine_reasons").to_pylist())
+
+
 def test_files_with_different_schemas(tmp, previous_run):
     write(gaussian_table(30, 2, 3), tmp / "in" / "a.parquet")
     write(gaussian_table(30, 2, 3).drop_columns(["note"]), tmp / "in" / "b.parquet")
