@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import os
@@ -302,6 +303,10 @@ def _partition_hint(path: str, column: str, config: Config) -> str:
 
 def _check_columns(schema: pa.Schema, config: Config, path: str) -> None:
     cols = config.columns
+    names = collections.Counter(schema.names)
+    twice = next((name for name in schema.names if names[name] > 1), None)
+    if twice is not None:
+        raise InputError(f"column name appears {names[twice]} times", path=path, column=twice)
     roles = (("id", cols.id), ("label", cols.label))
     if config.embedding.source == "column":
         roles += (("embedding", cols.embedding),)

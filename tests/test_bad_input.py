@@ -142,6 +142,15 @@ def test_empty_vectors_among_sized_ones_are_quarantined_rows(tmp):
     assert all(r == ["validation:builtin:embedding_dim"] for r in held.column("quarantine_reasons").to_pylist())
 
 
+@pytest.mark.parametrize("twice", ["label", "note"])
+def test_a_column_name_given_twice_is_exit_2(tmp, previous_run, twice):
+    table = gaussian_table(30, 2, 3)
+    table = pa.Table.from_arrays([*table.columns, table.column(twice)], names=[*table.column_names, twice])
+    write(table, tmp / "twice.parquet")
+    assert_rejected(tmp, previous_run, [tmp / "twice.parquet"], "twice.parquet", f"'{twice}'",
+                    "column name appears 2 times")
+
+
 def test_files_with_different_schemas(tmp, previous_run):
     write(gaussian_table(30, 2, 3), tmp / "in" / "a.parquet")
     write(gaussian_table(30, 2, 3).drop_columns(["note"]), tmp / "in" / "b.parquet")
