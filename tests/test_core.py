@@ -95,6 +95,29 @@ def test_memory_engine_quarantines_a_planted_cluster_and_nothing_else(tmp):
     assert set(result.moments) == {"0", "1", "2", "3", "4"}
 
 
+def test_uint64_labels_past_int64_keep_their_spelling_and_their_decisions(tmp):
+    """A uint64 label of 2**63 or more is its own class under its own name (an int64 would have
+    spelt 2**64 - 1 as -1 and lost its class in the report); both engines decide as for labels 0..4."""
+    import json
+
+    from conftest import read_outputs, run_cli
+
+    table, poison = _planted_config_and_table()
+    big = np.array([2**64 - 1, 5, 2**63, 2**63 + 1, 7], dtype=np.uint64)
+    relabelled = table.set_column(1, "label", pa.array(big[table.column("label").to_numpy()]))
+    args = ["--quiet", "--set", "detectors=[{name: spectral}, {name: spectre}]", "--set", "fail_on=1.0"]
+    held = {}
+    for name, data, engine in (("int", table, "memory"), ("uint", relabelled, "memory"), ("beam", relabelled, "beam")):
+        code, _, stderr = run_cli("scan", write(data, tmp / f"{name}.parquet"), "--out", tmp / name, "--engine", engine, *args)
+        assert code == 0, stderr
+        held[name] = set(read_outputs(tmp / name)[1].column("id").to_pylist())
+        summary = json.loads((tmp / name / "summary.json").read_text())
+        assert set(summary["per_class"]) == ({"0", "1", "2", "3", "4"} if name == "int" else {str(v) for v in big})
+    assert held["int"] == held["uint"] == held["beam"] and np.isin([f"r{i}" for i in np.flatnonzero(poison)],
+                                                                    list(held["uint"])).mean() >= 0.95
+    assert f"class {2**63}" in (tmp / "uint" / "report.html").read_text()
+
+
 def test_score_block_adds_duplicate_and_detector_reasons_and_spares_released_rows(tmp):
     table, poison = _planted_config_and_table()
     table = table.set_column(0, "id", pa.array(["dup" if i in (0, 1) else f"r{i}" for i in range(table.num_rows)]))

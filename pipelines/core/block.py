@@ -103,8 +103,8 @@ def builtin_block(table: pa.Table, *, file_index: int, first_row: int, id_col: s
 
 def _labels_to_numpy(arr, null_mask: np.ndarray) -> np.ndarray:
     t = arr.type
-    if pa.types.is_integer(t):
-        return pc.fill_null(arr, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_integer(t):  # uint64 kept as such: past 2**63 an int64 would wrap to another label's spelling
+        return pc.fill_null(arr, 0).to_numpy(zero_copy_only=False).astype(np.uint64 if t == pa.uint64() else np.int64)
     if pa.types.is_boolean(t):
         return pc.fill_null(arr, False).to_numpy(zero_copy_only=False).astype(bool)
     return np.where(null_mask, "", arr.to_numpy(zero_copy_only=False)).astype(object)
