@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +32,7 @@ def _defaults() -> tuple[str, ...]:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)  # every number finite
 
 
 class Columns(_Strict):
@@ -100,6 +101,15 @@ class EmbeddingConfig(_Strict):
 class DetectorConfig(_Strict):
     name: str
     params: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _finite(cls, params):
+        bad = next((k for k, v in params.items() if isinstance(v, float) and not math.isfinite(v)), None) \
+            if isinstance(params, dict) else None
+        if bad is not None:
+            raise ValueError(f"{bad} must be a finite number")
+        return params
 
     @field_validator("name")
     @classmethod
@@ -199,6 +209,16 @@ class Config(_Strict):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     canaries: CanaryConfig = Field(default_factory=CanaryConfig)
+
+    @model_validator(mode="after")
+    def _distinct_columns(self):
+        vector = "columns.embedding" if self.embedding.source == "column" else "embedding.features"
+        roles = [("columns.id", self.columns.id), ("columns.label", self.columns.label), (vector, self.vector_column)]
+        for i, (role, name) in enumerate(roles):
+            other = next((r for r, n in roles[i + 1:] if n == name), None)
+            if other is not None:
+                raise ValueError(f"{role} and {other} name the same column {name!r}")
+        return self
 
     @property
     def vector_column(self) -> str:

@@ -189,11 +189,23 @@ def test_config_unknown_key_and_wrong_type(tmp, previous_run):
     ("{n_components: 2.5}", "detectors[1].params.n_components: Input should be a valid integer"),
     ("{reduce: tsne}", "detectors[1].params.reduce"),
     ("{n_init: true}", "detectors[1].params.n_init"),
+    ("{min_separation: .inf}", "detectors[1].params: Value error, min_separation must be a finite number"),
+    ("{min_class_z: .nan}", "detectors[1].params: Value error, min_class_z must be a finite number"),
 ])
 def test_bad_detector_parameter_is_exit_2_naming_the_field(tmp, previous_run, params, needle):
     write(gaussian_table(30, 2, 3), tmp / "d.parquet")
     (tmp / "c.yaml").write_text(f"detectors: [{{name: spectral}}, {{name: activation_clustering, params: {params}}}]\n")
     assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "c.yaml"], needle)
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("drift.max_share_ratio=.inf", "drift.max_share_ratio: Input should be a finite number"),
+    ("columns.id=label", "columns.id and columns.label name the same column 'label'"),
+    ("columns.embedding=id", "columns.id and columns.embedding name the same column 'id'"),
+])
+def test_a_non_finite_setting_or_one_column_in_two_roles_is_exit_2(tmp, previous_run, setting, needle):
+    write(gaussian_table(30, 2, 3), tmp / "d.parquet")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", setting], needle)
 
 
 def test_empty_detector_list_negative_seed_and_alias_bomb_are_exit_2(tmp, previous_run):
