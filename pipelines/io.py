@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import glob
 import hashlib
+import logging
 import os
 import threading
 from concurrent.futures import Future
@@ -18,6 +19,8 @@ from poisonguard.config import Config
 from poisonguard.errors import InputError, one_line
 from poisonguard.names import is_added_column
 from poisonguard.partitions import partition_columns, with_partition_columns
+
+log = logging.getLogger("poisonguard")
 
 
 ROWS_PER_WORK_ITEM = 262144  # rows of whole row groups per work item: the unit a worker reads
@@ -67,9 +70,10 @@ class InputPlan:
         return sum(f.rows for f in self.files)
 
 
-def discover(inputs: list[str]) -> list[str]:
-    """Expand files, folders (every *.parquet below) and globs into a sorted, de-duplicated list."""
-    return _sorted_paths(folders_below(inputs))
+def discover(inputs: list[str], report: bool = True) -> list[str]:
+    """Expand files, folders (every *.parquet below) and globs into a sorted, de-duplicated list;
+    ``report``: log the files left out (``hidden``)."""
+    return _sorted_paths(folders_below(inputs, report))
 
 
 def _sorted_paths(found: dict[str, str]) -> list[str]:
@@ -78,12 +82,12 @@ def _sorted_paths(found: dict[str, str]) -> list[str]:
     return sorted(found)
 
 
-def folders_below(inputs: list[str]) -> dict[str, str]:
+def folders_below(inputs: list[str], report: bool = True) -> dict[str, str]:
     """Each discovered file (one entry however it is reached) and its folders below the input that
     found it (a folder, a pattern's fixed prefix; for a file named directly, the folders as written):
     where Hive partition keys are read."""
     found: dict[str, str] = {}
-    for path, below in _walk(inputs):
+    for path, below in _walk(inputs, report):
         try:
             path.encode("utf-8")
         except UnicodeEncodeError:
@@ -93,19 +97,42 @@ def folders_below(inputs: list[str]) -> dict[str, str]:
     return found
 
 
-def _walk(inputs: list[str]):
+HIDDEN_PREFIXES = (".", "_")
+
+
+def hidden(relative: str) -> bool:
+    """A file a folder or pattern finds is left out where a part of its path below the folder (the
+    pattern's fixed prefix) starts with ``.`` or ``_``: Spark's ``_temporary`` attempts and
+    ``_SUCCESS``, Dask's ``_metadata``, editors' and notebooks' hidden copies.  Spark, Hive and
+    ``pyarrow.dataset`` (``ignore_prefixes``) read folders the same way; a file named directly is read."""
+    return any(part.startswith(HIDDEN_PREFIXES) for part in relative.replace("\\", "/").split("/")
+               if part not in ("", ".", ".."))
+
+
+def _visible(matches: list[str], base: str, item: str, report: bool) -> list[str]:
+    kept = [p for p in matches if not hidden(os.path.relpath(p, base or "."))]
+    if report and len(kept) < len(matches):
+        log.info("%s: left out %d of %d files under a name starting with '.' or '_' (as Spark and pyarrow do)",
+                 item, len(matches) - len(kept), len(matches))
+    return kept
+
+
+def _walk(inputs: list[str], report: bool):
     """(real path, folders below the input item) of every file each input names."""
     for item in inputs:
         if any(ch in item for ch in "*?["):
-            matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise InputError("no file matches this pattern", path=item)
             base = _fixed_prefix(item)
+            matches = _visible(sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p)), base, item,
+                               report)
+            if not matches:
+                raise InputError("no file matches this pattern (names starting with '.' or '_' are left out)",
+                                 path=item)
             yield from ((os.path.realpath(p), _below(p, base)) for p in matches)
         elif os.path.isdir(item):
-            matches = sorted(str(p) for p in Path(item).rglob("*.parquet") if p.is_file())
+            matches = _visible(sorted(str(p) for p in Path(item).rglob("*.parquet") if p.is_file()), item, item, report)
             if not matches:
-                raise InputError("folder holds no *.parquet file", path=item)
+                raise InputError("folder holds no *.parquet file (names starting with '.' or '_' are left out)",
+                                 path=item)
             yield from ((os.path.realpath(p), _below(p, item)) for p in matches)
         elif os.path.isfile(item):
             yield os.path.realpath(item), os.path.dirname(item)
@@ -246,7 +273,7 @@ def hash_early(inputs: list[str]) -> None:
     file's identity was the same before and after hashing and is the same at planning; anything else
     (a remote input, a missing file, a changed one) is hashed, or reported, by the plan as before."""
     try:
-        paths = discover(inputs)
+        paths = discover(inputs, report=False)  # the plan reports what it leaves out
     except (InputError, OSError):
         return
     pending = {path: Future() for path in paths if path not in _EARLY}

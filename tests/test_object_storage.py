@@ -237,6 +237,10 @@ def test_a_hive_partitioned_prefix_reads_its_folder_keys(s3, tmp):
         rows = table.filter(pc.equal(table.column("label"), label)).drop_columns(["label"])
         local = write(rows, tmp / "lake" / "day=2026-11-01" / f"label={label}" / "part-0.parquet")
         client.upload_file(str(local), bucket, f"lake/day=2026-11-01/label={label}/part-0")  # no .parquet suffix
+    # a Spark job's leftover attempt and a hidden copy: left out below a prefix and a local folder alike
+    for key in ("lake/_temporary/label=0/part-0", "lake/day=2026-11-01/.label=1/part-0"):
+        client.upload_file(str(local), bucket, key)
+        write(rows, tmp / key.replace("part-0", "part-0.parquet"))
     code, _, stderr = run_cli("scan", f"s3://{bucket}/lake/*/*/part-*", "--out", tmp / "run", "--quiet",
                               "--set", "partitioning=hive")
     assert code == 0, stderr
@@ -249,6 +253,9 @@ def test_a_hive_partitioned_prefix_reads_its_folder_keys(s3, tmp):
             sorted(zip(*(local_rows.column(c).to_pylist() for c in ("id", "label", "day"))))
     inputs = json.loads((tmp / "run" / "summary.json").read_text())["inputs"]
     assert [i["path"] for i in inputs] == [f"s3://{bucket}/lake/day=2026-11-01/label={label}/part-0" for label in (0, 1)]
+    local_inputs = json.loads((tmp / "local_run" / "summary.json").read_text())["inputs"]
+    assert [i["path"] for i in local_inputs] == [str(tmp / "lake" / "day=2026-11-01" / f"label={label}" / "part-0.parquet")
+                                                 for label in (0, 1)]
 
 
 def test_a_local_copy_keeps_only_the_partition_folders_of_an_object_name():

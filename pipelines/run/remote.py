@@ -29,7 +29,7 @@ from pathlib import Path
 
 from poisonguard import storage
 from poisonguard.errors import InputError
-from poisonguard.io import sha256_file
+from poisonguard.io import hidden, sha256_file
 from poisonguard.names import DEFAULT_LOG, MANIFEST, SUCCESS, safe_name
 from poisonguard.run import rundir
 
@@ -150,8 +150,11 @@ def _copy_inputs(inputs: list[str], folder: Path) -> tuple[list[str], dict[str, 
         else:
             uris = storage.list_files(item, "*.parquet") or storage.list_files(item, "**/*.parquet")
             root = item
+        if root is not None:  # as a local folder or pattern is read (io.hidden)
+            uris = [uri for uri in uris if not hidden(storage.relative(uri, root))]
         if not uris:
-            raise InputError("no Parquet file found here", path=storage.display(item))
+            raise InputError("no Parquet file found here (names starting with '.' or '_' are left out)",
+                             path=storage.display(item))
         for uri in uris:
             below = storage.relative(uri, root) if root else storage.display(uri).split("://", 1)[1]
             target = folder / f"{len(names):06d}" / _local_below(below, uri)
