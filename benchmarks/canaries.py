@@ -215,8 +215,8 @@ def _proxy_lines() -> list[str]:
              "sequences (patches of 5% and 10% and the 10% blend on digits, the signals and the glyphs, 21 cases) "
              "with canaries on: the real attack's recall beside its target class's canaries caught, per case in each "
              "file.", ""] + [f"- {what} (`results/{name}`): {last}" for name, what, last in found]
-    patch, blend = (_proxy_table(RESULTS / name) for name in ("proxy_canaries_per_target.md",
-                                                               "proxy_canaries_per_target_blend.md"))
+    patch, blend = (_proxy_table(RESULTS / name) for name in ("proxy_canaries_per_target.json",
+                                                               "proxy_canaries_per_target_blend.json"))
     if patch and blend:  # each attack beside the canaries of its own kind: a user's choice of trigger, not a rule
         pairs = np.array([(blend if case[1] == "blend" else patch)[case] for case in patch if case in blend])
         real, canary = pairs[:, 0], pairs[:, 1]
@@ -227,16 +227,12 @@ def _proxy_lines() -> list[str]:
 
 
 def _proxy_table(path: Path) -> dict:
-    """(source, attack, rate, seed) -> (real recall, target-class canary recall) from a proxy_canaries table."""
+    """(source, attack, rate, seed) -> (real recall, target-class canary recall) from the rows a
+    ``proxy_canaries.py`` run wrote (results/NAME.json)."""
     if not path.exists():
         return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) >= 6 and cells[3].isdigit() and " of " in cells[5]:
-            caught, planted = (int(v) for v in cells[5].split(" of "))
-            out[tuple(cells[:4])] = (float(cells[4]), caught / max(planted, 1))
-    return out
+    return {tuple(r["case"]): (r["real_recall"], r["target_caught"] / max(r["target_canaries"] or 0, 1))
+            for r in json.loads(path.read_text())}
 
 
 def left_out_markdown(rows: list[dict], baseline: list[dict]) -> str:

@@ -11,6 +11,8 @@ class (the canaries stamped there, relabelled to it, caught or not) and over eve
 writes results/proxy_canaries_per_target.md; with ``--max-classes 1`` only the attack's target
 class (the largest, with the poisoned rows relabelled into it) is tested, a tenth of the trainings.
 ``--trigger blend`` stamps blended canaries (``canaries.trigger``) and adds ``_blend`` to the file name.
+Each run writes its rows as JSON beside the table (``results/NAME.json``), which ``canaries.py report``
+reads for quality.md's canary section.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def main() -> None:
     text = markdown(rows, args.triggers_per_proxy, args.max_classes, args.trigger)
     name = "proxy_canaries" + ("_per_target" if args.triggers_per_proxy == 1 else "") + \
         ("_blend" if args.trigger == "blend" else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     (RESULTS / f"{name}.md").write_text(text)
     print(text)
 
