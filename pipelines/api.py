@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from poisonguard.core import copies
 from poisonguard.config import Config, load_config, validated
+from poisonguard.errors import one_line
 from poisonguard.names import QUARANTINE_REASONS, RUN_ID, SCREEN_ROW, is_added_column
 
 
@@ -162,13 +163,25 @@ def _as_table(data, y, ids, cfg: Config) -> pa.Table:
     if isinstance(data, pa.Table):
         return data
     if isinstance(data, pd.DataFrame):
-        return pa.Table.from_pandas(data, preserve_index=False)
-    x = np.asarray(data, dtype=np.float32)
-    if x.ndim != 2 or y is None or len(y) != len(x):
+        return _arrow("a DataFrame column", lambda: pa.Table.from_pandas(data, preserve_index=False))
+    x = np.asarray(data)
+    y = None if y is None else np.asarray(y)
+    if x.ndim != 2 or y is None or y.ndim != 1 or len(y) != len(x):
         raise ValueError("screen(X, y): X must be a 2-D embedding matrix and y one label per row")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating) or x.dtype == bool):
+        raise ValueError(f"screen(X, y): X must hold real numbers, not {x.dtype}")
+    x = x.astype(np.float32)
     row_ids = np.arange(len(x)) if ids is None else np.asarray(ids)
-    return pa.table({cols.id: pa.array(row_ids), cols.label: pa.array(np.asarray(y)),
+    return pa.table({cols.id: _arrow("ids", lambda: pa.array(row_ids)), cols.label: _arrow("y", lambda: pa.array(y)),
                      cols.embedding: pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), x.shape[1])})
+
+
+def _arrow(what: str, convert):
+    """An Arrow conversion of the caller's values; one that fails (mixed types) is the caller's ValueError."""
+    try:
+        return convert()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"screen(): {what} holds values of more than one type ({one_line(exc)})") from None
 
 
 def _class_table(fit: dict):

@@ -3,6 +3,8 @@ representation, natural sub-modes left alone, determinism."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -330,6 +332,14 @@ def test_screen_input_errors_name_what_the_caller_gave():
     with pytest.raises(InputError) as caught:
         poisonguard.screen(pd.DataFrame({"id": range(60), "label": [0, 1] * 30}))
     assert str(caught.value) == "screen() input, column 'embedding': missing embedding column (have: id, label)"
+    for data, labels, needle in (
+            (x, np.array([0, "a", None] * 20, dtype=object), "screen(): y holds values of more than one type"),
+            (pd.DataFrame({"id": range(60), "label": [0, "a"] * 30, "embedding": list(x)}), None,
+             "screen(): a DataFrame column holds values of more than one type"),
+            (x, np.arange(60)[:, None], "screen(X, y): X must be a 2-D embedding matrix and y one label per row"),
+            (x.astype(complex), np.arange(60), "screen(X, y): X must hold real numbers, not complex128")):
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            poisonguard.screen(data, labels)
 
 
 def test_a_probe_that_underfits_refits_before_calling_the_representation_weak():
