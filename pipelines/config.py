@@ -15,6 +15,7 @@ from poisonguard.errors import ConfigError
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_YAML_ALIASES = 100
+MAX_YAML_DEPTH = 64  # nested lists and mappings: the config needs 4; PyYAML's time grows with the square of depth
 ParamValue = bool | int | float | str | None
 
 
@@ -306,6 +307,12 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"--set takes key=value, got {item!r}")
     try:
+        _check_aliases(raw, None)
+    except ConfigError as exc:
+        raise ConfigError(f"--set {key}: {exc}") from None
+    except yaml.YAMLError:
+        pass  # not YAML: the text itself, below
+    try:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError:
         value = raw
@@ -319,10 +326,17 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
 
 
 def _check_aliases(text: str, path: str) -> None:
-    """Refuse YAML alias bombs before anything expands them."""
-    aliases = sum(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader))
+    """Refuse YAML alias bombs before anything expands them, and nesting deeper than any config needs
+    before the parser spends seconds on it (20,000 nested lists took 50 s to refuse)."""
+    aliases = depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        aliases += isinstance(event, yaml.AliasEvent)
+        depth += isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)) - \
+            isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent))
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"nested more than {MAX_YAML_DEPTH} deep", path=path)
     if aliases > MAX_YAML_ALIASES:
-        raise ConfigError(f"config uses {aliases} YAML aliases; at most {MAX_YAML_ALIASES} are allowed", path=path)
+        raise ConfigError(f"{aliases} YAML aliases; at most {MAX_YAML_ALIASES} are allowed", path=path)
 
 
 def _check_detector_params(config: Config, source: str) -> None:

@@ -173,8 +173,12 @@ def _reject_constant(name: str):
 
 
 def parse(raw: bytes) -> dict:
-    """One record; ValueError for anything that is not strict JSON (NaN and Infinity included)."""
-    return json.loads(raw, parse_constant=_reject_constant)
+    """One record; ValueError for anything that is not strict JSON (NaN and Infinity included) or is
+    nested past what the parser can follow."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 # ---- appending -------------------------------------------------------------------------------

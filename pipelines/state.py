@@ -50,7 +50,7 @@ class StateFolder:
                             and isinstance(record.get("content_sha256"), str) and record.get("decision") in DECISIONS):
                         raise ValueError(f"line {number} is not a decision record")
                     out.append(record)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise InputError(f"state folder's decisions are malformed: {str(exc).splitlines()[0][:200]}",
                              path=str(path)) from None
         return out
@@ -118,7 +118,7 @@ class StateFolder:
             return None
         try:
             moments = json.loads(path.read_bytes())
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ValueError(f"{path}: not JSON ({str(exc).splitlines()[0][:120]})") from None
         if not (isinstance(moments, dict) and all(
                 isinstance(m, dict) and isinstance(m.get("share"), (int, float)) and isinstance(m.get("mean"), list)

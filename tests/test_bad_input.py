@@ -236,6 +236,17 @@ def test_empty_detector_list_negative_seed_and_alias_bomb_are_exit_2(tmp, previo
         f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(12))
     (tmp / "bomb.yaml").write_text(bomb)
     assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "bomb.yaml"], "YAML aliases")
+    set_bomb = "[&a [x, x, x, x, x, x, x, x, x], " + ", ".join(
+        f"&{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(12)) + "]"
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", f"detectors={set_bomb}"],
+                    "--set detectors: 108 YAML aliases; at most 100 are allowed")
+    # nesting past any config's need: refused before the parser (quadratic in depth: 50 s at 20,000) or its
+    # recursion limit (an internal error) is reached
+    (tmp / "deep.yaml").write_text("detectors: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--config", tmp / "deep.yaml"], "deep.yaml",
+                    "nested more than 64 deep")
+    assert_rejected(tmp, previous_run, [tmp / "d.parquet", "--set", "detectors=" + "[" * 20_000 + "]" * 20_000],
+                    "--set detectors: nested more than 64 deep")
 
 
 def test_yaml_config_is_loaded_safely(tmp, previous_run):

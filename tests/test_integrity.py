@@ -417,8 +417,9 @@ def test_a_symlink_loop_reads_each_file_once(tmp):
     assert len(summary["inputs"]) == 1 and summary["counts"]["in"] == 60
 
 
-def test_malformed_state_decisions_are_exit_2(tmp, published):
-    (tmp / "state" / "decisions.jsonl").write_text("{not json\n")
+@pytest.mark.parametrize("line", ["{not json", "[" * 100_000 + "]" * 100_000])
+def test_malformed_state_decisions_are_exit_2(tmp, published, line):
+    (tmp / "state" / "decisions.jsonl").write_text(line + "\n")
     _rejected(["scan", CLEAN, "--out", tmp / "x", "--state", tmp / "state"], "decisions.jsonl", "malformed")
 
 
@@ -428,6 +429,18 @@ def test_nan_literal_in_the_log_is_tampering_not_a_crash(tmp):
     path.write_bytes(path.read_bytes().replace(b'"facets":{}', b'"facets":{"x":NaN}'))
     code, stdout, _ = run_cli("verify-log", path)
     assert code == 1 and "not valid JSON" in stdout
+
+
+def test_a_record_nested_past_the_parser_is_tampering_not_a_crash(tmp):
+    """A line of 100,000 nested arrays took Python's JSON parser past its recursion limit: exit 3 in
+    verify-log and in the next scan, where a log writer must get tampering and bad input."""
+    path = tmp / "log.jsonl"
+    prov.append(str(path), prov.run_event("START", "a"))
+    with path.open("ab") as handle:
+        handle.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    code, stdout, _ = run_cli("verify-log", path)
+    assert code == 1 and "line 2: not valid JSON" in stdout
+    _rejected(["scan", CLEAN, "--out", tmp / "x", "--provenance-log", path], "log.jsonl", "not a poisonguard record")
 
 
 def test_an_empty_reviewer_is_refused(tmp, published):

@@ -199,6 +199,7 @@ def test_report_shows_quarantine_rows_only_as_the_log_recorded_them(first_scan, 
 
 
 @pytest.mark.parametrize("summary,needle", [("{broken", "summary.json is unreadable"),
+                                             ("[" * 100_000 + "]" * 100_000, "summary.json is unreadable"),
                                              ('{"run_id": "x"}', "lacks 'parameters'")])
 def test_a_damaged_run_summary_is_bad_input_to_review_and_report(first_scan, tmp, summary, needle):
     run = tmp / "run"

@@ -190,7 +190,7 @@ def read_summary(run_dir: str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             summary = json.load(handle)
-    except (ValueError, OSError) as exc:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+    except (ValueError, OSError, RecursionError) as exc:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
         raise InputError(f"the run's summary.json is unreadable: {str(exc).splitlines()[0][:200]}", path=path) from None
     if not isinstance(summary, dict):
         raise InputError("the run's summary.json is not a JSON object", path=path)
