@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -154,6 +155,26 @@ def test_success_is_written_last_and_an_interrupted_publish_leaves_the_previous_
     assert latest["run_id"] == "fourth"
     attempts = {key.split("/")[2] for key in _objects(client, bucket, "runs/today/") if key.count("/") > 2}
     assert attempts == {latest["attempt"]}  # interrupted and replaced attempts are cleaned up
+
+
+def test_a_reader_is_told_when_success_or_the_manifest_is_not_a_run_pointer(s3):
+    import hashlib
+
+    from poisonguard.errors import InputError
+    from poisonguard.run.remote import published
+
+    client, bucket = s3
+    manifest = b'{"files": [{"path": 3}]}'
+    for prefix, success, needle in (
+            ("array", b"[1]", "_SUCCESS is not a poisonguard run pointer"),
+            ("deep", b"[" * 100_000 + b"]" * 100_000, "_SUCCESS is not a poisonguard run pointer"),
+            ("files", json.dumps({"run_id": "r", "attempt": "a", "manifest": "a/MANIFEST.json",
+                                  "manifest_sha256": hashlib.sha256(manifest).hexdigest()}).encode(),
+             "the manifest's file list is malformed")):
+        client.put_object(Bucket=bucket, Key=f"{prefix}/_SUCCESS", Body=success)
+        client.put_object(Bucket=bucket, Key=f"{prefix}/a/MANIFEST.json", Body=manifest)
+        with pytest.raises(InputError, match=re.escape(needle)):
+            published(f"s3://{bucket}/{prefix}")
 
 
 def test_a_scheme_without_its_package_is_exit_2_naming_the_extra(tmp):

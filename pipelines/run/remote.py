@@ -256,6 +256,16 @@ def publish_remote(staging: str, out: str, attempt: str, run_id: str, commit) ->
             log.warning("could not delete the replaced attempt %s: %s", old, exc)
 
 
+def _json_object(raw: bytes, keys: tuple, what: str, out: str) -> dict:
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        data = None
+    if not (isinstance(data, dict) and all(isinstance(data.get(k), list if k == "files" else str) for k in keys)):
+        raise InputError(f"{what} is not a poisonguard run pointer", path=storage.display(out))
+    return data
+
+
 def _attempts(out: str) -> set[str]:
     found = (storage.relative(uri, out) for uri in storage.list_files(out))
     return {rel.split("/", 1)[0] for rel in found if "/" in rel}
@@ -267,11 +277,13 @@ def published(out: str) -> dict:
     raw = storage.read_bytes(storage.join(out, SUCCESS))
     if raw is None:
         raise InputError("no published run here (no _SUCCESS)", path=storage.display(out))
-    pointer = json.loads(raw)
+    pointer = _json_object(raw, ("run_id", "attempt", "manifest", "manifest_sha256"), "_SUCCESS", out)
     manifest = storage.read_bytes(storage.join(out, pointer["manifest"]))
     if manifest is None or hashlib.sha256(manifest).hexdigest() != pointer["manifest_sha256"]:
         raise InputError("the manifest _SUCCESS names is missing or altered", path=storage.display(out))
-    files = json.loads(manifest)["files"]
+    files = _json_object(manifest, ("files",), "the manifest", out)["files"]
+    if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in files)):
+        raise InputError("the manifest's file list is malformed", path=storage.display(out))
     return {"run_id": pointer["run_id"], "attempt": pointer["attempt"],
             "files": {f["path"]: storage.join(out, pointer["attempt"], f["path"]) for f in files},
             "manifest": files}
