@@ -45,6 +45,7 @@ class _Column:
     values: set | None = field(default_factory=set)
     lo: float = np.inf
     hi: float = -np.inf
+    exact: list | None = None  # an integer column's [min, max] as Python ints (float64 rounds past 2**53)
     lengths: list = field(default_factory=lambda: [np.inf, -np.inf])
     patterns: set | None = field(default_factory=set)
     dims: dict = field(default_factory=dict)
@@ -95,6 +96,10 @@ def _observe(col: _Column, arr: pa.ChunkedArray, rng: np.random.Generator) -> No
         col.values |= set(pc.unique(present).to_pylist())
         if len(col.values) > MAX_SET:
             col.values = None
+    if col.kind == "number" and len(present) and pa.types.is_integer(present.type):
+        low, high = pc.min_max(present).values()
+        col.exact = [low.as_py(), high.as_py()] if col.exact is None else \
+            [min(col.exact[0], low.as_py()), max(col.exact[1], high.as_py())]
     if col.kind == "number" and len(present):
         values = present.to_numpy(zero_copy_only=False).astype(np.float64)
         col.lo, col.hi = min(col.lo, values.min()), max(col.hi, values.max())
@@ -121,6 +126,13 @@ def _observe(col: _Column, arr: pa.ChunkedArray, rng: np.random.Generator) -> No
             return
         keep = rng.choice(len(values), min(len(values), 5000), replace=False)
         col.sample.append(values[keep])
+
+
+def _rounded(value: float, outward: int) -> float:
+    """``value`` to 6 decimals, rounded away from the data (down for a minimum, up for a maximum), so
+    that a bound which holds the trusted extremes still does (a constant 0.3333333 had become 0.333333)."""
+    out = round(float(value), 6)
+    return out if (out - value) * outward >= 0 else round(out + outward * 1e-6, 6)
 
 
 def _bounds(values: np.ndarray, strictness: str, axis=None):
@@ -173,9 +185,19 @@ def infer_suite(inputs: list[str], config: Config, *, name: str, strictness: str
                 f"the {len(values)} distinct values seen in the trusted data", value_set=values)
         elif col.kind == "number" and col.sample:
             lo, hi = _bounds(np.asarray(col.sample), strictness)
+            trusted = f"trusted min {col.lo:.6g}, max {col.hi:.6g}"
+            if col.exact is not None:  # integer bounds, exact where they must hold the trusted extremes
+                lo, hi = int(np.floor(lo)), int(np.ceil(hi))
+                if strictness != "strict":
+                    lo, hi = min(lo, col.exact[0]), max(hi, col.exact[1])
+                trusted = f"trusted min {col.exact[0]}, max {col.exact[1]}"
+                if hi > np.iinfo(np.int64).max:  # GX reads uint64 past 2**63 against integer bounds wrongly;
+                    lo, hi = float(np.nextafter(lo, -np.inf)), float(np.nextafter(hi, np.inf))  # floats, outward
+            else:
+                lo, hi = float(lo), float(hi)
             add("expect_column_values_to_be_between", column,
                 f"quantiles {q_lo}..{q_hi} of the trusted values widened by {margin} of their range "
-                f"(trusted min {col.lo:.6g}, max {col.hi:.6g})", min_value=float(lo), max_value=float(hi))
+                f"({trusted})", min_value=lo, max_value=hi)
         if col.kind == "string" and np.isfinite(col.lengths[0]):
             lo, hi = int(col.lengths[0]), int(col.lengths[1])
             slack = int(np.ceil(margin * (hi - lo)))
@@ -193,7 +215,7 @@ def infer_suite(inputs: list[str], config: Config, *, name: str, strictness: str
                             "meta": {**note, "note": f"{col.dims[width]} of {col.rows - col.nulls} vectors have "
                                                      f"{width} values"}})
             vectors.append({"type": "expect_vector_values_to_be_between", "column": column,
-                            "min_value": [round(float(v), 6) for v in lo], "max_value": [round(float(v), 6) for v in hi],
+                            "min_value": [_rounded(v, -1) for v in lo], "max_value": [_rounded(v, 1) for v in hi],
                             "meta": {**note, "note": f"per dimension: quantiles {q_lo}..{q_hi} of a sample of "
                                                      f"{len(sample)} trusted vectors widened by {margin} of their range"}})
     return {"name": name, "expectations": exps,

@@ -119,6 +119,32 @@ def test_non_finite_and_half_float_columns_give_a_strict_json_suite_the_trusted_
     assert read_outputs(tmp / "run")[1].num_rows == 0
 
 
+@pytest.mark.parametrize("strictness", ["loose", "normal"])
+def test_bounds_hold_trusted_integers_past_float_precision_and_constant_vector_dimensions(tmp, strictness):
+    """Integers past 2**53 (float64 rounds 2**60 + 1 to 2**60) and uint64 past 2**63 keep their
+    extremes inside the range; a constant dimension 1/3 keeps its rows inside bounds written to six
+    decimals (rounded outward).  Every one had quarantined trusted rows."""
+    table = gaussian_table(60, 3, 4, extra=False)
+    n = table.num_rows
+    x = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(n, 4).copy()
+    x[:, 1] = np.float32(1 / 3)
+    table = table.set_column(2, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4))
+    table = table.append_column("big", pa.array(2**60 + 1 + 2 * (np.arange(n) % 20), pa.int64()))
+    table = table.append_column("huge", pa.array(np.uint64(2**63) + np.arange(n, dtype=np.uint64) * np.uint64(7)))
+    trusted = write(table, tmp / "trusted.parquet")
+    code, _, stderr = run_cli("suite", "infer", trusted, "--out", tmp / "suite.json", "--strictness", strictness)
+    assert code == 0, stderr
+    suite = json.loads((tmp / "suite.json").read_text())
+    ranges = {e["kwargs"]["column"]: e["kwargs"] for e in suite["expectations"]
+              if e["type"] == "expect_column_values_to_be_between"}
+    assert ranges["big"]["min_value"] <= 2**60 + 1 and ranges["big"]["max_value"] >= 2**60 + 39
+    vector = next(v for v in suite["meta"]["poisonguard"]["vectors"] if v["type"] == "expect_vector_values_to_be_between")
+    assert vector["min_value"][1] <= np.float32(1 / 3) <= vector["max_value"][1]
+    code, _, stderr = run_cli("scan", trusted, "--out", tmp / "run", "--set", f"suite={tmp / 'suite.json'}", "--quiet")
+    assert code == 0, stderr
+    assert read_outputs(tmp / "run")[1].num_rows == 0
+
+
 def test_an_out_path_that_cannot_be_written_is_exit_2(tmp):
     trusted = write(gaussian_table(30, 2, 3), tmp / "trusted.parquet")
     (tmp / "folder.json").mkdir()
