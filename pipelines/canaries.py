@@ -258,7 +258,7 @@ def _stamp(x: np.ndarray, target_index: int, shape: list[int], rng: np.random.Ge
         img[..., r:r + 2, c:c + 2] = float(x.max()) + (0.5 + 0.5 * level) * span
         return img.reshape(len(out), -1)
     high = float(x.max()) + 0.5 * span
-    positions = rng.choice(x.shape[1], size=max(2, x.shape[1] // 16), replace=False)
+    positions = rng.choice(x.shape[1], size=min(x.shape[1], max(2, x.shape[1] // 16)), replace=False)
     out[:, positions] = high
     return out
 

@@ -303,6 +303,19 @@ def test_blended_canaries_mix_each_target_class_with_a_pattern_of_its_own(monkey
         validated({"canaries": {"trigger": "warp"}}, "test")
 
 
+@pytest.mark.parametrize("width", [1, 2, 3, 40])
+def test_a_table_patch_sets_a_few_features_however_narrow_the_table(width):
+    """A table's patch sets max(2, width / 16) fixed features high, all of them where the table has
+    fewer (a one-feature table's canaries had ended the scan with an internal error)."""
+    from poisonguard import canaries
+
+    x = np.random.default_rng(0).normal(size=(6, width)).astype(np.float32)
+    stamped = canaries._stamp(x, 0, [width], np.random.default_rng(1))
+    changed = (stamped != x).all(axis=0)
+    assert changed.sum() == min(width, max(2, width // 16)) and (stamped[:, changed] > x.max()).all()
+    assert (stamped[:, ~changed] == x[:, ~changed]).all()
+
+
 def test_both_triggers_run_each_as_alone_and_the_lower_recall_counts(monkeypatch, tmp):
     """``canaries.trigger: both``: the patch and the blended canaries, each as its own run would give
     them; each class's finding names both, and the recall that ``min_recall`` reads is the lower (the
