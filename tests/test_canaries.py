@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from conftest import POISONED, ROOT, embedding_array, gaussian_table, read_outputs, run_cli, \
     snapshot, write
 
 PROXY = ROOT / "configs" / "digits_proxy.yaml"
-FAST = ["--set", "embedding.proxy_epochs=60"]  # the same code path, a shorter training
 
 
 def _published(run_dir) -> dict[str, bytes]:
@@ -23,20 +23,23 @@ def _published(run_dir) -> dict[str, bytes]:
 
 def test_proxy_canaries_are_deterministic_and_change_no_published_row(tmp):
     runs = {}
+    # half the sample and a short training: the same code path, and what is asserted (determinism, not a
+    # published byte changed, the canaries' bookkeeping) holds whatever the proxy learnt
+    half = write(pq.read_table(POISONED).slice(0, 900), tmp / "half.parquet")
     for name, extra in (("plain", []), ("canaries", ["--canaries"]), ("again", ["--canaries"])):
-        code, stdout, stderr = run_cli("scan", POISONED, "--out", tmp / name, "--config", PROXY, "--quiet",
-                                       "--run-id", "same", *FAST, "--set", "canaries.max_classes=3", *extra)
+        code, stdout, stderr = run_cli("scan", half, "--out", tmp / name, "--config", PROXY, "--quiet", "--run-id", "same",
+                                       "--set", "embedding.proxy_epochs=8", "--set", "canaries.max_classes=3", *extra)
         assert code == 0, stderr
         runs[name] = json.loads((tmp / name / "summary.json").read_text())
     assert _published(tmp / "plain") == _published(tmp / "canaries") == _published(tmp / "again")
     clean, held = read_outputs(tmp / "canaries")
     ids = clean.column("id").to_pylist() + held.column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 1797 and not any(i.startswith("__poisonguard_canary__") for i in ids)
+    assert len(ids) == len(set(ids)) == 900 and not any(i.startswith("__poisonguard_canary__") for i in ids)
     first, second = runs["canaries"]["canaries"], runs["again"]["canaries"]
     assert first == second and runs["plain"]["canaries"] is None
     assert first["mode"] == "proxy" and len(first["per_class"]) == 3  # the three largest classes, by config
     assert first["proxies"] == 1  # one proxy learns every target's canaries by default
-    assert first["planted"] == sum(c["canaries"] for c in first["per_class"].values()) >= 3 * 8
+    assert first["planted"] == sum(c["canaries"] for c in first["per_class"].values()) >= 3 * 3  # at least 3 a class
     assert 0 <= first["caught"] <= first["planted"]
     assert all(c["finding"].endswith(f"canaries found in class {k}") for k, c in first["per_class"].items())
     assert "Canary self-test" in (tmp / "canaries" / "report.html").read_text()
