@@ -24,7 +24,8 @@ def params_model(cls: type):
         if name == "self":
             continue
         fields[name] = (hints[name], Field(default=param.default, **bounds.get(name, {})))
-    return create_model(f"{cls.__name__}Params", __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False), **fields)
+    return create_model(f"{cls.__name__}Params",
+                        __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False), **fields)
 
 
 def first_error(exc: ValidationError) -> tuple[str, str]:

@@ -156,7 +156,8 @@ def test_a_folder_or_pattern_leaves_out_names_starting_with_a_dot_or_underscore(
     folder; a file named directly is read."""
     table = gaussian_table(30, 2, 3)
     write(table, tmp / "data" / "part-0.parquet")
-    for hidden in ("_temporary/0/part-0.parquet", ".part-0.parquet", "_c.parquet", "label=1/.ipynb_checkpoints/x.parquet"):
+    for hidden in ("_temporary/0/part-0.parquet", ".part-0.parquet", "_c.parquet",
+                   "label=1/.ipynb_checkpoints/x.parquet"):
         write(table, tmp / "data" / hidden)
     for name, target in (("folder", tmp / "data"), ("pattern", f"{tmp / 'data'}/**/*.parquet"),
                          ("named", tmp / "data" / "_c.parquet")):
@@ -164,7 +165,8 @@ def test_a_folder_or_pattern_leaves_out_names_starting_with_a_dot_or_underscore(
         assert code == 0, stderr
         summary = json.loads((tmp / name / "summary.json").read_text())
         assert summary["counts"]["in"] == 60 and summary["counts"]["quarantined"] == 0
-        assert [i["path"] for i in summary["inputs"]] == [str(tmp / "data" / ("_c.parquet" if name == "named" else "part-0.parquet"))]
+        read = "_c.parquet" if name == "named" else "part-0.parquet"
+        assert [i["path"] for i in summary["inputs"]] == [str(tmp / "data" / read)]
         assert stderr.count("left out 4 of 5 files under a name starting with '.' or '_'") == (name == "folder")
     write(table, tmp / "only" / "_SUCCESS.parquet")
     code, _, stderr = run_cli("scan", tmp / "only", "--out", tmp / "none")

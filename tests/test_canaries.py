@@ -27,8 +27,9 @@ def test_proxy_canaries_are_deterministic_and_change_no_published_row(tmp):
     # published byte changed, the canaries' bookkeeping) holds whatever the proxy learnt
     half = write(pq.read_table(POISONED).slice(0, 900), tmp / "half.parquet")
     for name, extra in (("plain", []), ("canaries", ["--canaries"]), ("again", ["--canaries"])):
-        code, stdout, stderr = run_cli("scan", half, "--out", tmp / name, "--config", PROXY, "--quiet", "--run-id", "same",
-                                       "--set", "embedding.proxy_epochs=8", "--set", "canaries.max_classes=3", *extra)
+        code, stdout, stderr = run_cli("scan", half, "--out", tmp / name, "--config", PROXY, "--quiet",
+                                       "--run-id", "same", "--set", "embedding.proxy_epochs=8",
+                                       "--set", "canaries.max_classes=3", *extra)
         assert code == 0, stderr
         runs[name] = json.loads((tmp / name / "summary.json").read_text())
     assert _published(tmp / "plain") == _published(tmp / "canaries") == _published(tmp / "again")
@@ -371,9 +372,11 @@ def test_both_triggers_run_each_as_alone_and_the_lower_recall_counts(monkeypatch
     code, _, stderr = run_cli("scan", _separable(tmp), "--out", tmp / "run", "--quiet")
     assert code == 0, stderr
     summary = json.loads((tmp / "run" / "summary.json").read_text())
-    page = Path(render_report(str(tmp / "run"), summary={**summary, "canaries": {**both, "min_recall": None}})).read_text()
+    shown = {**summary, "canaries": {**both, "min_recall": None}}
+    page = Path(render_report(str(tmp / "run"), summary=shown)).read_text()
     assert "Canary self-test (proxy mode, patch and blend triggers)" in page
-    lower = " and ".join(f"{kind} {v['caught']} of {v['planted']} ({v['recall']:.2f})" for kind, v in both["by_trigger"].items())
+    lower = " and ".join(f"{kind} {v['caught']} of {v['planted']} ({v['recall']:.2f})"
+                         for kind, v in both["by_trigger"].items())
     assert f"(recall\n{both['recall']:.2f}, the lower of {lower})" in page
     assert all(html.escape(c["finding"]) in page for c in both["per_class"].values())
 

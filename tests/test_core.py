@@ -109,7 +109,8 @@ def test_uint64_labels_past_int64_keep_their_spelling_and_their_decisions(tmp):
     args = ["--quiet", "--set", "detectors=[{name: spectral}, {name: spectre}]", "--set", "fail_on=1.0"]
     held = {}
     for name, data, engine in (("int", table, "memory"), ("uint", relabelled, "memory")):
-        code, _, stderr = run_cli("scan", write(data, tmp / f"{name}.parquet"), "--out", tmp / name, "--engine", engine, *args)
+        code, _, stderr = run_cli("scan", write(data, tmp / f"{name}.parquet"), "--out", tmp / name,
+                                  "--engine", engine, *args)
         assert code == 0, stderr
         held[name] = set(read_outputs(tmp / name)[1].column("id").to_pylist())
         summary = json.loads((tmp / name / "summary.json").read_text())

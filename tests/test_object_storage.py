@@ -275,8 +275,8 @@ def test_a_hive_partitioned_prefix_reads_its_folder_keys(s3, tmp):
     inputs = json.loads((tmp / "run" / "summary.json").read_text())["inputs"]
     assert [i["path"] for i in inputs] == [f"s3://{bucket}/lake/day=2026-11-01/label={label}/part-0" for label in (0, 1)]
     local_inputs = json.loads((tmp / "local_run" / "summary.json").read_text())["inputs"]
-    assert [i["path"] for i in local_inputs] == [str(tmp / "lake" / "day=2026-11-01" / f"label={label}" / "part-0.parquet")
-                                                 for label in (0, 1)]
+    day = tmp / "lake" / "day=2026-11-01"
+    assert [i["path"] for i in local_inputs] == [str(day / f"label={label}" / "part-0.parquet") for label in (0, 1)]
 
 
 def test_a_local_copy_keeps_only_the_partition_folders_of_an_object_name():

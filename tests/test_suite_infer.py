@@ -138,7 +138,8 @@ def test_bounds_hold_trusted_integers_past_float_precision_and_constant_vector_d
     ranges = {e["kwargs"]["column"]: e["kwargs"] for e in suite["expectations"]
               if e["type"] == "expect_column_values_to_be_between"}
     assert ranges["big"]["min_value"] <= 2**60 + 1 and ranges["big"]["max_value"] >= 2**60 + 39
-    vector = next(v for v in suite["meta"]["poisonguard"]["vectors"] if v["type"] == "expect_vector_values_to_be_between")
+    vector = next(v for v in suite["meta"]["poisonguard"]["vectors"]
+                  if v["type"] == "expect_vector_values_to_be_between")
     assert vector["min_value"][1] <= np.float32(1 / 3) <= vector["max_value"][1]
     code, _, stderr = run_cli("scan", trusted, "--out", tmp / "run", "--set", f"suite={tmp / 'suite.json'}", "--quiet")
     assert code == 0, stderr
