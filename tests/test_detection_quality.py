@@ -696,3 +696,32 @@ def test_many_clean_classes_lose_no_rows_to_their_outermost_rows():
     x = (centres[y] + rng.normal(size=(len(y), 32))).astype(np.float32)
     found = poisonguard.screen(x, y)
     assert not found.rows["quarantined"].any(), found.classes[found.classes["suspicious"]]
+
+
+def test_min_excess_over_prior_leaves_chance_neighbourhoods_of_an_imbalanced_binary_task_alone():
+    """With priors 1/3 : 2/3 and no class signal, a tenth of the minority's rows have 9 of 10 majority
+    neighbours by chance, and the k-NN check flags them; with ``min_excess_over_prior`` a label's share
+    must pass its prior by the excess.  Ten balanced classes score the same with it, and most of a
+    dense 20% flip into the minority class of a separable binary task is still found."""
+    import poisonguard
+
+    def knn(x, y, excess=0.0):
+        config = {"detectors": [{"name": "knn_label", "params": {"min_excess_over_prior": excess,
+                                                                  "score_every_row": True}}]}
+        rows = poisonguard.screen(x, y, config).rows
+        return rows["quarantined"].to_numpy(), rows["score_knn_label"].to_numpy()
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(600, 5)), np.arange(600) < 200
+    assert knn(x, y)[0].sum() > 0 and knn(x, y, 0.3)[0].sum() == 0
+    y10 = np.repeat(np.arange(10), 60)  # a prior of 0.1: every threshold (0.5 and up) passes it by 0.3
+    x10 = rng.normal(size=(600, 12)) + 6 * np.eye(10, 12)[y10]
+    flipped = np.where(rng.random(600) < 0.1, (y10 + 1) % 10, y10)
+    assert np.array_equal(knn(x10, flipped)[1], knn(x10, flipped, 0.3)[1])
+    yb = (np.arange(900) < 300).astype(int)
+    xb = rng.normal(size=(900, 6)) + 6 * np.eye(2, 6)[yb]
+    flip = np.flatnonzero(yb == 0)[:60]  # 60 majority rows labelled as the 300-row minority (20% of it)
+    noisy = yb.copy()
+    noisy[flip] = 1
+    found = knn(xb, noisy, 0.3)[0]
+    assert found[flip].mean() >= 0.7 and found.sum() <= len(flip)  # (without the excess: 0.9, and 54 rows)
