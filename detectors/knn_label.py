@@ -199,9 +199,9 @@ label counts only where its share of the neighbours passes that label's share of
 imbalanced binary task the minority's rows sit among the majority by chance: with priors 1/3 : 2/3
 and no class signal at all, a tenth of the minority's rows have 9 of 10 majority neighbours, and the
 check flagged 6-10 rows of 300 (four seeds); on the clean real binary tables
-(``benchmarks/real_tables.py``) at 0.3 its flags go from 38 and 37 rows to none on modechoice (raw
-features, MLP) and from 224 and 137 to none on randhie; on randhie's proxy mode SPECTRE then flags
-566 rows it had not (7.17% -> 7.60% quarantined; not yet examined).  With ten classes (prior
+(``benchmarks/real_tables.py``, re-run on this machine) at 0.3 its flags go from 38 and 37 rows to
+none on modechoice (raw features, MLP) and from 224 and 127 to none on randhie (proxy mode: 150 to
+none, rows the other detectors flag too, so the quarantined share stays 7.60%).  With ten classes (prior
 0.1) every threshold passes its prior by 0.4, so nothing changes; with three balanced classes the
 5-of-10 tier needs 6 (0.25) or 7 (0.3) of one other label.  Measured on the families cache rebuilt in round 20 (whose MLP and CNN
 embeddings differ from the committed tables' by torch's cross-machine nondeterminism, so the
