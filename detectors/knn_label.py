@@ -194,26 +194,27 @@ representation.  Without it the guard had withdrawn this detector's flags on 10%
 F1 of 0.486 against 0.480 (held-out 0.653 against 0.648), every clean control unchanged.
 
 **Beyond the prior, on request** (``min_excess_over_prior``, 0: off).  A row's most common other
-label counts only where its share of the neighbours passes that label's share of the reference
-(its prior) by the excess; otherwise the row scores just under the lowest row threshold.  In an
+label counts only where its share of the neighbours passes that label's share of the reference (its
+prior) by the excess; otherwise the row scores just under the lowest row threshold.  In an
 imbalanced binary task the minority's rows sit among the majority by chance: with priors 1/3 : 2/3
 and no class signal at all, a tenth of the minority's rows have 9 of 10 majority neighbours, and the
 check flagged 6-10 rows of 300 (four seeds); on the clean real binary tables
 (``benchmarks/real_tables.py``, re-run on this machine) at 0.3 its flags go from 38 and 37 rows to
 none on modechoice (raw features, MLP) and from 224 and 127 to none on randhie (proxy mode: 150 to
-none, rows the other detectors flag too, so the quarantined share stays 7.60%).  With ten classes (prior
-0.1) every threshold passes its prior by 0.4, so nothing changes; with three balanced classes the
-5-of-10 tier needs 6 (0.25) or 7 (0.3) of one other label.  Measured on the families cache rebuilt in round 20 (whose MLP and CNN
-embeddings differ from the committed tables' by torch's cross-machine nondeterminism, so the
-baseline was re-run on it): development, 0.25: mean F1 0.5754 -> 0.5815, patches >= 3% meeting F1
-0.9 12 -> 13 of 36, flips 26 -> 27 of 60, breast cancer on random features' clean control 1.87% ->
-1.29% (still over the bar); 0.3: mean F1 0.5846, that control 0.06% (clean controls 10 -> 11 of 12),
-patches 13, flips 27, nothing lost; only breast cancer's families move.  Held out (the sources with fewer than five classes or
-an imbalance, where it can act: breast cancer, wine, iris, mixture, modes): 0.25 and 0.3 both take
-flips meeting F1 0.8 from 28 to 30 of 45 and patches >= 3% from 14 to 15 of 27, clean controls
-unchanged, every change on breast cancer on the linear model (targeted flips 0.73 -> 0.83, 5%
-patch 0.84 -> 0.90).  Off by default this round only because a default change re-runs every results
-table (families, proxy mode, canaries, real tables) on the rebuilt cache.
+none, rows the other detectors flag too, so the quarantined share stays 7.60%).  With ten classes
+(prior 0.1) every threshold passes its prior by 0.4, so nothing changes; with three balanced classes
+the 5-of-10 tier needs 6 (0.25) or 7 (0.3) of one other label.  Measured on the families cache
+rebuilt in round 20 (whose MLP and CNN embeddings differ from the committed tables' by torch's
+cross-machine nondeterminism, so the baseline was re-run on it): development, 0.25: mean F1 0.5754
+-> 0.5815, patches >= 3% meeting F1 0.9 12 -> 13 of 36, flips 26 -> 27 of 60, breast cancer on
+random features' clean control 1.87% -> 1.29% (still over the bar); 0.3: mean F1 0.5846, that
+control 0.06% (clean controls 10 -> 11 of 12), patches 13, flips 27, nothing lost; only breast
+cancer's families move.  Held out (the sources with fewer than five classes or an imbalance, where
+it can act: breast cancer, wine, iris, mixture, modes): 0.25 and 0.3 both take flips meeting F1 0.8
+from 28 to 30 of 45 and patches >= 3% from 14 to 15 of 27, clean controls unchanged, every change on
+breast cancer on the linear model (targeted flips 0.73 -> 0.83, 5% patch 0.84 -> 0.90).  Off by
+default this round only because a default change re-runs every results table (families, proxy mode,
+canaries, real tables) on the rebuilt cache.
 
 The neighbours are searched among the reference's top ``n_components`` principal components (16;
 ``None`` searches the whole embedding), which cuts the distance work by d / 16 on wide embeddings.
@@ -306,7 +307,8 @@ class KnnLabel(PoisonDetector):
         self.reference_x_ = np.concatenate(xs) if xs else np.zeros((0, self.n_features_in_), np.float32)
         self.classes_ = pd.Index(list(states), dtype=object)
         self.reference_codes_ = np.repeat(np.arange(len(xs)), [len(x) for x in xs])  # positions in classes_
-        self.reference_prior_ = np.bincount(self.reference_codes_, minlength=len(xs)) / max(len(self.reference_codes_), 1)
+        self.reference_prior_ = np.bincount(self.reference_codes_, minlength=len(xs)) / \
+            max(len(self.reference_codes_), 1)
         self.reference_keys_ = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
         self.k_ = min(self.n_neighbors, max(len(self.reference_x_) - 1, 0))
         self.index_ = self.projection_ = None
@@ -509,7 +511,7 @@ class KnnLabel(PoisonDetector):
             keep[np.arange(len(idx)), drop] = False
             neighbours = self.reference_codes_[idx[keep].reshape(len(idx), -1)]
             own = codes_in(self.classes_, y[start:stop])
-            out[start:stop] = self._beyond_prior(*_largest_other_share(neighbours, own, with_label=True))
+            out[start:stop] = self._beyond_prior(*_largest_other_share(neighbours, own))
             if own_share:
                 own_out[start:stop] = np.mean(neighbours == own[:, None], axis=1)
         return (out, own_out) if own_share else out
@@ -576,9 +578,9 @@ class KnnLabel(PoisonDetector):
         return flags
 
 
-def _largest_other_share(codes: np.ndarray, own: np.ndarray, with_label: bool = False):
-    """Per row, the share of its neighbours that carry the most common label other than its own
-    (``with_label``: and that label's code, -1 where every neighbour has the row's own)."""
+def _largest_other_share(codes: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the share of its neighbours that carry the most common label other than its own, and
+    that label's code (-1 where every neighbour has the row's own)."""
     k = codes.shape[1]
     masked = np.where(codes == own[:, None], -1 - np.arange(k), codes)  # own labels: distinct, never a run
     ordered = np.sort(masked, axis=1)
@@ -590,4 +592,4 @@ def _largest_other_share(codes: np.ndarray, own: np.ndarray, with_label: bool = 
         counted = np.where(ordered[:, j] >= 0, run, 0)
         label = np.where(counted > best, ordered[:, j], label)
         best = np.maximum(best, counted)
-    return (best / max(k, 1), label) if with_label else best / max(k, 1)
+    return best / max(k, 1), label

@@ -256,12 +256,13 @@ def publish_remote(staging: str, out: str, attempt: str, run_id: str, commit) ->
             log.warning("could not delete the replaced attempt %s: %s", old, exc)
 
 
-def _json_object(raw: bytes, keys: tuple, what: str, out: str) -> dict:
+def _json_object(raw: bytes, fields: dict, what: str, out: str) -> dict:
+    """``raw`` as a JSON object holding ``fields`` (name -> type); InputError naming ``what`` otherwise."""
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError):
         data = None
-    if not (isinstance(data, dict) and all(isinstance(data.get(k), list if k == "files" else str) for k in keys)):
+    if not (isinstance(data, dict) and all(isinstance(data.get(k), kind) for k, kind in fields.items())):
         raise InputError(f"{what} is not a poisonguard run pointer", path=storage.display(out))
     return data
 
@@ -277,12 +278,13 @@ def published(out: str) -> dict:
     raw = storage.read_bytes(storage.join(out, SUCCESS))
     if raw is None:
         raise InputError("no published run here (no _SUCCESS)", path=storage.display(out))
-    pointer = _json_object(raw, ("run_id", "attempt", "manifest", "manifest_sha256"), "_SUCCESS", out)
+    pointer = _json_object(raw, dict.fromkeys(("run_id", "attempt", "manifest", "manifest_sha256"), str),
+                           "_SUCCESS", out)
     manifest = storage.read_bytes(storage.join(out, pointer["manifest"]))
     if manifest is None or hashlib.sha256(manifest).hexdigest() != pointer["manifest_sha256"]:
         raise InputError("the manifest _SUCCESS names is missing or altered", path=storage.display(out))
-    files = _json_object(manifest, ("files",), "the manifest", out)["files"]
-    if not (isinstance(files, list) and all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in files)):
+    files = _json_object(manifest, {"files": list}, "the manifest", out)["files"]
+    if not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in files):
         raise InputError("the manifest's file list is malformed", path=storage.display(out))
     return {"run_id": pointer["run_id"], "attempt": pointer["attempt"],
             "files": {f["path"]: storage.join(out, pointer["attempt"], f["path"]) for f in files},
