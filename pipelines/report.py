@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from poisonguard import plots
 from poisonguard.core import copies
-from poisonguard.run.summary import proxy_line
+from poisonguard.run.summary import canary_kind, proxy_line
 from poisonguard.names import CLEAN, DETECTOR, PROXY_MODEL, QUARANTINE, QUARANTINE_REASONS, REPORT, REPORT_SAMPLE, \
     REVIEW_CONFIRMED, SUMMARY, WORK, detector_reason, input_labels, part_source, score_column
 
@@ -149,7 +149,9 @@ def render_report(run_dir: str, table: dict | None = None, summary: dict | None 
         summary=summary, counts=summary["counts"], sections=sections, detectors=detectors,
         drift=summary.get("drift") or {}, overview=_overview_plot(summary),
         hidden_classes=max(0, len(classes) - len(sections)), table=table,
-        proxy_line=proxy_line(summary.get("embedding") or {}), copies_line=copies.line(summary.get("copies")),
+        proxy_line=proxy_line(summary.get("embedding") or {}),
+        canary_kind=canary_kind(summary["canaries"]) if summary.get("canaries") else "",
+        copies_line=copies.line(summary.get("copies")),
         run_to_run=summary.get("run_to_run") or {}, integrity=integrity)
     path = os.path.join(run_dir, REPORT)
     Path(path).write_text(page, encoding="utf-8")

@@ -106,6 +106,14 @@ VERDICTS = {"within_policy": "within policy", "over_fail_on": "over fail_on: tra
             "canary_recall_below_min": "canary recall below canaries.min_recall: training should wait"}
 
 
+def canary_kind(canaries: dict) -> str:
+    """The canary self-test's mode and trigger as the console and the report name them: "proxy mode,
+    patch and blend triggers", "proxy mode, blend trigger", "embedding mode"."""
+    trigger = canaries.get("trigger")
+    suffix = {None: "", "both": ", patch and blend triggers"}.get(trigger, f", {trigger} trigger")
+    return f"{canaries['mode']} mode{suffix}"
+
+
 def proxy_line(info: dict) -> str:
     """What proxy was trained and how well it fits, in one line ('' outside proxy mode)."""
     if info.get("source") != "proxy" or "architecture" not in info:
@@ -161,12 +169,11 @@ def console_summary(summary: dict, run_dir: str) -> str:
     if summary.get("canaries"):
         c = summary["canaries"]
         held = f"; up to {c['held_back_rows']} rows already flagged left out of a trial" if c.get("held_back_rows") else ""
-        trigger = {None: "", "both": ", patch and blend triggers"}.get(c.get("trigger"), f", {c.get('trigger')} trigger")
         found = f"{c['caught']} of {c['planted']} caught (recall {c['recall']:.2f})" if c["recall"] is not None else c["why"]
         if c.get("by_trigger"):
             found = "; ".join(f"{kind} {v['caught']} of {v['planted']} caught (recall {v['recall']:.2f})"
                               for kind, v in c["by_trigger"].items()) + "; the lower recall counts"
-        lines.append(f"  canaries ({c['mode']} mode{trigger}): {found}{held}")
+        lines.append(f"  canaries ({canary_kind(c)}): {found}{held}")
         lines += [f"    {v['finding']}" for v in c["per_class"].values()]
     for warning in summary.get("batch_warnings", {}):
         lines.append(f"  dataset-level expectation failed: {warning}")
