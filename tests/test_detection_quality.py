@@ -526,7 +526,12 @@ def test_knn_label_flags_from_half_of_ten_where_a_class_holds_twenty_label_incon
 
     x, y, far = _half_learnt_flips(3, group=(6, 5))
     keys = np.arange(len(y), dtype=np.uint64)
-    det = KnnLabel(random_state=0).fit(x, y, keys)
+    # with three balanced classes (prior 1/3) the default min_excess_over_prior (0.3) counts an other
+    # label from 7 of 10 only: the 5-of-10 tier acts where there are more classes or no excess is asked
+    default = KnnLabel(random_state=0).fit(x, y, keys)
+    assert not default.flag(x, y, keys)[far:far + 6].any()
+    assert "passes its share of the data by 30%" in default.decisions_[0].why
+    det = KnnLabel(random_state=0, min_excess_over_prior=0.0).fit(x, y, keys)
     flags = det.flag(x, y, keys)
     scores = det.set_params(score_every_row=True).score_samples(x, y, keys)
     assert np.allclose(scores[far:far + 6], 0.5) and np.allclose(scores[far + 11:far + 17], 0.5)
@@ -534,7 +539,7 @@ def test_knn_label_flags_from_half_of_ten_where_a_class_holds_twenty_label_incon
     assert "flagged from 50%" in det.decisions_[0].why
     assert flags[far:far + 6].all() and not flags[far + 11:far + 17].any()
     assert flags[far - 30:far].mean() > 0.9 and not flags[:far - 30].any()
-    without = KnnLabel(random_state=0, deep_disagreement=None).fit(x, y, keys).flag(x, y, keys)
+    without = KnnLabel(random_state=0, deep_disagreement=None, min_excess_over_prior=0.0).fit(x, y, keys).flag(x, y, keys)
     assert not without[far:far + 6].any() and 0.8 <= without[far - 30:far].mean() <= flags[far - 30:far].mean()
     x, y, far = _half_learnt_flips(3, planted=10, group=(6, 5))
     keys = np.arange(len(y), dtype=np.uint64)
