@@ -730,3 +730,31 @@ def test_min_excess_over_prior_leaves_chance_neighbourhoods_of_an_imbalanced_bin
     noisy[flip] = 1
     found = knn(xb, noisy, 0.3)[0]
     assert found[flip].mean() >= 0.7 and found.sum() <= len(flip)  # (without the excess: 0.9, and 54 rows)
+
+
+def test_one_label_inconsistent_row_does_not_make_a_small_class_suspicious_where_every_row_was_examined():
+    """min_share (2%) turns one row down in a class of 50 or more; below 50 rows the share cannot
+    resolve one row, and where the decision rows are the whole class one row is still a natural
+    boundary's evidence, not a class's.  Two rows are; a class judged on a sample of its rows keeps
+    the row-level rule (any row the score pass finds is flagged)."""
+    from poisonguard.detectors import KnnLabel
+
+    rng = np.random.default_rng(3)
+    centres = np.array([[0.0, 0.0], [12.0, 0.0], [0.0, 12.0]])
+
+    def data(inside: int):
+        y = np.r_[np.zeros(40, int), np.ones(300, int), np.full(300, 2)]
+        x = centres[y] + rng.normal(size=(len(y), 2))
+        x[:inside] = centres[1] + rng.normal(size=(inside, 2))  # class 0 rows inside class 1
+        return x.astype(np.float32), y, np.arange(len(y), dtype=np.uint64)
+
+    x, y, keys = data(1)
+    det = KnnLabel(random_state=0).fit(x, y, keys)
+    assert not det.decisions_[0].suspicious and "every row examined" in det.decisions_[0].why
+    assert not det.flag(x, y, keys).any()
+    x, y, keys = data(2)
+    det = KnnLabel(random_state=0).fit(x, y, keys)
+    assert det.decisions_[0].suspicious and det.flag(x, y, keys)[:2].all()
+    one = np.r_[1.0, np.zeros(39)]
+    assert det._decide_knn(one, 1, 0.79, whole_class=False).suspicious
+    assert not det._decide_knn(one, 1, 0.79, whole_class=True).suspicious

@@ -277,8 +277,9 @@ def test_knn_label_flags_a_row_whose_neighbours_name_one_other_class_not_a_mix()
 def test_knn_label_needs_min_share_of_a_class_where_the_class_can_resolve_it():
     """A lone row inside another class, in a class of 400, is what a natural boundary gives: not
     flagged at the default 2%; 3% of the class there is.  A class needs more than 2%: in a class of
-    exactly 50 one row is 2% and not enough.  In a class of 40 (2% is under one row) the lone row
-    still is (a group's own rows are among each other's neighbours: most of it, not all)."""
+    exactly 50 one row is 2% and not enough.  In a class of 40 (2% is under one row), every row of
+    it examined, the lone row is not either (a class of 50 would turn it down); two are (a group's
+    own rows are among each other's neighbours: most of it, not all)."""
     rng = np.random.default_rng(4)
 
     def data(n, inside):
@@ -287,14 +288,14 @@ def test_knn_label_needs_min_share_of_a_class_where_the_class_can_resolve_it():
         x[:inside] += [12.0, 0.0]  # rows labelled 0 that sit inside class 1
         return x.astype(np.float32), y
 
-    for n, inside, flagged in ((400, 1, 0), (400, 12, 6), (50, 1, 0), (50, 2, 1), (40, 1, 1)):
+    for n, inside, flagged in ((400, 1, 0), (400, 12, 6), (50, 1, 0), (50, 2, 1), (40, 1, 0), (40, 2, 1)):
         x, y = data(n, inside)
         det = KnnLabel(random_state=0).fit(x, y)
         flags = det.flag(x, y)
         assert flags[:inside].sum() >= flagged and not flags[inside:].any(), (n, inside)
         if not flagged:
             assert not flags.any()
-            assert "at most min_share" in det.decisions_[0].why
+            assert ("every row examined" if n < 50 else "at most min_share") in det.decisions_[0].why
 
 
 def test_confident_label_bounds_its_memory_with_many_classes():
