@@ -471,8 +471,9 @@ class KnnLabel(PoisonDetector):
                    "what natural class boundaries give")
             return ClassDecision(False, float("inf"), float("nan"), share, len(scores), why)
         if whole_class and hits == 1 and 0 < self.min_share_ * len(scores) < 1:
+            from_rows = math.ceil(1 / self.min_share_)
             why = (f"one label-inconsistent row in a class of {len(scores)}, every row examined: what a natural "
-                   f"boundary gives (min_share, {self.min_share_:.0%}, turns one row down from {math.ceil(1 / self.min_share_)} rows up)")
+                   f"boundary gives (min_share, {self.min_share_:.0%}, turns one row down from {from_rows} rows up)")
             return ClassDecision(False, float("inf"), float("nan"), share, len(scores), why)
         if hits >= self.min_rows and share <= self.max_share:
             why = "label-inconsistent rows"
