@@ -53,6 +53,7 @@ class WorkItem:
     first_row: int
     identity: tuple = ()  # the file as planned and hashed; a reader refuses a file that changed since
     partition: tuple = ()  # the file's partition columns, appended to every batch read
+    decode: tuple = ()  # columns read as plain values: categorical in some files, not in others
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class InputPlan:
     model_path: str | None = None
     label_view: str = "embedding"  # "features": confident learning reads the feature column (core.embedding)
     confirmed_groups: tuple = ()  # (detector, str(label), moved share) that proxy mode's core.exclusion confirmed
+    decoded_columns: tuple = ()  # categorical (dictionary-encoded) in some files only: read as plain values
 
     @property
     def total_rows(self) -> int:
@@ -162,6 +164,7 @@ def plan_inputs(paths: list[str], config: Config, below: dict[str, str] | None =
     reads partition keys."""
     files: list[InputFile] = []
     schema: pa.Schema | None = None
+    decode: set[str] = set()
     for index, path in enumerate(paths):
         identity = file_identity(os.stat(path))
         meta = _read_metadata(path)
@@ -169,7 +172,11 @@ def plan_inputs(paths: list[str], config: Config, below: dict[str, str] | None =
         if schema is None:
             schema = file_schema
         elif not file_schema.equals(schema):
-            raise InputError(f"schema differs from {paths[0]}: {_schema_diff(schema, file_schema)}", path=path)
+            unified = _unify_categorical(schema, file_schema)
+            if unified is None:
+                raise InputError(f"schema differs from {paths[0]}: {_schema_diff(schema, file_schema)}", path=path)
+            schema, columns = unified
+            decode |= columns
         digest = _early_digest(path, identity) or sha256_file(path)
         if file_identity(os.stat(path)) != identity:
             raise InputError("input file changed while it was being hashed", path=path)
@@ -184,9 +191,15 @@ def plan_inputs(paths: list[str], config: Config, below: dict[str, str] | None =
         raise InputError("input is empty (0 rows)", path=paths[0] if len(paths) == 1 else None)
     _check_columns(schema, config, paths[0])
     emb = config.embedding
+    decoded_columns = tuple(n for n in schema.names if n in decode)
+    if decoded_columns:
+        log.info("%d column(s) categorical in some input files and plain in others, read as plain values: %s",
+                 len(decoded_columns), ", ".join(decoded_columns))
     if emb.source == "column":
-        return InputPlan(tuple(files), schema, _list_width(schema, files, config.columns.embedding, emb.dim))
-    return InputPlan(tuple(files), schema, emb.dim, n_features=_list_width(schema, files, emb.features, None))
+        return InputPlan(tuple(files), schema, _list_width(schema, files, config.columns.embedding, emb.dim),
+                         decoded_columns=decoded_columns)
+    return InputPlan(tuple(files), schema, emb.dim, n_features=_list_width(schema, files, emb.features, None),
+                     decoded_columns=decoded_columns)
 
 
 def work_items(plan: InputPlan, rows_per_item: int) -> list[WorkItem]:
@@ -197,7 +210,8 @@ def work_items(plan: InputPlan, rows_per_item: int) -> list[WorkItem]:
         for group in range(f.row_groups):
             rows += meta.row_group(group).num_rows
             if rows >= rows_per_item or group == f.row_groups - 1:
-                items.append(WorkItem(f.index, f.path, first_group, group + 1, first_row, f.identity, f.partition))
+                items.append(WorkItem(f.index, f.path, first_group, group + 1, first_row, f.identity, f.partition,
+                                      plan.decoded_columns))
                 first_group, first_row, rows = group + 1, first_row + rows, 0
     return items
 
@@ -235,10 +249,21 @@ def _read_open(raw, item: WorkItem, columns: list[str] | None, batch_size: int):
         groups = list(range(item.first_group, item.last_group))
         for batch in handle.iter_batches(batch_size=batch_size, row_groups=groups, columns=in_file):
             _check_text(batch, item.path)
-            yield start, with_partition_columns(pa.Table.from_batches([batch]), item.partition, columns)
+            yield start, with_partition_columns(_decoded_columns(pa.Table.from_batches([batch]), item.decode),
+                                                item.partition, columns)
             start += batch.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"cannot read Parquet data: {one_line(exc)}", path=item.path) from None
+
+
+def _decoded_columns(table: pa.Table, names: tuple) -> pa.Table:
+    """The named columns as plain values where this file holds them categorical (``InputPlan.decoded_columns``)."""
+    for name in names:
+        i = table.schema.get_field_index(name)
+        if i >= 0 and pa.types.is_dictionary(table.schema.field(i).type):
+            field = table.schema.field(i)
+            table = table.set_column(i, field.with_type(decoded(field.type)), decode_array(table.column(i)))
+    return table
 
 
 def _check_text(batch: pa.RecordBatch, path: str) -> None:
@@ -399,6 +424,25 @@ def _width(schema: pa.Schema, files: list[InputFile], column: str, declared: int
 
 def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _unify_categorical(a: pa.Schema, b: pa.Schema) -> tuple[pa.Schema, set[str]] | None:
+    """Where two files' schemas differ only in columns that are categorical (dictionary-encoded) in one
+    and plain in the other (pandas writes a ``category`` column so): the schema with those columns plain,
+    and their names; None for any other difference."""
+    if a.names != b.names:
+        return None
+    fields, columns = [], set()
+    for fa, fb in zip(a, b):
+        if fa.equals(fb):
+            fields.append(fa)
+        elif (decoded(fa.type).equals(decoded(fb.type)) and fa.nullable == fb.nullable
+              and (pa.types.is_dictionary(fa.type) or pa.types.is_dictionary(fb.type))):
+            fields.append(fa.with_type(decoded(fa.type)))
+            columns.add(fa.name)
+        else:
+            return None
+    return pa.schema(fields, metadata=a.metadata), columns
 
 
 def _schema_diff(a: pa.Schema, b: pa.Schema) -> str:
