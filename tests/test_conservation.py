@@ -68,7 +68,7 @@ def test_every_row_lands_once_with_columns_unchanged(tmp_path_factory, rows):
     check_conservation(tmp_path_factory, rows)
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=tables)
 def test_every_row_lands_once_on_the_beam_engine(tmp_path_factory, rows):
     check_conservation(tmp_path_factory, rows, "--engine", "beam")
