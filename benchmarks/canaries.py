@@ -15,7 +15,7 @@ the *development* families, printed by ``shape``; the held-out families report h
 self-test then predicts recall on data it was not calibrated on.
 
     python benchmarks/canaries.py shape            # the development medians behind the defaults
-    python benchmarks/canaries.py eval [--jobs 2]  # writes results/canaries.json and a section of quality.md
+    python benchmarks/canaries.py eval [--jobs 2] [--sources iris,wine]  # writes results/canaries.json and a section of quality.md
     python benchmarks/canaries.py report           # the section again, from results/canaries.json
     python benchmarks/canaries.py eval --leave-out-flagged   # results/canaries_left_out.{json,md}
 
@@ -121,8 +121,8 @@ def one(key, path, leave_out: bool = False) -> dict:
             "matched_recall": None if measured is None else matched}
 
 
-def evaluate(jobs: int, leave_out: bool = False) -> list[dict]:
-    work = _backdoor_cases("all")
+def evaluate(jobs: int, leave_out: bool = False, sources=()) -> list[dict]:
+    work = [(key, path) for key, path in _backdoor_cases("all") if not sources or key[0] in sources]
     out = []
     with ProcessPoolExecutor(jobs) as pool:
         for k, row in enumerate(pool.map(one, *zip(*work), [leave_out] * len(work)), 1):
@@ -275,11 +275,16 @@ if __name__ == "__main__":
     ev.add_argument("--jobs", type=int, default=2)
     ev.add_argument("--leave-out-flagged", action="store_true",
                     help="plant among the rows the detectors do not flag; writes results/canaries_left_out.*")
+    ev.add_argument("--sources", default="", help="comma-separated: only these sources' cases, merged by key into "
+                    "the committed JSON")
     args = parser.parse_args()
+    sources = [s for s in getattr(args, "sources", "").split(",") if s]
     if args.command == "shape":
         print(json.dumps({split: shape(split) for split in ("dev", "heldout")}, indent=1))
     elif args.command == "eval" and args.leave_out_flagged:
-        rows = evaluate(args.jobs, leave_out=True)
+        rows = evaluate(args.jobs, leave_out=True, sources=sources)
+        if sources:
+            rows = F.merge_by_key(json.loads((RESULTS / "canaries_left_out.json").read_text()), rows)
         (RESULTS / "canaries_left_out.json").write_text(json.dumps(rows, indent=0))
         text = left_out_markdown(rows, json.loads((RESULTS / "canaries.json").read_text()))
         (RESULTS / "canaries_left_out.md").write_text(text)
@@ -288,7 +293,9 @@ if __name__ == "__main__":
         if args.command == "report":
             rows = json.loads((RESULTS / "canaries.json").read_text())
         else:
-            rows = evaluate(args.jobs)
+            rows = evaluate(args.jobs, sources=sources)
+            if sources:
+                rows = F.merge_by_key(json.loads((RESULTS / "canaries.json").read_text()), rows)
             (RESULTS / "canaries.json").write_text(json.dumps(rows, indent=0))
         quality = RESULTS / "quality.md"
         text = quality.read_text() if quality.exists() else ""

@@ -3,7 +3,7 @@ development set (where every threshold, default and fusion rule is chosen) and a
 (reported, never tuned on).
 
     python benchmarks/families.py build [--jobs 2]     # train the models, cache the embeddings
-    python benchmarks/families.py eval  [--split dev|heldout|all] [--art]
+    python benchmarks/families.py eval  [--split dev|heldout|all] [--art] [--sources iris,wine]
 
 Sources (real data that scikit-learn ships, and synthetic data whose classes have natural sub-modes):
   digits         8,985 8x8 images (the digits and four one-pixel shifts)            dev
@@ -371,8 +371,9 @@ def within_class_rank(scores, y):
     return out
 
 
-def evaluate(split: str, art: bool, jobs: int, large_seeds: int, config: dict | None = None) -> list[dict]:
-    work = list(cases(split, large_seeds))
+def evaluate(split: str, art: bool, jobs: int, large_seeds: int, config: dict | None = None,
+             sources=()) -> list[dict]:
+    work = [(key, path) for key, path in cases(split, large_seeds) if not sources or key[0] in sources]
     out = []
     with ProcessPoolExecutor(jobs) as pool:
         futures = [pool.submit(evaluate_case, key, path, art, config) for key, path in work]
@@ -456,6 +457,16 @@ def evaluate_proxy(split: str, architectures: list[str], jobs: int, large_seeds:
             r = out[-1]
             print(f"[{k}/{len(work)}] {r['key']} {r['architecture']} held-out acc {r['held_out_accuracy']:.3f} "
                   f"f1 {r['f1']} clean {r['clean_flagged']:.4f} {r['seconds']} s", flush=True)
+    return out
+
+
+def merge_by_key(rows: list[dict], new: list[dict]) -> list[dict]:
+    """``rows`` with each row that ``new`` has a row of the same key for replaced, in place; a new key
+    is an error (a partial re-run replaces, it does not extend)."""
+    by_key = {tuple(r["key"]): r for r in new}
+    out = [by_key.pop(tuple(r["key"]), r) for r in rows]
+    if by_key:
+        raise SystemExit(f"keys not in the committed rows: {sorted(by_key)[:3]}")
     return out
 
 
@@ -621,11 +632,14 @@ if __name__ == "__main__":
     ev.add_argument("--out", default=str(RESULTS / "families.json"))
     ev.add_argument("--config", default="", help="a JSON config for poisonguard.screen (default: the defaults), "
                     "to compare a candidate default; results then go to --out and families.md is not written")
+    ev.add_argument("--sources", default="", help="comma-separated: only these sources' cases, merged by key into "
+                    "--out's rows (for a change that can act on those sources alone; `report` rewrites families.md)")
     px = sub.add_parser("proxy", help="proxy mode (the feature column only) on every source")
     px.add_argument("--split", choices=("dev", "heldout", "all"), default="all")
     px.add_argument("--architectures", default="auto", help="comma-separated ARCH[+STOP]: auto, mlp, cnn; "
                     "+train_loss, +held_out")
-    px.add_argument("--sources", default="", help="comma-separated; default: every source of the split")
+    px.add_argument("--sources", default="", help="comma-separated; default: every source of the split (with "
+                    "--out an existing file, its rows of these sources are replaced)")
     px.add_argument("--jobs", type=int, default=2)
     px.add_argument("--large-seeds", type=int, default=1)
     px.add_argument("--out", default=str(PROXY_RESULTS))
@@ -641,14 +655,19 @@ if __name__ == "__main__":
                 r["art_best_f1"] = best.get(tuple(r["key"]), r.get("art_best_f1"))
         (RESULTS / "families.md").write_text(markdown(rows))
     elif args.command == "proxy":
-        rows = evaluate_proxy(args.split, args.architectures.split(","), args.jobs, args.large_seeds,
-                              [s for s in args.sources.split(",") if s])
+        sources = [s for s in args.sources.split(",") if s]
+        rows = evaluate_proxy(args.split, args.architectures.split(","), args.jobs, args.large_seeds, sources)
+        if sources and Path(args.out).exists():  # a partial re-run replaces its rows in the file
+            rows = merge_by_key(json.loads(Path(args.out).read_text()), rows)
         Path(args.out).write_text(json.dumps(rows, indent=0, default=float))
     else:
+        sources = [s for s in args.sources.split(",") if s]
         rows = evaluate(args.split, args.art, args.jobs, args.large_seeds,
-                        json.loads(args.config) if args.config else None)
+                        json.loads(args.config) if args.config else None, sources)
+        if sources:
+            rows = merge_by_key(json.loads(Path(args.out).read_text()), rows)
         Path(args.out).write_text(json.dumps(rows, indent=0, default=float))
-        if args.split == "all" and not args.config:  # a partial or candidate run leaves the report alone
+        if args.split == "all" and not args.config and not sources:  # a partial or candidate run leaves the report alone
             (RESULTS / "families.md").write_text(markdown(rows))
         for split in ("dev", "heldout"):
             if any(r["split"] == split for r in rows):
