@@ -42,3 +42,12 @@ def test_tied_scores_share_their_rank():
     assert auroc == pytest.approx(1 - 0.5 * 2 / n_clean)  # each poisoned row ties with 2 clean rows
     ranks = families.within_class_rank(shares, y)
     assert len(set(ranks[(y == 0) & (shares == 0.8)].round(12))) == 1
+
+
+def test_a_partial_rerun_replaces_its_rows_by_key_and_adds_none():
+    rows = [{"key": ["iris", "mlp", "patch", 0.05, s], "f1": 0.1} for s in range(2)]
+    rows.append({"key": ["digits", "mlp", "patch", 0.05, 0], "f1": 0.5})
+    merged = families.merge_by_key(rows, [{"key": ["iris", "mlp", "patch", 0.05, 1], "f1": 0.9}])
+    assert [r["f1"] for r in merged] == [0.1, 0.9, 0.5]
+    with pytest.raises(SystemExit, match="not in the committed rows"):
+        families.merge_by_key(rows, [{"key": ["wine", "mlp", "patch", 0.05, 0], "f1": 0.9}])
