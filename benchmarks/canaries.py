@@ -275,16 +275,15 @@ if __name__ == "__main__":
     ev.add_argument("--jobs", type=int, default=2)
     ev.add_argument("--leave-out-flagged", action="store_true",
                     help="plant among the rows the detectors do not flag; writes results/canaries_left_out.*")
-    ev.add_argument("--sources", default="", help="comma-separated: only these sources' cases, merged by key into "
-                    "the committed JSON")
+    ev.add_argument("--sources", type=F.source_list, default=[],
+                    help="comma-separated: only these sources' cases, merged by key into the committed JSON")
     args = parser.parse_args()
-    sources = [s for s in getattr(args, "sources", "").split(",") if s]
+    sources = getattr(args, "sources", [])  # eval's only
     if args.command == "shape":
         print(json.dumps({split: shape(split) for split in ("dev", "heldout")}, indent=1))
     elif args.command == "eval" and args.leave_out_flagged:
         rows = evaluate(args.jobs, leave_out=True, sources=sources)
-        if sources:
-            rows = F.merge_by_key(json.loads((RESULTS / "canaries_left_out.json").read_text()), rows)
+        rows = F.with_committed(RESULTS / "canaries_left_out.json", rows, sources)
         (RESULTS / "canaries_left_out.json").write_text(json.dumps(rows, indent=0))
         text = left_out_markdown(rows, json.loads((RESULTS / "canaries.json").read_text()))
         (RESULTS / "canaries_left_out.md").write_text(text)
@@ -293,9 +292,7 @@ if __name__ == "__main__":
         if args.command == "report":
             rows = json.loads((RESULTS / "canaries.json").read_text())
         else:
-            rows = evaluate(args.jobs, sources=sources)
-            if sources:
-                rows = F.merge_by_key(json.loads((RESULTS / "canaries.json").read_text()), rows)
+            rows = F.with_committed(RESULTS / "canaries.json", evaluate(args.jobs, sources=sources), sources)
             (RESULTS / "canaries.json").write_text(json.dumps(rows, indent=0))
         quality = RESULTS / "quality.md"
         text = quality.read_text() if quality.exists() else ""

@@ -460,6 +460,17 @@ def evaluate_proxy(split: str, architectures: list[str], jobs: int, large_seeds:
     return out
 
 
+def source_list(value: str) -> list[str]:
+    """``--sources``: comma-separated source names."""
+    return [s for s in value.split(",") if s]
+
+
+def with_committed(path: Path, rows: list[dict], sources: list[str]) -> list[dict]:
+    """A partial run's ``rows`` (``--sources``) merged into the rows already at ``path``; a full run's,
+    or one with nothing there yet, as they are."""
+    return merge_by_key(json.loads(path.read_text()), rows) if sources and path.exists() else rows
+
+
 def merge_by_key(rows: list[dict], new: list[dict]) -> list[dict]:
     """``rows`` with each row that ``new`` has a row of the same key for replaced, in place; a new key
     is an error (a partial re-run replaces, it does not extend)."""
@@ -632,14 +643,16 @@ if __name__ == "__main__":
     ev.add_argument("--out", default=str(RESULTS / "families.json"))
     ev.add_argument("--config", default="", help="a JSON config for poisonguard.screen (default: the defaults), "
                     "to compare a candidate default; results then go to --out and families.md is not written")
-    ev.add_argument("--sources", default="", help="comma-separated: only these sources' cases, merged by key into "
-                    "--out's rows (for a change that can act on those sources alone; `report` rewrites families.md)")
+    ev.add_argument("--sources", type=source_list, default=[],
+                    help="comma-separated: only these sources' cases, merged by key into --out's rows (for a "
+                    "change that can act on those sources alone; `report` rewrites families.md)")
     px = sub.add_parser("proxy", help="proxy mode (the feature column only) on every source")
     px.add_argument("--split", choices=("dev", "heldout", "all"), default="all")
     px.add_argument("--architectures", default="auto", help="comma-separated ARCH[+STOP]: auto, mlp, cnn; "
                     "+train_loss, +held_out")
-    px.add_argument("--sources", default="", help="comma-separated; default: every source of the split (with "
-                    "--out an existing file, its rows of these sources are replaced)")
+    px.add_argument("--sources", type=source_list, default=[],
+                    help="comma-separated; default: every source of the split (with --out an existing file, its "
+                    "rows of these sources are replaced)")
     px.add_argument("--jobs", type=int, default=2)
     px.add_argument("--large-seeds", type=int, default=1)
     px.add_argument("--out", default=str(PROXY_RESULTS))
@@ -655,19 +668,15 @@ if __name__ == "__main__":
                 r["art_best_f1"] = best.get(tuple(r["key"]), r.get("art_best_f1"))
         (RESULTS / "families.md").write_text(markdown(rows))
     elif args.command == "proxy":
-        sources = [s for s in args.sources.split(",") if s]
-        rows = evaluate_proxy(args.split, args.architectures.split(","), args.jobs, args.large_seeds, sources)
-        if sources and Path(args.out).exists():  # a partial re-run replaces its rows in the file
-            rows = merge_by_key(json.loads(Path(args.out).read_text()), rows)
+        rows = evaluate_proxy(args.split, args.architectures.split(","), args.jobs, args.large_seeds, args.sources)
+        rows = with_committed(Path(args.out), rows, args.sources)
         Path(args.out).write_text(json.dumps(rows, indent=0, default=float))
     else:
-        sources = [s for s in args.sources.split(",") if s]
         rows = evaluate(args.split, args.art, args.jobs, args.large_seeds,
-                        json.loads(args.config) if args.config else None, sources)
-        if sources:
-            rows = merge_by_key(json.loads(Path(args.out).read_text()), rows)
+                        json.loads(args.config) if args.config else None, args.sources)
+        rows = with_committed(Path(args.out), rows, args.sources)
         Path(args.out).write_text(json.dumps(rows, indent=0, default=float))
-        if args.split == "all" and not args.config and not sources:  # a partial or candidate run leaves the report alone
+        if args.split == "all" and not args.config and not args.sources:  # a partial or candidate run: no report
             (RESULTS / "families.md").write_text(markdown(rows))
         for split in ("dev", "heldout"):
             if any(r["split"] == split for r in rows):
