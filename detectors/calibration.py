@@ -231,8 +231,54 @@ def crisp_confidence(classes: int | None) -> float:
     return 0.5 + margin * 0.5
 
 
+NOISE_MAX_EXCESS = 0.1  # chosen on the development families (calibration.confusion_excess)
+NOISE_CLASSES = 50  # the classes with the most label-inconsistent rows the confusion is read on
+NOISE_DRAWS = 200
+NOISE_MIN_ROOM = 5.0  # rows noise would put off each class's most named other class, summed: less tells nothing
+
+
+def confusion_excess(own: np.ndarray, other: np.ndarray, prior: np.ndarray, seed: int = 0) -> float | None:
+    """How much more a class's label-inconsistent rows name one other class than random label noise
+    would make them: 0 for noise, towards 1 where every class's rows name one other class.
+
+    ``own``, ``other``: class codes (positions in ``prior``) of each label-inconsistent row and of the
+    other label its neighbourhood names; ``prior``: the classes' shares of the data.  Random label
+    noise moves rows of every class into every other in proportion to their sizes, so a class c's
+    inconsistent rows name class t with probability p(t | c) = prior_t / (1 - prior_c); a weak
+    representation confuses particular pairs (a class with its look-alikes).  Per class, the share
+    of its rows on their most named other class, m_c, is set against E[m_c] under p(. | c) for the
+    same number of rows (``NOISE_DRAWS`` seeded multinomial draws), and pooled:
+
+        excess = sum_c n_c (m_c - E[m_c]) / sum_c n_c (1 - E[m_c])
+
+    over the ``NOISE_CLASSES`` classes with the most rows (at least two each).  None where it cannot
+    tell: fewer than three classes (with two, every row names the one other), or a denominator under
+    ``NOISE_MIN_ROOM`` rows (a few rows over three classes name one other class by chance: iris's
+    random flips read -0.6 to 1.0 without it)."""
+    prior = np.asarray(prior, dtype=np.float64)
+    if len(prior) < 3 or len(own) == 0:
+        return None
+    counts = np.zeros((len(prior), len(prior)), dtype=np.int64)
+    np.add.at(counts, (own, other), 1)
+    n = counts.sum(axis=1)
+    ranked = np.argsort(-n, kind="stable")[:NOISE_CLASSES]
+    ranked = ranked[n[ranked] >= 2]
+    if len(ranked) == 0:
+        return None
+    p = np.tile(prior, (len(ranked), 1))
+    p[np.arange(len(ranked)), ranked] = 0.0
+    p /= p.sum(axis=1, keepdims=True)
+    draws = np.random.default_rng(seed).multinomial(n[ranked], p, size=(NOISE_DRAWS, len(ranked)))  # (draws, classes, labels)
+    expected = draws.max(axis=2).mean(axis=0) / n[ranked]
+    observed = counts[ranked].max(axis=1) / n[ranked]
+    room = float(np.sum(n[ranked] * (1.0 - expected)))
+    if room < NOISE_MIN_ROOM:
+        return None
+    return float(np.sum(n[ranked] * (observed - expected)) / room)
+
+
 def guard_mass_quarantine(decisions: dict, *, accept: bool, confidence: float | None = None,
-                          classes: int | None = None) -> tuple[dict, dict]:
+                          classes: int | None = None, excess: float | None = None) -> tuple[dict, dict]:
     """Hold back a detector that would flag a large share of most classes: (decisions, evidence).
 
     A poisoning attack targets one or a few classes (a backdoor's target, a flipped class); a
@@ -252,16 +298,32 @@ def guard_mass_quarantine(decisions: dict, *, accept: bool, confidence: float | 
     least ``crisp_confidence(classes)`` (``classes``: the probe's label count) says the rows belong to
     another class, not that the representation cannot tell classes apart; then nothing is held back.
     On the development families random flips of 5-20% give 0.78-0.93, weak representations 0.31-0.58.
+
+    A probe that cannot read the representation (random features) leaves even real noise unsure.
+    ``excess`` (``confusion_excess``: how much more a class's label-inconsistent rows name one other
+    class than random label noise makes them) of at most ``NOISE_MAX_EXCESS`` says the same thing from
+    the neighbourhoods: the rows of every class name every other class in proportion to its size, as
+    noise moves them, where a weak representation confuses look-alikes.  Chosen on the development
+    families: where this guard's condition held, random flips of 5-20% read -0.01 to 0.05 with six
+    or ten classes (iris's three classes and about 30 such rows: 0.07-0.28, held where the probe is
+    unsure); no clean control read under 0.14 (0.14-1.0 on random features, the MLP and the CNN),
+    and the clean real tables whose k-NN check the guard holds back (``benchmarks/real_tables.py``:
+    fair's raw features, seattle weather in proxy mode) 0.57 and 0.67.
     """
     tested = [d for d in decisions.values() if d.rows_tested >= MIN_CLASS_ROWS]
     heavy = [d for d in tested if d.suspicious and d.minority_share >= MASS_CLASS_SHARE]
     systemic = len(tested) >= MASS_MIN_CLASSES and len(heavy) > MASS_CLASSES * len(tested)
     share = float(np.mean([d.minority_share for d in heavy])) if heavy else 0.0
     crisp = confidence is not None and confidence >= crisp_confidence(classes)
+    spread = excess is not None and excess <= NOISE_MAX_EXCESS
+    crisp = crisp or spread
     evidence = {"classes_flagging_5pct": len(heavy), "classes_tested": len(tested), "mean_share_flagged": share,
                 "unreliable": systemic and not crisp, "accepted": accept,
                 "median_other_class_confidence": None if confidence is None else round(float(confidence), 4),
-                "crisp_confidence": None if confidence is None else round(crisp_confidence(classes), 4)}
+                "crisp_confidence": None if confidence is None else round(crisp_confidence(classes), 4),
+                "confusion_excess": None if excess is None else round(float(excess), 4),
+                "noise_max_excess": None if excess is None else NOISE_MAX_EXCESS,
+                "spread_as_noise": bool(systemic and spread)}
     if not systemic or accept or crisp:
         return decisions, evidence
     why = (f"{HELD_BACK}: this detector would flag {share:.0%} of the rows in {len(heavy)} of {len(tested)} classes, "

@@ -193,7 +193,11 @@ issue confidence, as confident learning's does: random label noise flags a share
 and where the probe's issues are confidently another class that is noise to remove, not a weak
 representation.  Without it the guard had withdrawn this detector's flags on 10% random flips
 (development modes/MLP: 5.5% of every class); with it the development families' flips scored a mean
-F1 of 0.486 against 0.480 (held-out 0.653 against 0.648), every clean control unchanged.
+F1 of 0.486 against 0.480 (held-out 0.653 against 0.648), every clean control unchanged.  Where
+the probe cannot read the representation at all (random features) it is unsure of real noise too;
+the guard then also reads which other labels the label-inconsistent decision rows name
+(``calibration.confusion_excess``): noise spreads them over the other classes by size, a weak
+representation confuses look-alikes (round 22).
 
 **Beyond the prior** (``min_excess_over_prior``, 0.3; 0 turns it off).  A row's most common other
 label counts only where its share of the neighbours passes that label's share of the reference (its
@@ -246,7 +250,8 @@ import pandas as pd
 from sklearn.utils.validation import check_is_fitted
 
 from poisonguard.detectors.base import COMMON_BOUNDS, PoisonDetector, codes_in, store_params
-from poisonguard.detectors.calibration import MIN_CLASS_ROWS, NOT_TESTED, ClassDecision, guard_mass_quarantine, too_small
+from poisonguard.detectors.calibration import MIN_CLASS_ROWS, NOT_TESTED, ClassDecision, confusion_excess, \
+    guard_mass_quarantine, too_small
 from poisonguard.detectors.feature_votes import MAJORITY, FeatureVotes
 from poisonguard.detectors.probe import LabelProbe, fit_probe
 from poisonguard.detectors.stats import ClassState
@@ -345,7 +350,8 @@ class KnnLabel(PoisonDetector):
         x = np.concatenate([states[c].sample_x[:m] for c, m in zip(labels, counts)])
         keys = np.concatenate([states[c].sample_keys[:m] for c, m in zip(labels, counts)])
         y = np.asarray(labels, dtype=object)[np.repeat(np.arange(len(labels)), counts)]
-        scores, own = self._scores(x, y, keys, own_share=True)
+        other = np.empty(len(x), dtype=np.int64)
+        scores, own = self._scores(x, y, keys, own_share=True, other_out=other)
         # how well the embedding separates the labels: leave-self-out k-NN accuracy on the class samples
         accuracy = float(np.mean(own > 0.5))
         mixed_rows = (own <= 0.5) & (scores < self.min_disagreement)
@@ -377,7 +383,7 @@ class KnnLabel(PoisonDetector):
         # where the lower tiers need the probe's word: whether it doubts each decision row too
         lower_tiers_may_ask = weak and self.weak_probe_corroborates and not self.neighbours_mixed_
         issues = issues if lower_tiers_may_ask else None
-        evidence = (labels, counts, sizes, scores, reach, probe, issues)
+        evidence = (labels, counts, sizes, scores, other, reach, probe, issues)
         self.decisions_, self.mass_quarantine_ = self._decide_classes(*evidence)
         if supported and self.mass_quarantine_["unreliable"] and not self.mass_quarantine_["accepted"]:
             # at full strength the check would read as mass quarantine: the probe's weakening stands
@@ -400,9 +406,10 @@ class KnnLabel(PoisonDetector):
         self.probe_ = probe if self.corroborated_ else None
         return self
 
-    def _decide_classes(self, labels, counts, sizes, scores, reach, probe, issues) -> tuple[dict, dict]:
+    def _decide_classes(self, labels, counts, sizes, scores, other, reach, probe, issues) -> tuple[dict, dict]:
         """Every class's decision from its decision rows' scores at the current thresholds, then the
-        mass-quarantine guard: (decisions, the guard's evidence)."""
+        mass-quarantine guard: (decisions, the guard's evidence).  ``other``: the code of the other
+        label each decision row's neighbourhood names most."""
         decisions = dict(self.decisions_)
         threshold = float(np.nextafter(self.min_disagreement_, -np.inf))
         starts = np.concatenate([[0], np.cumsum(counts)])
@@ -418,10 +425,14 @@ class KnnLabel(PoisonDetector):
                                                     issues[rows] if issues is not None else None,
                                                     whole_class=bool(counts[i] >= sizes[i]))
         # the papers' rate mode flags the top of every class by design: no guard there
+        inconsistent = scores > threshold
+        own = np.repeat(np.arange(len(labels)), counts)
+        excess = confusion_excess(own[inconsistent], other[inconsistent], self.reference_prior_,
+                                  seed=self.random_state or 0)
         return guard_mass_quarantine(
             decisions, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None,
             confidence=None if probe is None else probe.representation["issue_confidence"],
-            classes=None if probe is None else len(probe.labels))
+            classes=None if probe is None else len(probe.labels), excess=excess)
 
     def _set_thresholds(self, weak: bool, n_classes: int) -> None:
         self.min_disagreement_ = max(self.min_disagreement, self.weak_min_disagreement) if weak else self.min_disagreement
@@ -510,7 +521,8 @@ class KnnLabel(PoisonDetector):
         is not searched, unless ``score_every_row``."""
         return self.score_with(X, y, sample_keys, None)
 
-    def _scores(self, X, y, keys, block: int = 4096, own_share: bool = False, neighbours_fn=None):
+    def _scores(self, X, y, keys, block: int = 4096, own_share: bool = False, neighbours_fn=None,
+                other_out: np.ndarray | None = None):
         """``neighbours_fn`` (rows -> (distances, reference positions) of their k + 1 nearest) replaces
         the scikit-learn search, e.g. on a GPU."""
         out, own_out = np.empty(len(X), dtype=np.float64), np.empty(len(X) if own_share else 0, dtype=np.float64)
@@ -527,7 +539,10 @@ class KnnLabel(PoisonDetector):
             keep[np.arange(len(idx)), drop] = False
             neighbours = self.reference_codes_[idx[keep].reshape(len(idx), -1)]
             own = codes_in(self.classes_, y[start:stop])
-            out[start:stop] = self._beyond_prior(*_largest_other_share(neighbours, own))
+            share, other = _largest_other_share(neighbours, own)
+            out[start:stop] = self._beyond_prior(share, other)
+            if other_out is not None:
+                other_out[start:stop] = other
             if own_share:
                 own_out[start:stop] = np.mean(neighbours == own[:, None], axis=1)
         return (out, own_out) if own_share else out

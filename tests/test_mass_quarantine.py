@@ -25,19 +25,24 @@ def _table(separation: float, flip_into: int | None = None, flip_share: float = 
     return table, flipped
 
 
-def _collapsed(share: float = 0.15, seed: int = 0):
+def _collapsed(share: float = 0.15, seed: int = 0, look_alikes: bool = True):
     """A representation no linear probe can read (each class is two clusters on opposite sides of a
-    circle) that puts a share of every class among another class's rows, as an under-fitted proxy
-    does: the k-NN check sees other labels around many rows of every class, and the probe's label
-    issues are unsure (median other-class probability about 0.3), so nothing says they are flips."""
+    circle) that puts a share of every class among its look-alike's rows (classes 0 and 1, 2 and 3, 4
+    and 5 confused), as an under-fitted proxy does: the k-NN check sees another label around many rows
+    of every class, and the probe's label issues are unsure (median other-class probability about
+    0.3).  ``look_alikes=False`` puts them among any other class at random instead: random label
+    noise, which is what that is (the displaced rows are returned too)."""
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(6), 300)
     angles = np.deg2rad(np.arange(12) * 30.0)
     centres = np.zeros((12, 8))
     centres[:, 0], centres[:, 1] = 12 * np.cos(angles), 12 * np.sin(angles)
-    at = np.where(rng.random(len(y)) < share, (y + rng.integers(1, 6, len(y))) % 6, y)
+    other = y ^ 1 if look_alikes else (y + rng.integers(1, 6, len(y))) % 6
+    displaced = rng.random(len(y)) < share
+    at = np.where(displaced, other, y)
     x = centres[at + 6 * rng.integers(0, 2, len(y))] + rng.normal(size=(len(y), 8)) * 0.8
-    return pa.table({"id": [f"r{i}" for i in range(len(y))], "label": y, "embedding": embedding_array(x)})
+    table = pa.table({"id": [f"r{i}" for i in range(len(y))], "label": y, "embedding": embedding_array(x)})
+    return table if look_alikes else (table, displaced)
 
 
 def test_weakly_separated_classes_leave_the_label_checks_quiet_and_say_so(tmp):
@@ -77,6 +82,7 @@ def test_a_detector_flagging_most_classes_is_held_back_and_reported(tmp):
     assert defaults["counts"]["quarantined"] == 0
     assert "its neighbourhoods would support full strength, but there it would flag" in stdout
     assert "knn_label: unreliable here" in stdout and "held back" in stdout
+    assert guard["confusion_excess"] > 0.9 and "they name look-alike classes: confusion excess" in stdout
     code, _, stderr = run_cli("scan", data, "--out", tmp / "accepted-defaults", "--quiet", "--accept-mass-quarantine",
                               "--set", "fail_on=1", "--set", "detectors=[{name: knn_label}]")
     accepted = json.loads((tmp / "accepted-defaults" / "summary.json").read_text())
@@ -97,6 +103,47 @@ def test_a_detector_flagging_most_classes_is_held_back_and_reported(tmp):
     accepted = json.loads((tmp / "accepted" / "summary.json").read_text())
     assert code == 0 and accepted["counts"]["quarantined"] > 0.05 * 1800
     assert accepted["detectors"]["knn_label"]["mass_quarantine"]["accepted"]
+
+
+def test_random_label_noise_no_probe_can_read_is_kept_and_said_to_be_label_noise(tmp):
+    """The same unreadable representation, but the displaced rows sit among any other class at random
+    (15% uniform label noise): the probe is as unsure, and the k-NN check flags a share of every
+    class, but its rows name every other class about as often as noise makes them, so the guard keeps
+    the check; it quarantines the displaced rows, and the run says why it read them as noise."""
+    from poisonguard.detectors.calibration import NOISE_MAX_EXCESS
+
+    table, displaced = _collapsed(look_alikes=False)
+    code, stdout, stderr = run_cli("scan", write(table, tmp / "noise.parquet"), "--out", tmp / "run",
+                                   "--set", "detectors=[{name: knn_label}]")
+    assert code == 1, stderr  # quarantined past the default fail_on
+    summary = json.loads((tmp / "run" / "summary.json").read_text())
+    guard = summary["detectors"]["knn_label"]["mass_quarantine"]
+    assert guard["classes_flagging_5pct"] == guard["classes_tested"] == 6
+    assert guard["median_other_class_confidence"] < guard["crisp_confidence"]  # the probe alone would hold it back
+    assert abs(guard["confusion_excess"]) < NOISE_MAX_EXCESS and guard["spread_as_noise"] and not guard["unreliable"]
+    held = set(read_outputs(tmp / "run")[1].column("id").to_pylist())
+    ids = np.array(table.column("id").to_pylist())
+    assert len(held & set(ids[displaced])) >= 0.9 * displaced.sum()
+    assert len(held - set(ids[displaced])) <= 0.005 * len(ids)
+    assert "spread over the other classes as random label noise spreads them" in stdout
+    assert 'id="label-noise-knn_label"' in (tmp / "run" / "report.html").read_text()
+
+
+def test_confusion_excess_reads_noise_as_zero_and_look_alikes_as_one():
+    from poisonguard.detectors.calibration import confusion_excess
+
+    rng = np.random.default_rng(0)
+    prior = np.array([0.1] * 4 + [0.2] * 3)
+    true = rng.choice(7, size=2000, p=prior)
+    noisy = (true + rng.integers(1, 7, size=2000)) % 7  # uniform over the other labels
+    # a row labelled `noisy` among rows of `true` (drawn by class size): its neighbourhood names `true`
+    noise = confusion_excess(noisy, true, prior)
+    assert abs(noise) < 0.05
+    assert noise == confusion_excess(noisy, true, prior)  # seeded
+    own = np.arange(2000) % 6
+    assert confusion_excess(own, own ^ 1, np.full(6, 1 / 6)) == 1.0  # every class names its look-alike
+    assert confusion_excess(own % 2, 1 - own % 2, np.array([0.5, 0.5])) is None  # two classes: always "one other"
+    assert confusion_excess(np.array([0, 1, 2, 0]), np.array([1, 2, 0, 1]), np.full(3, 1 / 3)) is None  # too few
 
 
 def test_a_real_20_percent_label_flip_in_one_class_is_still_quarantined(tmp):

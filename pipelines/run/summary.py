@@ -163,9 +163,17 @@ def console_summary(summary: dict, run_dir: str) -> str:
             unsure = (f" (its label issues are unsure: median other-class probability "
                       f"{guard['median_other_class_confidence']:.2f}, under the {guard['crisp_confidence']:.2f} that "
                       "says label noise)") if guard.get("crisp_confidence") is not None else ""
+            if guard.get("confusion_excess") is not None:
+                unsure += (f" (they name look-alike classes: confusion excess {guard['confusion_excess']:.2f}, over "
+                           f"the {guard['noise_max_excess']:.2f} random label noise stays under)")
             lines.append(f"  {name}: unreliable here: it would flag {guard['mean_share_flagged']:.0%} of the rows in "
                          f"{guard['classes_flagging_5pct']} of {guard['classes_tested']} classes{unsure}; "
                          + ("applied (--accept-mass-quarantine)" if guard["accepted"] else "its flags are held back"))
+        elif guard.get("spread_as_noise"):
+            lines.append(f"  {name}: flags {guard['mean_share_flagged']:.0%} of the rows in {guard['classes_flagging_5pct']} "
+                         f"of {guard['classes_tested']} classes, spread over the other classes as random label noise "
+                         f"spreads them (confusion excess {guard['confusion_excess']:.2f}, at most "
+                         f"{guard['noise_max_excess']:.2f}): label noise, kept")
     if summary.get("canaries"):
         c = summary["canaries"]
         held = f"; up to {c['held_back_rows']} rows already flagged left out of a trial" if c.get("held_back_rows") else ""
