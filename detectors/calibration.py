@@ -234,6 +234,7 @@ def crisp_confidence(classes: int | None) -> float:
 NOISE_MAX_EXCESS = 0.1  # chosen on the development families (calibration.confusion_excess)
 NOISE_CLASSES = 50  # the classes with the most label-inconsistent rows the confusion is read on
 NOISE_DRAWS = 200
+NOISE_DRAW_CELLS = 4_000_000  # draws x classes x labels at most (fewer draws, not less memory, for many labels)
 NOISE_MIN_ROOM = 5.0  # rows noise would put off each class's most named other class, summed: less tells nothing
 
 
@@ -247,7 +248,8 @@ def confusion_excess(own: np.ndarray, other: np.ndarray, prior: np.ndarray, seed
     inconsistent rows name class t with probability p(t | c) = prior_t / (1 - prior_c); a weak
     representation confuses particular pairs (a class with its look-alikes).  Per class, the share
     of its rows on their most named other class, m_c, is set against E[m_c] under p(. | c) for the
-    same number of rows (``NOISE_DRAWS`` seeded multinomial draws), and pooled:
+    same number of rows (``NOISE_DRAWS`` seeded multinomial draws, fewer with thousands of labels), and
+    pooled:
 
         excess = sum_c n_c (m_c - E[m_c]) / sum_c n_c (1 - E[m_c])
 
@@ -256,21 +258,28 @@ def confusion_excess(own: np.ndarray, other: np.ndarray, prior: np.ndarray, seed
     ``NOISE_MIN_ROOM`` rows (a few rows over three classes name one other class by chance: iris's
     random flips read -0.6 to 1.0 without it)."""
     prior = np.asarray(prior, dtype=np.float64)
-    if len(prior) < 3 or len(own) == 0:
+    own, other = np.asarray(own, dtype=np.int64), np.asarray(other, dtype=np.int64)
+    classes = len(prior)
+    if classes < 3 or len(own) == 0:
         return None
-    counts = np.zeros((len(prior), len(prior)), dtype=np.int64)
-    np.add.at(counts, (own, other), 1)
-    n = counts.sum(axis=1)
+    n = np.bincount(own, minlength=classes)
     ranked = np.argsort(-n, kind="stable")[:NOISE_CLASSES]
     ranked = ranked[n[ranked] >= 2]
     if len(ranked) == 0:
         return None
+    position = np.full(classes, -1)
+    position[ranked] = np.arange(len(ranked))
+    rows = position[own] >= 0
+    pairs, pair_counts = np.unique(position[own[rows]] * classes + other[rows], return_counts=True)
+    most = np.zeros(len(ranked), dtype=np.int64)
+    np.maximum.at(most, pairs // classes, pair_counts)  # (classes x classes counts would not fit 10^4 classes)
     p = np.tile(prior, (len(ranked), 1))
     p[np.arange(len(ranked)), ranked] = 0.0
     p /= p.sum(axis=1, keepdims=True)
-    draws = np.random.default_rng(seed).multinomial(n[ranked], p, size=(NOISE_DRAWS, len(ranked)))  # (draws, classes, labels)
-    expected = draws.max(axis=2).mean(axis=0) / n[ranked]
-    observed = counts[ranked].max(axis=1) / n[ranked]
+    draws = int(np.clip(NOISE_DRAW_CELLS // (len(ranked) * classes), 20, NOISE_DRAWS))
+    sampled = np.random.default_rng(seed).multinomial(n[ranked], p, size=(draws, len(ranked)))
+    expected = sampled.max(axis=2).mean(axis=0) / n[ranked]
+    observed = most / n[ranked]
     room = float(np.sum(n[ranked] * (1.0 - expected)))
     if room < NOISE_MIN_ROOM:
         return None
@@ -278,7 +287,7 @@ def confusion_excess(own: np.ndarray, other: np.ndarray, prior: np.ndarray, seed
 
 
 def guard_mass_quarantine(decisions: dict, *, accept: bool, confidence: float | None = None,
-                          classes: int | None = None, excess: float | None = None) -> tuple[dict, dict]:
+                          classes: int | None = None, excess=None) -> tuple[dict, dict]:
     """Hold back a detector that would flag a large share of most classes: (decisions, evidence).
 
     A poisoning attack targets one or a few classes (a backdoor's target, a flipped class); a
@@ -300,21 +309,24 @@ def guard_mass_quarantine(decisions: dict, *, accept: bool, confidence: float | 
     On the development families random flips of 5-20% give 0.78-0.93, weak representations 0.31-0.58.
 
     A probe that cannot read the representation (random features) leaves even real noise unsure.
-    ``excess`` (``confusion_excess``: how much more a class's label-inconsistent rows name one other
-    class than random label noise makes them) of at most ``NOISE_MAX_EXCESS`` says the same thing from
-    the neighbourhoods: the rows of every class name every other class in proportion to its size, as
-    noise moves them, where a weak representation confuses look-alikes.  Chosen on the development
-    families: where this guard's condition held, random flips of 5-20% read -0.01 to 0.05 with six
-    or ten classes (iris's three classes and about 30 such rows: 0.07-0.28, held where the probe is
-    unsure); no clean control read under 0.14 (0.14-1.0 on random features, the MLP and the CNN),
-    and the clean real tables whose k-NN check the guard holds back (``benchmarks/real_tables.py``:
-    fair's raw features, seattle weather in proxy mode) 0.57 and 0.67.
+    ``excess`` (a number, or a callable read only where it can decide; ``confusion_excess``: how
+    much more a class's label-inconsistent rows name one other class than random label noise makes
+    them) of at most ``NOISE_MAX_EXCESS`` says the same thing from the neighbourhoods: the rows of
+    every class name every other class in proportion to its size, as noise moves them, where a weak
+    representation confuses look-alikes.  Chosen on the development families: where this guard's
+    condition held, random flips of 5-20% read -0.01 to 0.05 with six or ten classes (iris's three
+    classes and about 30 such rows: 0.07-0.28, held where the probe is unsure); no clean control
+    read under 0.14 (0.14-1.0 on random features, the MLP and the CNN), and the clean real tables
+    whose k-NN check the guard holds back (``benchmarks/real_tables.py``: fair's raw features,
+    seattle weather in proxy mode) 0.57 and 0.67.
     """
     tested = [d for d in decisions.values() if d.rows_tested >= MIN_CLASS_ROWS]
     heavy = [d for d in tested if d.suspicious and d.minority_share >= MASS_CLASS_SHARE]
     systemic = len(tested) >= MASS_MIN_CLASSES and len(heavy) > MASS_CLASSES * len(tested)
     share = float(np.mean([d.minority_share for d in heavy])) if heavy else 0.0
     crisp = confidence is not None and confidence >= crisp_confidence(classes)
+    if callable(excess):  # read only where it can decide
+        excess = excess() if systemic and not crisp and not accept else None
     spread = excess is not None and excess <= NOISE_MAX_EXCESS
     crisp = crisp or spread
     evidence = {"classes_flagging_5pct": len(heavy), "classes_tested": len(tested), "mean_share_flagged": share,

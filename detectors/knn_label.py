@@ -426,9 +426,11 @@ class KnnLabel(PoisonDetector):
                                                     whole_class=bool(counts[i] >= sizes[i]))
         # the papers' rate mode flags the top of every class by design: no guard there
         inconsistent = scores > threshold
-        own = np.repeat(np.arange(len(labels)), counts)
-        excess = confusion_excess(own[inconsistent], other[inconsistent], self.reference_prior_,
-                                  seed=self.random_state or 0)
+        own = np.repeat(np.arange(len(labels)), counts)[inconsistent]
+
+        def excess():
+            return confusion_excess(own, other[inconsistent], self.reference_prior_, seed=self.random_state or 0)
+
         return guard_mass_quarantine(
             decisions, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None,
             confidence=None if probe is None else probe.representation["issue_confidence"],

@@ -144,6 +144,9 @@ def test_confusion_excess_reads_noise_as_zero_and_look_alikes_as_one():
     assert confusion_excess(own, own ^ 1, np.full(6, 1 / 6)) == 1.0  # every class names its look-alike
     assert confusion_excess(own % 2, 1 - own % 2, np.array([0.5, 0.5])) is None  # two classes: always "one other"
     assert confusion_excess(np.array([0, 1, 2, 0]), np.array([1, 2, 0, 1]), np.full(3, 1 / 3)) is None  # too few
+    many = 10_000  # labels: counted sparsely (a classes x classes table would take 800 MB), fewer draws
+    own = rng.integers(0, many, 50_000)
+    assert abs(confusion_excess(own, (own + rng.integers(1, many, len(own))) % many, np.full(many, 1 / many))) < 0.05
 
 
 def test_a_real_20_percent_label_flip_in_one_class_is_still_quarantined(tmp):
