@@ -30,6 +30,7 @@ flag the 1.5 * epsilon * n highest scores.  It is kept as a mode for comparison 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -287,7 +288,8 @@ def confusion_excess(own: np.ndarray, other: np.ndarray, prior: np.ndarray, seed
 
 
 def guard_mass_quarantine(decisions: dict, *, accept: bool, confidence: float | None = None,
-                          classes: int | None = None, excess=None) -> tuple[dict, dict]:
+                          classes: int | None = None,
+                          excess: float | Callable[[], float | None] | None = None) -> tuple[dict, dict]:
     """Hold back a detector that would flag a large share of most classes: (decisions, evidence).
 
     A poisoning attack targets one or a few classes (a backdoor's target, a flipped class); a
