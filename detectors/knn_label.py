@@ -413,7 +413,8 @@ class KnnLabel(PoisonDetector):
         decisions = dict(self.decisions_)
         threshold = float(np.nextafter(self.min_disagreement_, -np.inf))
         starts = np.concatenate([[0], np.cumsum(counts)])
-        hits = np.add.reduceat(scores > threshold, starts[:-1]) if len(scores) else np.zeros(len(labels), int)
+        inconsistent = scores > threshold
+        hits = np.add.reduceat(inconsistent, starts[:-1]) if len(scores) else np.zeros(len(labels), int)
         for i, label in enumerate(labels):
             if sizes[i] < MIN_CLASS_ROWS:
                 decisions[label] = too_small(int(sizes[i]))
@@ -424,13 +425,11 @@ class KnnLabel(PoisonDetector):
                 decisions[label] = self._decide_knn(scores[rows], int(hits[i]), threshold,
                                                     issues[rows] if issues is not None else None,
                                                     whole_class=bool(counts[i] >= sizes[i]))
-        # the papers' rate mode flags the top of every class by design: no guard there
-        inconsistent = scores > threshold
-        own = np.repeat(np.arange(len(labels)), counts)[inconsistent]
-
-        def excess():
+        def excess():  # read by the guard only where it can decide
+            own = np.repeat(np.arange(len(labels)), counts)[inconsistent]
             return confusion_excess(own, other[inconsistent], self.reference_prior_, seed=self.random_state or 0)
 
+        # the papers' rate mode flags the top of every class by design: no guard there
         return guard_mass_quarantine(
             decisions, accept=self.accept_mass_quarantine or self.expected_poison_rate is not None,
             confidence=None if probe is None else probe.representation["issue_confidence"],
