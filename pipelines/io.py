@@ -53,7 +53,7 @@ class WorkItem:
     first_row: int
     identity: tuple = ()  # the file as planned and hashed; a reader refuses a file that changed since
     partition: tuple = ()  # the file's partition columns, appended to every batch read
-    decode: tuple = ()  # columns read as plain values: categorical in some files, not in others
+    cast: tuple = ()  # ((name, pyarrow type), ...): columns read as one type in every file (``unify_schemas``)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class InputPlan:
     model_path: str | None = None
     label_view: str = "embedding"  # "features": confident learning reads the feature column (core.embedding)
     confirmed_groups: tuple = ()  # (detector, str(label), moved share) that proxy mode's core.exclusion confirmed
-    decoded_columns: tuple = ()  # categorical (dictionary-encoded) in some files only: read as plain values
+    cast_columns: tuple = ()  # ((name, pyarrow type), ...): typed differently across files, read as this type
 
     @property
     def total_rows(self) -> int:
@@ -164,24 +164,26 @@ def plan_inputs(paths: list[str], config: Config, below: dict[str, str] | None =
     reads partition keys."""
     files: list[InputFile] = []
     schema: pa.Schema | None = None
-    decode: set[str] = set()
+    varied: set[str] = set()  # columns some file types otherwise than the first: read as the unified type
     for index, path in enumerate(paths):
         identity = file_identity(os.stat(path))
         meta = _read_metadata(path)
         file_schema = meta.schema.to_arrow_schema()
         if schema is None:
-            schema = file_schema
+            first = schema = file_schema
         elif not file_schema.equals(schema):
-            unified = _unify_categorical(schema, file_schema)
+            unified = unify_schemas(schema, file_schema)
             if unified is None:
-                raise InputError(f"schema differs from {paths[0]}: {_schema_diff(schema, file_schema)}", path=path)
-            schema, columns = unified
-            decode |= columns
+                raise InputError(f"schema differs from {paths[0]}: {_schema_diff(schema, file_schema)}", path=path,
+                                 column=_first_clash(schema, file_schema))
+            schema = unified
+            varied |= {f.name for f in file_schema if not f.type.equals(first.field(f.name).type)}
         digest = _early_digest(path, identity) or sha256_file(path)
         if file_identity(os.stat(path)) != identity:
             raise InputError("input file changed while it was being hashed", path=path)
         files.append(InputFile(index, path, meta.num_rows, meta.num_row_groups, digest, identity))
     assert schema is not None
+    cast_columns = tuple((f.name, f.type) for f in schema if f.name in varied)
     if config.partitioning == "hive":
         partition = partition_columns(paths, below or {}, schema)
         files = [replace(f, partition=partition[f.path]) for f in files]
@@ -191,15 +193,14 @@ def plan_inputs(paths: list[str], config: Config, below: dict[str, str] | None =
         raise InputError("input is empty (0 rows)", path=paths[0] if len(paths) == 1 else None)
     _check_columns(schema, config, paths[0])
     emb = config.embedding
-    decoded_columns = tuple(n for n in schema.names if n in decode)
-    if decoded_columns:
-        log.info("%d column(s) categorical in some input files and plain in others, read as plain values: %s",
-                 len(decoded_columns), ", ".join(decoded_columns))
+    if cast_columns:
+        log.info("%d column(s) typed differently across the input files, read as one type: %s", len(cast_columns),
+                 ", ".join(f"{name} as {t}" for name, t in cast_columns))
     if emb.source == "column":
         return InputPlan(tuple(files), schema, _list_width(schema, files, config.columns.embedding, emb.dim),
-                         decoded_columns=decoded_columns)
+                         cast_columns=cast_columns)
     return InputPlan(tuple(files), schema, emb.dim, n_features=_list_width(schema, files, emb.features, None),
-                     decoded_columns=decoded_columns)
+                     cast_columns=cast_columns)
 
 
 def work_items(plan: InputPlan, rows_per_item: int) -> list[WorkItem]:
@@ -211,7 +212,7 @@ def work_items(plan: InputPlan, rows_per_item: int) -> list[WorkItem]:
             rows += meta.row_group(group).num_rows
             if rows >= rows_per_item or group == f.row_groups - 1:
                 items.append(WorkItem(f.index, f.path, first_group, group + 1, first_row, f.identity, f.partition,
-                                      plan.decoded_columns))
+                                      plan.cast_columns))
                 first_group, first_row, rows = group + 1, first_row + rows, 0
     return items
 
@@ -249,20 +250,22 @@ def _read_open(raw, item: WorkItem, columns: list[str] | None, batch_size: int):
         groups = list(range(item.first_group, item.last_group))
         for batch in handle.iter_batches(batch_size=batch_size, row_groups=groups, columns=in_file):
             _check_text(batch, item.path)
-            yield start, with_partition_columns(_decoded_columns(pa.Table.from_batches([batch]), item.decode),
+            yield start, with_partition_columns(_cast_columns(pa.Table.from_batches([batch]), item.cast),
                                                 item.partition, columns)
             start += batch.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"cannot read Parquet data: {one_line(exc)}", path=item.path) from None
 
 
-def _decoded_columns(table: pa.Table, names: tuple) -> pa.Table:
-    """The named columns as plain values where this file holds them categorical (``InputPlan.decoded_columns``)."""
-    for name in names:
+def _cast_columns(table: pa.Table, cast: tuple) -> pa.Table:
+    """The named columns as the plan's type where this file types them otherwise (``InputPlan.cast_columns``)."""
+    import pyarrow.compute as pc
+
+    for name, target in cast:
         i = table.schema.get_field_index(name)
-        if i >= 0 and pa.types.is_dictionary(table.schema.field(i).type):
-            field = table.schema.field(i)
-            table = table.set_column(i, field.with_type(decoded(field.type)), decode_array(table.column(i)))
+        if i >= 0 and not table.schema.field(i).type.equals(target):
+            table = table.set_column(i, table.schema.field(i).with_type(target),
+                                     pc.cast(decode_array(table.column(i)), target))
     return table
 
 
@@ -426,23 +429,59 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
-def _unify_categorical(a: pa.Schema, b: pa.Schema) -> tuple[pa.Schema, set[str]] | None:
-    """Where two files' schemas differ only in columns that are categorical (dictionary-encoded) in one
-    and plain in the other (pandas writes a ``category`` column so): the schema with those columns plain,
-    and their names; None for any other difference."""
+def unify_schemas(a: pa.Schema, b: pa.Schema) -> pa.Schema | None:
+    """The one schema two files' columns are read as, where they differ only losslessly: a column
+    categorical (dictionary-encoded) in one and plain in the other (pandas writes a ``category`` column
+    so), integers or floats of different widths, 32- and 64-bit offsets of text, bytes and lists,
+    fixed-size and variable lists, nullability.  None for any other difference (another column set or
+    order, integers beside floats, text beside numbers, fixed-size lists of two sizes), which the plan
+    refuses."""
     if a.names != b.names:
         return None
-    fields, columns = [], set()
+    fields = []
     for fa, fb in zip(a, b):
-        if fa.equals(fb):
-            fields.append(fa)
-        elif (decoded(fa.type).equals(decoded(fb.type)) and fa.nullable == fb.nullable
-              and (pa.types.is_dictionary(fa.type) or pa.types.is_dictionary(fb.type))):
-            fields.append(fa.with_type(decoded(fa.type)))
-            columns.add(fa.name)
-        else:
+        common = fa.type if fa.type.equals(fb.type) else common_type(fa.type, fb.type)
+        if common is None:
             return None
-    return pa.schema(fields, metadata=a.metadata), columns
+        fields.append(pa.field(fa.name, common, fa.nullable or fb.nullable, fa.metadata))
+    return pa.schema(fields, metadata=a.metadata)
+
+
+_SIGNED = (pa.int8(), pa.int16(), pa.int32(), pa.int64())
+_UNSIGNED = (pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64())
+_FLOATS = (pa.float16(), pa.float32(), pa.float64())
+
+
+def common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The narrowest type both ``a`` and ``b`` convert to without loss (``unify_schemas``), else None."""
+    a, b = decoded(a), decoded(b)
+    if a.equals(b):
+        return a
+    for kind in (_SIGNED, _UNSIGNED, _FLOATS):
+        if a in kind and b in kind:
+            return kind[max(kind.index(a), kind.index(b))]
+    if (a in _SIGNED and b in _UNSIGNED) or (a in _UNSIGNED and b in _SIGNED):
+        signed, unsigned = (a, b) if a in _SIGNED else (b, a)
+        needed = _UNSIGNED.index(unsigned) + 1  # the signed type one step wider holds every value
+        return _SIGNED[max(_SIGNED.index(signed), needed)] if needed < len(_SIGNED) else None
+    for narrow, wide in ((pa.string(), pa.large_string()), (pa.binary(), pa.large_binary())):
+        if {str(a), str(b)} == {str(narrow), str(wide)}:
+            return wide
+    if _is_list(a) and _is_list(b):
+        value = common_type(a.value_type, b.value_type)
+        if value is None:
+            return None
+        if pa.types.is_fixed_size_list(a) and pa.types.is_fixed_size_list(b):  # another width: another model
+            return pa.list_(value, a.list_size) if a.list_size == b.list_size else None
+        return pa.large_list(value) if pa.types.is_large_list(a) or pa.types.is_large_list(b) else pa.list_(value)
+    return None
+
+
+def _first_clash(a: pa.Schema, b: pa.Schema) -> str | None:
+    """The first column two schemas type with no common type (``common_type``), if that is the difference."""
+    if a.names != b.names:
+        return None
+    return next((fa.name for fa, fb in zip(a, b) if common_type(fa.type, fb.type) is None), None)
 
 
 def _schema_diff(a: pa.Schema, b: pa.Schema) -> str:
@@ -454,6 +493,7 @@ def _schema_diff(a: pa.Schema, b: pa.Schema) -> str:
     if only_b:
         parts.append(f"extra {', '.join(only_b)}")
     for name in a.names:
-        if name in b.names and a.field(name).type != b.field(name).type:
-            parts.append(f"column {name!r} is {b.field(name).type}, not {a.field(name).type}")
-    return "; ".join(parts) or "field metadata or order differs"
+        if name in b.names and common_type(a.field(name).type, b.field(name).type) is None:
+            parts.append(f"column {name!r} is {b.field(name).type}, not {a.field(name).type} (no type holds both "
+                         "without loss)")
+    return "; ".join(parts) or "column order differs"

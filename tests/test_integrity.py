@@ -485,7 +485,7 @@ def test_a_column_categorical_in_some_files_and_plain_in_others_is_read_as_plain
     """pandas writes a ``category`` column as dictionary-encoded: a folder whose files came from two
     writers holds the same label column both ways.  The scan reads it as plain values in every file,
     on either engine (the work items carry it into Beam's workers), and decides exactly as on the
-    plain files; any other type difference is still refused."""
+    plain files; a difference no type holds without loss is refused."""
     table = gaussian_table(60, 3, 4)
     plain = table.set_column(1, "label", pa.array([f"c{v}" for v in table.column("label").to_pylist()]))
     (tmp / "mixed").mkdir()
@@ -507,9 +507,63 @@ def test_a_column_categorical_in_some_files_and_plain_in_others_is_read_as_plain
             assert sorted(got.column("id").to_pylist()) == sorted(expected.column("id").to_pylist())
         assert sum(t.num_rows for t in outputs[name]) == 180
     weight = halves[1].schema.get_field_index("weight")
-    write(halves[1].set_column(weight, "weight", halves[1].column("weight").cast(pa.float32())), tmp / "mixed" / "b.parquet")
+    write(halves[1].set_column(weight, "weight", halves[1].column("weight").cast(pa.string())), tmp / "mixed" / "b.parquet")
     code, _, stderr = run_cli("scan", tmp / "mixed", "--out", tmp / "run-other", "--quiet")
-    assert code == 2 and "schema differs" in stderr, stderr
+    lines = error_lines(stderr)
+    assert code == 2 and len(lines) == 1, stderr
+    assert "schema differs" in lines[0] and "b.parquet" in lines[0] and "column 'weight'" in lines[0], lines
+    assert not (tmp / "run-other").exists()
+
+
+def test_columns_typed_with_different_widths_across_files_are_read_as_the_wider_type(tmp):
+    """Files written at different times or by different writers type the same column differently: an id
+    as int32 here and int64 there, features as float32 lists and float64 fixed-size lists, a count as
+    uint16 and int16.  Each is read as the narrowest type that holds both without loss, in every file and
+    on both engines, and the scan decides exactly as on files written alike; an integer beside a float
+    (no type holds both without loss) is refused, naming the file and column."""
+    table = gaussian_table(60, 3, 4)
+    n = table.num_rows
+    same = table.set_column(0, "id", pa.array(np.arange(n), pa.int64())) \
+        .append_column("count", pa.array(np.arange(n) % 300, pa.int32()))
+    same = same.set_column(same.schema.get_field_index("embedding"), "embedding",
+                           same.column("embedding").cast(pa.list_(pa.float64())))
+    half = n // 2
+    narrow = same.slice(half)
+    narrow = narrow.set_column(0, "id", narrow.column("id").cast(pa.int32()))
+    narrow = narrow.set_column(narrow.schema.get_field_index("count"), "count", narrow.column("count").cast(pa.uint16()))
+    narrow = narrow.set_column(narrow.schema.get_field_index("embedding"), "embedding",
+                               narrow.column("embedding").cast(pa.list_(pa.float32(), 4)))
+    first = same.slice(0, half)
+    first = first.set_column(first.schema.get_field_index("count"), "count", first.column("count").cast(pa.int16()))
+    write(first, tmp / "mixed" / "a.parquet")
+    write(narrow, tmp / "mixed" / "b.parquet")
+    for i, part in enumerate((same.slice(0, half), same.slice(half))):
+        write(part, tmp / "alike" / f"{'ab'[i]}.parquet")
+    runs = {"alike": ("alike", "memory"), "mixed": ("mixed", "memory"), "mixed-beam": ("mixed", "beam")}
+    summaries = {}
+    for name, (folder, engine) in runs.items():
+        code, _, stderr = run_cli("scan", tmp / folder, "--out", tmp / f"run-{name}", "--quiet", "--engine", engine)
+        assert code in (0, 1), stderr
+        summaries[name] = json.loads((tmp / f"run-{name}" / "summary.json").read_text())
+    expected = read_outputs(tmp / "run-alike")
+    for name in ("mixed", "mixed-beam"):
+        got = read_outputs(tmp / f"run-{name}")
+        for part in (0, 1):
+            schema = got[part].schema
+            assert schema.field("id").type == pa.int64() and schema.field("count").type == pa.int32()
+            assert schema.field("embedding").type == pa.list_(pa.float64())
+            assert sorted(got[part].column("id").to_pylist()) == sorted(expected[part].column("id").to_pylist())
+        assert sum(t.num_rows for t in got) == n
+        assert sorted(got[0].column("count").to_pylist() + got[1].column("count").to_pylist()) == \
+            sorted(same.column("count").to_pylist())
+        assert summaries[name]["counts"] == summaries["alike"]["counts"]
+    weight = narrow.schema.get_field_index("weight")
+    write(narrow.set_column(weight, "weight", pa.array(np.arange(narrow.num_rows), pa.int64())), tmp / "mixed" / "b.parquet")
+    code, _, stderr = run_cli("scan", tmp / "mixed", "--out", tmp / "run-refused", "--quiet")
+    lines = error_lines(stderr)
+    assert code == 2 and len(lines) == 1 and "column 'weight'" in lines[0] and "b.parquet" in lines[0], stderr
+    assert "int64, not double (no type holds both without loss)" in lines[0], lines
+    assert not (tmp / "run-refused").exists()
 
 
 BLOCKED_SCAN = """
@@ -585,3 +639,16 @@ def test_a_signal_to_a_forked_child_is_not_taken_for_one_to_the_scan(tmp):
     proc = subprocess.run([sys.executable, "-c", FORKED_CHILD_SIGNALLED], cwd=tmp, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and "finished" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("a, b, common", [
+    (pa.int32(), pa.int64(), pa.int64()), (pa.uint16(), pa.int16(), pa.int32()), (pa.uint64(), pa.int64(), None),
+    (pa.float16(), pa.float32(), pa.float32()), (pa.int64(), pa.float64(), None), (pa.string(), pa.int64(), None),
+    (pa.dictionary(pa.int8(), pa.string()), pa.large_string(), pa.large_string()),
+    (pa.list_(pa.float32(), 4), pa.list_(pa.float32(), 8), None),
+    (pa.list_(pa.float32(), 4), pa.large_list(pa.float64()), pa.large_list(pa.float64())),
+])
+def test_the_common_type_of_two_columns_loses_no_value_or_is_none(a, b, common):
+    from poisonguard.io import common_type
+
+    assert common_type(a, b) == common and common_type(b, a) == common
