@@ -18,6 +18,7 @@ self-test then predicts recall on data it was not calibrated on.
     python benchmarks/canaries.py eval [--jobs 2] [--sources iris,wine]  # writes results/canaries.json and a section of quality.md
     python benchmarks/canaries.py report           # the section again, from results/canaries.json
     python benchmarks/canaries.py eval --leave-out-flagged   # results/canaries_left_out.{json,md}
+    python benchmarks/canaries.py grid [--split dev]  # a finer grid of distances: results/canaries_grid.json
 
 ``--leave-out-flagged`` plants the groups among the rows the default detectors do not flag, as proxy
 mode's canaries do (``held_back_rows``).  Measured, it predicted the real recall worse in embedding
@@ -132,6 +133,46 @@ def evaluate(jobs: int, leave_out: bool = False, sources=()) -> list[dict]:
     return out
 
 
+FINE_GRID = (2.0, 2.8, 3.95, 5.6, 8.0, 11.3)  # the default grid and the distances halfway (geometrically) between
+
+
+def one_grid(key, path, distances=FINE_GRID) -> dict:
+    """The real recall beside every distance of a finer grid's canaries (``grid``)."""
+    from threadpoolctl import threadpool_limits
+
+    from poisonguard.canaries import power_of
+    from poisonguard.config import Config
+    from poisonguard.core.screening import fit_detectors
+    from poisonguard.detectors.stats import default_keys, states_by_class
+
+    data = np.load(path)
+    e, y, truth, target = data["embedding"], data["label"], data["truth"], int(data["target"])
+    config = Config(seed=key[4])
+    keys = default_keys(len(y), config.seed)
+    with threadpool_limits(1):
+        states = states_by_class(e, y, keys, config.max_fit_rows_per_class)
+        flags = np.zeros(len(y), dtype=bool)
+        for detector in fit_detectors(states, config).values():
+            flags |= detector.flag(e, y, keys)
+        config.canaries.sizes = [float(min(truth.sum() / max(int((y == target).sum()), 1), 0.5))]
+        config.canaries.distances = list(distances)
+        power = power_of(states, config, classes=[target])
+    measured = real_shape(e, y, truth, target)
+    return {"key": list(key), "split": F.split_of(key[0], key[1]), "real_recall": float(flags[truth].mean()),
+            "trials": {str(t["distance_sd"]): t["caught"] / t["rows"] for t in power["per_class"][str(target)]["trials"]},
+            "real_distance": None if measured is None else measured[0]}
+
+
+def grid_readings(rows: list[dict], grid) -> str:
+    """The grid read as a user reads it (``one``), on a finer run's trials restricted to ``grid``."""
+    rows = [r for r in rows if r["real_distance"] is not None]
+    real = np.array([r["real_recall"] >= 0.5 for r in rows])
+    said = np.array([r["trials"][str(max([d for d in grid if d <= r["real_distance"]], default=min(grid)))] >= 0.5
+                     for r in rows])
+    return (f"{len(grid)} distances ({', '.join(str(d) for d in grid)}): agreement {np.mean(real == said):.1%}; "
+            f"{_readings(real, said)}")
+
+
 def _summary(rows: list[dict], column: str = "canary_recall") -> str:
     rows = [r for r in rows if r.get(column) is not None]
     real, canary = np.array([r["real_recall"] for r in rows]), np.array([r[column] for r in rows])
@@ -144,7 +185,21 @@ def _summary(rows: list[dict], column: str = "canary_recall") -> str:
     means = np.array([np.mean(v, axis=0) for v in families.values()])
     family_corr = float(np.corrcoef(means[:, 0], means[:, 1])[0, 1]) if len(means) > 2 else float("nan")
     return (f"{len(rows)} cases: agreement on caught (recall >= 0.5) {agree:.0%}, Pearson {corr:.2f}, mean |difference| "
-            f"{mae:.2f}; per family (mean over its backdoor cases, {len(means)} families) Pearson {family_corr:.2f}")
+            f"{mae:.2f}; per family (mean over its backdoor cases, {len(means)} families) Pearson {family_corr:.2f}; "
+            f"{_readings(real >= 0.5, canary >= 0.5)}")
+
+
+def _readings(real: np.ndarray, said: np.ndarray) -> str:
+    """How far each reading of the self-test can be trusted: the share of "caught" readings whose real
+    attack was caught (a wrong one is false assurance), of "missed" readings whose real attack was
+    missed, the agreement a reading that always says the commoner outcome would reach, and Cohen's
+    kappa (agreement beyond what the two rates give by chance)."""
+    base = max(real.mean(), 1 - real.mean())
+    chance = real.mean() * said.mean() + (1 - real.mean()) * (1 - said.mean())
+    kappa = (np.mean(real == said) - chance) / (1 - chance) if chance < 1 else float("nan")
+    return (f"a \"caught\" reading was right in {int((real & said).sum())} of {int(said.sum())}, a \"missed\" reading "
+            f"in {int((~real & ~said).sum())} of {int((~said).sum())}; always saying "
+            f"\"{'caught' if real.mean() >= 0.5 else 'missed'}\" would agree {base:.0%}; Cohen's kappa {kappa:.2f}")
 
 
 def _mean(rows: list[dict], column: str, fmt: str) -> str:
@@ -193,7 +248,26 @@ def markdown(rows: list[dict], dev_shape: dict) -> str:
                          f"| {np.mean([r['real_recall'] for r in rs]):.3f} | {np.mean([r['canary_recall'] for r in rs]):.3f} "
                          f"| {_mean(rs, 'grid_recall', '.3f')} | {_mean(rs, 'matched_recall', '.3f')} |")
         lines.append("")
-    return "\n".join(lines + _proxy_lines())
+    return "\n".join(lines + _grid_lines() + _proxy_lines())
+
+
+def _grid_lines() -> list[str]:
+    """The default grid beside finer ones, from ``grid``'s run (results/canaries_grid.json)."""
+    path = RESULTS / "canaries_grid.json"
+    if not path.exists():
+        return []
+    from poisonguard.config import CanaryConfig
+
+    rows = json.loads(path.read_text())
+    default = tuple(CanaryConfig().distances)
+    grids = [default, tuple(sorted(set(default) | {11.3})), tuple(d for d in FINE_GRID if d != 11.3), FINE_GRID]
+    split = {r["split"] for r in rows}
+    return ["### A finer grid", "",
+            f"`python benchmarks/canaries.py grid`: the {'/'.join(sorted(split))} families' backdoor cases with canaries "
+            f"at {', '.join(str(d) for d in FINE_GRID)} class SDs in one run, each grid read from its own distances "
+            "(the user's reading above). Each distance is one more planted group, and every group refits every "
+            "detector: the self-test's cost grows with the grid.", ""] + \
+        [f"- {grid_readings(rows, g)}" for g in grids] + [""]
 
 
 ALONE = "a proxy per target class (the attack's target class alone)"
@@ -271,6 +345,9 @@ if __name__ == "__main__":
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("shape")
     sub.add_parser("report", help="rewrite the quality.md section from results/canaries.json")
+    gr = sub.add_parser("grid", help="a finer grid of distances on one split: writes results/canaries_grid.json")
+    gr.add_argument("--split", default="dev")
+    gr.add_argument("--jobs", type=int, default=2)
     ev = sub.add_parser("eval")
     ev.add_argument("--jobs", type=int, default=2)
     ev.add_argument("--leave-out-flagged", action="store_true",
@@ -281,6 +358,11 @@ if __name__ == "__main__":
     sources = getattr(args, "sources", [])  # eval's only
     if args.command == "shape":
         print(json.dumps({split: shape(split) for split in ("dev", "heldout")}, indent=1))
+    elif args.command == "grid":
+        with ProcessPoolExecutor(args.jobs) as pool:
+            rows = list(pool.map(one_grid, *zip(*_backdoor_cases(args.split))))
+        (RESULTS / "canaries_grid.json").write_text(json.dumps(rows, indent=0))
+        print("\n".join(_grid_lines()))
     elif args.command == "eval" and args.leave_out_flagged:
         rows = evaluate(args.jobs, leave_out=True, sources=sources)
         rows = F.with_committed(RESULTS / "canaries_left_out.json", rows, sources)
