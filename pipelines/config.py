@@ -72,11 +72,10 @@ class EmbeddingConfig(_Strict):
                                description="torch threads training the proxy: 1 trains the same weights on any machine; "
                                            "more trains faster, but the weights then depend on the thread count")
     proxy_exclusion: bool = Field(
-        default=False, description="proxy mode, images and sequences: a group a detector splits off short of its "
-                                   "separation bar is left out of a second proxy's training, and flagged where the rows "
-                                   "the first proxy learnt go to other classes (exclusionary reclassification, "
-                                   "poisonguard.core.exclusion; off by default: it can flag a class that lost rows to a "
-                                   "targeted flip)")
+        default=True, description="proxy mode, images and sequences: a group a detector splits off short of its "
+                                  "separation bar is left out of a second proxy's training, and flagged where the rows "
+                                  "the first proxy learnt go to several other classes (exclusionary reclassification, "
+                                  "poisonguard.core.exclusion); false saves the second training")
     spill: bool = Field(default=True, description="model/proxy mode: keep pass 1's embeddings for pass 2 (disk) "
                                                   "instead of running the model again")
     label_view: Literal["auto", "embedding", "features"] = Field(

@@ -24,11 +24,13 @@ def _published(run_dir) -> dict[str, bytes]:
 def test_proxy_canaries_are_deterministic_and_change_no_published_row(tmp):
     runs = {}
     # half the sample and a short training: the same code path, and what is asserted (determinism, not a
-    # published byte changed, the canaries' bookkeeping) holds whatever the proxy learnt
+    # published byte changed, the canaries' bookkeeping) holds whatever the proxy learnt; without the
+    # exclusion check's second training (tests/test_exclusion.py: its determinism on both engines)
     half = write(pq.read_table(POISONED).slice(0, 900), tmp / "half.parquet")
     for name, extra in (("plain", []), ("canaries", ["--canaries"]), ("again", ["--canaries"])):
         code, stdout, stderr = run_cli("scan", half, "--out", tmp / name, "--config", PROXY, "--quiet",
                                        "--run-id", "same", "--set", "embedding.proxy_epochs=8",
+                                       "--set", "embedding.proxy_exclusion=false",
                                        "--set", "canaries.max_classes=3", *extra)
         assert code == 0, stderr
         runs[name] = json.loads((tmp / name / "summary.json").read_text())

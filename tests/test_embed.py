@@ -152,8 +152,9 @@ def test_proxy_mode_finds_the_backdoor_without_an_embedding_column(tmp, no_embed
 
 def test_proxy_is_deterministic_under_a_seed_on_cpu(tmp, no_embedding):
     runs = []
-    for name in ("a", "b"):
-        code, _, stderr = _proxy(no_embedding, tmp / name, "--set", "embedding.proxy_epochs=8")
+    for name in ("a", "b"):  # the exclusion check's second proxy: its determinism in tests/test_exclusion.py
+        code, _, stderr = _proxy(no_embedding, tmp / name, "--set", "embedding.proxy_epochs=8",
+                                 "--set", "embedding.proxy_exclusion=false")
         assert code in (0, 1), stderr
         summary = json.loads((tmp / name / "summary.json").read_text())
         _, held = read_outputs(tmp / name)

@@ -18,14 +18,20 @@ per scan, on the proxy's training sample:
 3. a group is *confirmed* where at least ``CONFIRM_SHARE`` of its rows *moved*: the first proxy
    assigns them to their label, the second to another class.  That is what a trigger does: learnt
    where its rows are trained on, absent where they are not.  Flipped labels the first proxy did not
-   learn are label issues, which the label checks find row by row.
+   learn are label issues, which the label checks find row by row;
+4. and where the moved rows went to several classes: no one class takes more than
+   ``MAX_ONE_DESTINATION`` (a third) of them, give or take one binomial standard error of that share
+   in the moved rows (``one_destination_limit``: 0.46 for 14 rows, 0.39 for 60).  Dirty-label poison
+   goes back to the classes it was taken from; a clean group that moves goes to the one class that
+   looks like it (below).
 
 The scan then flags, for each confirmed (detector, class), that class's rows above its best split
 (``apply_confirmed``, in both engines; the class decision says why).  The cost is a second proxy
-training where a candidate group exists.  It runs on images and sequences only, and only when asked
-(``embedding.proxy_exclusion``): on the proxy benchmark it found a blend no detector decides (the
-signals' 10% blend, seed 2: F1 0.05 -> 0.87), and it failed where a targeted flip took a fifth of a
-class's rows away (the glyphs' 20% targeted flip: F1 0.90 -> 0.77, below).
+training where a candidate group exists.  It runs on images and sequences only, by default
+(``embedding.proxy_exclusion``; round 23): on the proxy benchmark it finds blends no detector
+decides (the signals' 10% blend, seed 2: F1 0.05 -> 0.87).  Without step 4 (rounds 17-22, when it
+was off by default) it failed where a targeted flip took a fifth of a class's rows away (the glyphs'
+20% targeted flip: F1 0.90 -> 0.77, below).
 
 Measured before it was built (``benchmarks/exclusion.py``, ``results/exclusion.md``: the
 development images and sequences, digits and the signals, 3 seeds, and the held-out glyphs, one;
@@ -50,7 +56,23 @@ flip: there the group was 242 clean rows of the class the flipped rows came from
 of drawing it), learnt as that class, and a proxy trained without them sent them to the target
 class, where the flipped copies of their style carry that label.  A natural sub-mode
 under 10% of its class, with another class holding rows like it, moves as poison does; that is why
-the check is off by default.
+the check was off by default.
+
+**Where the moved rows go** (step 4, round 23).  The study was re-run with each group's moved rows
+counted by the class they went to, and with 20% targeted flips added (``results/exclusion.md``).
+Of the groups their detector had not flagged that moved at 0.6 or more, the development families'
+mostly-poison ones (10% blends on digits and the signals, 41-72 rows) sent 0.28-0.29 of their moved
+rows to any one class, and the 20 clean ones (of any size; none of an attack's size moved that far)
+0.39-1.00, median 0.68 (digits' class 1 sub-mode, 118-136 rows, 0.39-0.53; the look-alikes of a class
+a targeted flip filled with its style, 0.51-0.93).  On ten classes poison taken alike from the nine
+others sends about one in nine of its rows to each; a third leaves room for an uneven draw, and the
+standard error for a small group's.  Held out, the glyphs: the 10% blend's poison 0.20 (confirmed),
+the targeted flip's clean group 1.00 (not confirmed).  A patch can
+send its rows to one class (the signals' 5% patch, seed 2: 0.64, the spike read as one class by a
+proxy that never learnt it), where the detectors already flag them; a one-source backdoor (every
+poisoned row taken from one class) goes back to that one class and is left to the detectors too.
+With fewer than five classes it can hardly confirm anything: three source classes split the moved
+rows a third each at best.
 
 The k-NN distance detector is not asked: its decision has a path of its own
 (an excess of isolated rows, ``detectors.knn_distance``), and every one of its 9 groups in these
@@ -74,6 +96,7 @@ MIN_SEPARATION = 3.0
 MAX_SHARE = 0.10
 MIN_ROWS = 5
 CONFIRM_SHARE = 0.6  # midway between the clean groups' highest share and the poison's lowest (docstring)
+MAX_ONE_DESTINATION = 1 / 3  # ... and no one class takes more than this of the moved rows, give or take (docstring)
 SHAPED = ("image", "sequence")  # where it was measured; a table's proxy memorises its labels (core.embedding)
 CONFIRMED = "a separated minority confirmed by exclusionary reclassification"
 
@@ -95,7 +118,8 @@ def exclusion_check(sample, plan, config) -> tuple[dict, tuple]:
     started = time.monotonic()
     asked = [d for d in config.detectors if d.name in CANDIDATE_DETECTORS]
     record = {"detectors": [d.name for d in asked], "min_separation": MIN_SEPARATION, "max_share": MAX_SHARE,
-              "confirm_share": CONFIRM_SHARE, "groups": [], "retrained": None}
+              "confirm_share": CONFIRM_SHARE, "max_one_destination": MAX_ONE_DESTINATION, "groups": [],
+              "retrained": None}
     if not record["detectors"]:
         return {**record, "why": "no sub-population detector configured"}, ()
     if sample.layout.kind not in SHAPED:
@@ -121,12 +145,14 @@ def exclusion_check(sample, plan, config) -> tuple[dict, tuple]:
     log.info("exclusion: %d candidate group(s), %d rows; training a proxy without them", len(groups), int(union.sum()))
     shares, info = moved_shares(sample, [rows for *_, rows in groups], plan, config)
     confirmed = []
-    for (name, label, decision, rows), share in zip(groups, shares):
+    for (name, label, decision, rows), (share, one, count) in zip(groups, shares):
+        ok = confirms(share, one, count)
         record["groups"].append({"detector": name, "class": str(label),
                                  "separation": round(float(decision.separation), 3),
                                  "share": round(float(decision.minority_share), 4), "rows": int(rows.sum()),
-                                 "moved": round(share, 4), "confirmed": share >= CONFIRM_SHARE})
-        if share >= CONFIRM_SHARE:
+                                 "moved": round(share, 4), "one_destination": None if one is None else round(one, 4),
+                                 "one_destination_limit": round(one_destination_limit(count), 4), "confirmed": ok})
+        if ok:
             confirmed.append((name, str(label), round(share, 4)))
     record["retrained"] = {k: info.get(k) for k in ("architecture", "train_rows", "epochs", "stopped", "train_accuracy",
                                                     "held_out_accuracy", "weights_sha256")}
@@ -135,21 +161,44 @@ def exclusion_check(sample, plan, config) -> tuple[dict, tuple]:
     return record, tuple(confirmed)
 
 
-def moved_shares(sample, groups: list[np.ndarray], plan, config) -> tuple[list[float], dict]:
+def one_destination_limit(count: int) -> float:
+    """The most of ``count`` moved rows one class may take (step 4): ``MAX_ONE_DESTINATION``, and one
+    binomial standard error of that share in ``count`` rows (a small group's split over its source
+    classes is uneven by chance)."""
+    p = MAX_ONE_DESTINATION
+    return p + float(np.sqrt(p * (1 - p) / max(count, 1)))
+
+
+def confirms(moved: float, one_destination: float | None, count: int) -> bool:
+    """Steps 3 and 4: enough of the group moved, and to several classes."""
+    return (moved >= CONFIRM_SHARE and one_destination is not None
+            and one_destination <= one_destination_limit(count))
+
+
+def moved_shares(sample, groups: list[np.ndarray], plan, config) -> tuple[list[tuple[float, float | None, int]], dict]:
     """Train a proxy (same config and seed) on the sample without the union of ``groups`` (row masks)
     and return, per group, the share of its rows that the proxy trained with them (``sample.model``)
-    assigns to their label and this one to another class, and the retrained proxy's record."""
+    assigns to their label and this one to another class, the share of those moved rows that went to
+    the one class most of them went to (None where none moved) and their count; and the retrained
+    proxy's record."""
     from poisonguard.proxy import fit_proxy
 
     union = np.logical_or.reduce(groups)
     keep = ~union
     model, info = fit_proxy(sample.x[keep], sample.labels[keep], plan, config, sample.layout)
-    labels, shape = sample.labels[union], sample.layout.shape
-    learnt = np.unique(sample.labels)[_forward(sample.model, sample.x[union], shape).argmax(1)] == labels
+    classes, shape = np.unique(sample.labels), sample.layout.shape
+    own = np.searchsorted(classes, sample.labels[union])  # class codes; the retrained proxy's outputs are the kept classes
+    learnt = _forward(sample.model, sample.x[union], shape).argmax(1) == own
+    placed = np.full(len(union), -1, dtype=np.int64)
+    placed[union] = np.searchsorted(classes, np.unique(sample.labels[keep]))[_forward(model, sample.x[union], shape).argmax(1)]
     moved = np.zeros(len(union), bool)
-    placed = np.unique(sample.labels[keep])[_forward(model, sample.x[union], shape).argmax(1)]
-    moved[union] = learnt & (placed != labels)
-    return [float(moved[g].mean()) for g in groups], info
+    moved[union] = learnt & (placed[union] != own)
+    return [(float(moved[g].mean()), _one_destination(placed[g & moved]), int((g & moved).sum())) for g in groups], info
+
+
+def _one_destination(placed: np.ndarray) -> float | None:
+    """The share of a group's moved rows that went to the one class most of them went to."""
+    return float(np.bincount(placed).max() / len(placed)) if len(placed) else None
 
 
 def _forward(fn, x: np.ndarray, shape) -> np.ndarray:
@@ -191,5 +240,9 @@ def line(record: dict | None) -> str:
     confirmed = [g for g in groups if g["confirmed"]]
     shown = "; ".join(f"class {g['class']} ({g['detector']}, {g['rows']} rows): {g['moved']:.0%} moved to other classes"
                       for g in confirmed)
+    one = [g for g in groups if not g["confirmed"] and g["moved"] >= record["confirm_share"]]
+    shown += "; " * bool(shown and one) + "; ".join(
+        f"class {g['class']} ({g['detector']}, {g['rows']} rows): {g['moved']:.0%} moved, {g['one_destination']:.0%} of "
+        "them to one class, as a look-alike's rows go: not confirmed" for g in one)
     return (f"exclusionary reclassification: {len(confirmed)} of {len(groups)} candidate group(s) confirmed"
             + (f" ({shown})" if shown else ""))
