@@ -53,7 +53,7 @@ class WorkItem:
     first_row: int
     identity: tuple = ()  # the file as planned and hashed; a reader refuses a file that changed since
     partition: tuple = ()  # the file's partition columns, appended to every batch read
-    cast: tuple = ()  # ((name, pyarrow type), ...): columns read as one type in every file (``unify_schemas``)
+    cast: tuple = ()  # (pyarrow field, ...): columns read as one type in every file (``unify_schemas``)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class InputPlan:
     model_path: str | None = None
     label_view: str = "embedding"  # "features": confident learning reads the feature column (core.embedding)
     confirmed_groups: tuple = ()  # (detector, str(label), moved share) that proxy mode's core.exclusion confirmed
-    cast_columns: tuple = ()  # ((name, pyarrow type), ...): typed differently across files, read as this type
+    cast_columns: tuple = ()  # (pyarrow field, ...): typed differently across files, read as this field
 
     @property
     def total_rows(self) -> int:
@@ -177,13 +177,13 @@ def plan_inputs(paths: list[str], config: Config, below: dict[str, str] | None =
                 raise InputError(f"schema differs from {paths[0]}: {_schema_diff(schema, file_schema)}", path=path,
                                  column=_first_clash(schema, file_schema))
             schema = unified
-            varied |= {f.name for f in file_schema if not f.type.equals(first.field(f.name).type)}
+            varied |= {f.name for f in file_schema if not f.equals(first.field(f.name))}
         digest = _early_digest(path, identity) or sha256_file(path)
         if file_identity(os.stat(path)) != identity:
             raise InputError("input file changed while it was being hashed", path=path)
         files.append(InputFile(index, path, meta.num_rows, meta.num_row_groups, digest, identity))
     assert schema is not None
-    cast_columns = tuple((f.name, f.type) for f in schema if f.name in varied)
+    cast_columns = tuple(f for f in schema if f.name in varied)
     if config.partitioning == "hive":
         partition = partition_columns(paths, below or {}, schema)
         files = [replace(f, partition=partition[f.path]) for f in files]
@@ -195,7 +195,7 @@ def plan_inputs(paths: list[str], config: Config, below: dict[str, str] | None =
     emb = config.embedding
     if cast_columns:
         log.info("%d column(s) typed differently across the input files, read as one type: %s", len(cast_columns),
-                 ", ".join(f"{name} as {t}" for name, t in cast_columns))
+                 ", ".join(f"{f.name} as {f.type}{'' if f.nullable else ' not null'}" for f in cast_columns))
     if emb.source == "column":
         return InputPlan(tuple(files), schema, _list_width(schema, files, config.columns.embedding, emb.dim),
                          cast_columns=cast_columns)
@@ -261,11 +261,10 @@ def _cast_columns(table: pa.Table, cast: tuple) -> pa.Table:
     """The named columns as the plan's type where this file types them otherwise (``InputPlan.cast_columns``)."""
     import pyarrow.compute as pc
 
-    for name, target in cast:
-        i = table.schema.get_field_index(name)
-        if i >= 0 and not table.schema.field(i).type.equals(target):
-            table = table.set_column(i, table.schema.field(i).with_type(target),
-                                     pc.cast(decode_array(table.column(i)), target))
+    for target in cast:
+        i = table.schema.get_field_index(target.name)
+        if i >= 0 and not table.schema.field(i).equals(target):
+            table = table.set_column(i, target, pc.cast(decode_array(table.column(i)), target.type))
     return table
 
 

@@ -518,9 +518,10 @@ def test_a_column_categorical_in_some_files_and_plain_in_others_is_read_as_plain
 def test_columns_typed_with_different_widths_across_files_are_read_as_the_wider_type(tmp):
     """Files written at different times or by different writers type the same column differently: an id
     as int32 here and int64 there, features as float32 lists and float64 fixed-size lists, a count as
-    uint16 and int16.  Each is read as the narrowest type that holds both without loss, in every file and
-    on both engines, and the scan decides exactly as on files written alike; an integer beside a float
-    (no type holds both without loss) is refused, naming the file and column."""
+    uint16 and int16, a column one writer declared non-null.  Each is read as the narrowest type that
+    holds both without loss, in every file and on both engines, and the scan decides exactly as on files
+    written alike; an integer beside a float (no type holds both without loss) is refused, naming the file
+    and column."""
     table = gaussian_table(60, 3, 4)
     n = table.num_rows
     same = table.set_column(0, "id", pa.array(np.arange(n), pa.int64())) \
@@ -533,6 +534,8 @@ def test_columns_typed_with_different_widths_across_files_are_read_as_the_wider_
     narrow = narrow.set_column(narrow.schema.get_field_index("count"), "count", narrow.column("count").cast(pa.uint16()))
     narrow = narrow.set_column(narrow.schema.get_field_index("embedding"), "embedding",
                                narrow.column("embedding").cast(pa.list_(pa.float32(), 4)))
+    weight = narrow.schema.get_field_index("weight")
+    narrow = narrow.cast(narrow.schema.set(weight, narrow.schema.field(weight).with_nullable(False)))
     first = same.slice(0, half)
     first = first.set_column(first.schema.get_field_index("count"), "count", first.column("count").cast(pa.int16()))
     write(first, tmp / "mixed" / "a.parquet")
@@ -551,7 +554,7 @@ def test_columns_typed_with_different_widths_across_files_are_read_as_the_wider_
         for part in (0, 1):
             schema = got[part].schema
             assert schema.field("id").type == pa.int64() and schema.field("count").type == pa.int32()
-            assert schema.field("embedding").type == pa.list_(pa.float64())
+            assert schema.field("embedding").type == pa.list_(pa.float64()) and schema.field("weight").nullable
             assert sorted(got[part].column("id").to_pylist()) == sorted(expected[part].column("id").to_pylist())
         assert sum(t.num_rows for t in got) == n
         assert sorted(got[0].column("count").to_pylist() + got[1].column("count").to_pylist()) == \
