@@ -41,7 +41,7 @@ import families as F  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 SUBPOPULATION = ("spectral", "activation_clustering", "spectre", "knn_distance")
 MIN_D, MAX_SHARE, MIN_ROWS = 3.0, 0.15, 5
-ATTACKS = (("clean", 0.0), ("patch", 0.05), ("blend", 0.10))
+ATTACKS = (("clean", 0.0), ("patch", 0.05), ("blend", 0.10), ("flip_targeted", 0.20))
 
 
 def _proxy(x, y, seed):
@@ -96,8 +96,11 @@ def run(case) -> dict:
         moved[np.flatnonzero(union)] = predicted != y[union]
         for g in groups:
             rows = g.pop("rows")
+            went = predicted[np.searchsorted(np.flatnonzero(union), rows)][moved[rows]]
             g.update(size=len(rows), poison_share=round(float(truth[rows].mean()), 3),
                      reclassified=round(float(moved[rows].mean()), 3),
+                     one_destination=round(float(np.unique(went, return_counts=True)[1].max() / len(went)), 3)
+                     if len(went) else None,
                      reclassified_poison=round(float(moved[rows][truth[rows]].mean()), 3) if truth[rows].any() else None,
                      reclassified_clean=round(float(moved[rows][~truth[rows]].mean()), 3) if (~truth[rows]).any() else None)
             out["groups"].append(g)
@@ -113,7 +116,8 @@ def report(rows: list[dict]) -> str:
              "training (same seed and config), and the group's reclassified share is the share of its rows that "
              "proxy assigns to another class than their label. Dirty-label poison should go back to its source "
              "classes; a class's own rows should keep their label. Cases: the proxy benchmark's images and "
-             "sequences, clean controls, 5% patches and 10% blends, the default proxy and detectors.", "",
+             "sequences, clean controls, 5% patches, 10% blends and 20% targeted flips, the default proxy and "
+             "detectors.", "",
              f"Candidate groups: Ashman's D >= {MIN_D}, at most {MAX_SHARE:.0%} of the class, at least {MIN_ROWS} rows. "
              f"{len(poisoned)} groups are mostly poison (>= 50% of their rows), {len(clean)} are clean (<= 10%).", ""]
     if poisoned and clean:
@@ -122,35 +126,52 @@ def report(rows: list[dict]) -> str:
         for t in (0.5, 0.6, 0.7, 0.8, 0.9):
             lines.append(f"- a group confirmed at a reclassified share >= {t}: {sum(p >= t for p in poisoned)} of "
                          f"{len(poisoned)} poison groups, {sum(c >= t for c in clean)} of {len(clean)} clean groups")
+    moved = [(g["poison_share"] >= 0.5, g["one_destination"], r["key"]) for r in rows for g in r["groups"]
+             if not g["flagged"] and g["reclassified"] >= 0.6 and g.get("one_destination") is not None
+             and (g["poison_share"] >= 0.5 or g["poison_share"] <= 0.1)]
+    if any(p for p, *_ in moved) and any(not p for p, *_ in moved):
+        poison_to = ", ".join(f"{k[0]} {k[1]} {k[2]:.0%} seed {k[3]} {o:.2f}" for p, o, k in sorted(moved, key=str) if p)
+        clean_to = [o for p, o, _ in moved if not p]
+        lines += ["", "Where the moved rows went (`one class`: the share of a group's reclassified rows that went to the "
+                  "class most of them went to), for the groups their detector did not flag that moved at 0.6 or more: "
+                  f"mostly-poison groups {poison_to}; {len(clean_to)} clean groups {min(clean_to):.2f}-"
+                  f"{max(clean_to):.2f}. Dirty-label poison goes back to the several classes it was taken from; a clean "
+                  "group that moves goes to the one class that looks like it (the class a targeted flip filled with "
+                  "its style, a look-alike). A patch can send its rows to one class (the signals' spike, read as one "
+                  "class by a proxy that never learnt it), where other detectors flag them."]
     lines += ["", "| source | attack | rate | seed | scan F1 | detector | class | D | flagged | rows | poison share "
-              "| reclassified | of poison | of clean |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| reclassified | of poison | of clean | one class |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
     for r in rows:
         source, attack, rate, seed = r["key"]
         head = f"| {source} | {attack} | {rate:.0%} | {seed} | {fmt(r['f1'])} "
         if not r["groups"]:
-            lines.append(head + "| (no candidate group) | | | | | | | | |")
+            lines.append(head + "| (no candidate group) | | | | | | | | | |")
         for g in r["groups"]:
             lines.append(head + f"| {g['detector']} | {g['class']} | {g['separation']:.2f} | {'yes' if g['flagged'] else 'no'} "
                          f"| {g['size']} | {g['poison_share']:.2f} | {g['reclassified']:.2f} | {fmt(g['reclassified_poison'])} "
-                         f"| {fmt(g['reclassified_clean'])} |")
+                         f"| {fmt(g['reclassified_clean'])} | {fmt(g.get('one_destination'))} |")
     return "\n".join(lines) + "\n"
 
 
 def proxy_section(rows: list[dict]) -> str:
-    """The opt-in check (``embedding.proxy_exclusion``) on the proxy benchmark's images and sequences,
-    beside the same cases without it (``results/exclusion_proxy.json``: ``families.py proxy`` rows,
-    ``proxy_exclusion`` true or false)."""
+    """The check (``embedding.proxy_exclusion``, the default since round 23) on the proxy benchmark's
+    images and sequences, beside the same cases without it (``results/exclusion_proxy.json``:
+    ``families.py proxy`` rows, ``proxy_exclusion`` true or false)."""
     pairs: dict = {}
     for r in rows:
         pairs.setdefault(tuple(r["key"]), {})[r["proxy_exclusion"]] = r
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     changed = [k for k, p in pairs.items() if any(g["confirmed"] for g in p[True]["exclusion"])]
-    lines = ["## The check in a scan (`embedding.proxy_exclusion: true`)", "",
-             f"`families.py proxy` on the images and sequences ({len(pairs)} cases), with the check and without it, "
-             "on one machine. A case where no group was confirmed is the same scan either way (its row without the "
-             "check is the row with it, `same_scan_as_with`, seconds included); "
-             f"{len(changed)} cases had a confirmed group and were run both ways:", "",
+    asked = sum(bool(p[True]["exclusion"]) for p in pairs.values())
+    moved_to_one = [(k, g) for k, p in pairs.items() for g in p[True]["exclusion"]
+                    if not g["confirmed"] and g.get("one_destination") is not None and g["moved"] >= 0.6]
+    lines = ["## The check in a scan (`embedding.proxy_exclusion`)", "",
+             f"`families.py proxy` on the images and sequences ({len(pairs)} cases), with the check (round 23's "
+             "default) and without it (round 22's default), on one machine; decisions are the same scan where no "
+             "group was confirmed, and the seconds are the two runs' (on different days, not a paired timing). "
+             f"{asked} cases had a candidate group (a second proxy trained); "
+             f"{len(changed)} had a confirmed group:", "",
              "| source | attack | rate | seed | F1 without | F1 with | recall without | recall with "
              "| clean flagged without | with | seconds without | with | confirmed (detector, class, rows, moved share) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -163,6 +184,11 @@ def proxy_section(rows: list[dict]) -> str:
     clean = [k for k in pairs if k[2] == "clean"]
     lines += ["", f"Clean controls: {sum(not any(g['confirmed'] for g in pairs[k][True]['exclusion']) for k in clean)} "
               f"of {len(clean)} with no confirmed group."]
+    if moved_to_one:
+        lines += ["", "Groups that moved at 0.6 or more and were not confirmed, most of their moved rows going to one "
+                  "class: " + "; ".join(f"{k[0]} {k[2]} {k[3]:.0%} seed {k[4]}, {g['detector']} class {g['class']} "
+                                        f"({g['rows']} rows): moved {g['moved']:.2f}, {g['one_destination']:.2f} to one class"
+                                        for k, g in sorted(moved_to_one)) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -171,13 +197,15 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--sources", default="digits,signals")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--attacks", default=",".join(a for a, _ in ATTACKS), help="comma-separated, of " +
+                        ", ".join(a for a, _ in ATTACKS))
     parser.add_argument("--append", action="store_true", help="keep the committed rows of other cases")
     parser.add_argument("--report", action="store_true", help="rewrite exclusion.md from the committed JSON files")
     args = parser.parse_args()
     if args.report:
         write_report(json.loads((RESULTS / "exclusion.json").read_text()))
         return
-    cases = [(s, a, r, seed) for s in args.sources.split(",") for a, r in ATTACKS
+    cases = [(s, a, r, seed) for s in args.sources.split(",") for a, r in ATTACKS if a in args.attacks.split(",")
              for seed in map(int, args.seeds.split(","))]
     rows = []
     with ProcessPoolExecutor(args.jobs) as pool:

@@ -434,7 +434,7 @@ def evaluate_proxy_case(source: str, attack: str, rate: float, seed: int, archit
     row["worst_class_clean_loss"] = _worst_class_loss(flags, y, truth)
     row["unreliable"] = unreliable_detectors(found.summary)
     row["weak"] = [d for d, rep in found.summary["detectors"].items() if (rep.get("representation") or {}).get("weak")]
-    row["exclusion"] = [{k: g[k] for k in ("detector", "class", "rows", "moved", "confirmed")}
+    row["exclusion"] = [{k: g.get(k) for k in ("detector", "class", "rows", "moved", "one_destination", "confirmed")}
                         for g in (info.get("exclusion") or {}).get("groups", [])]  # poisonguard.core.exclusion
     return row
 
