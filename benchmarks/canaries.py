@@ -80,10 +80,9 @@ def shape(split: str = "dev") -> dict:
     return {"cases": len(gaps), "distance_quartiles": q(gaps), "spread_quartiles": q(spreads)}
 
 
-def one(key, path, leave_out: bool = False) -> dict:
-    from threadpoolctl import threadpool_limits
-
-    from poisonguard.canaries import power_of
+def _scanned(key, path) -> tuple:
+    """A cached case as the default detectors see it: (embeddings, labels, truth, target class, the
+    default config at the case's seed, row keys, class states, the rows flagged)."""
     from poisonguard.config import Config
     from poisonguard.core.screening import fit_detectors
     from poisonguard.detectors.stats import default_keys, states_by_class
@@ -92,11 +91,21 @@ def one(key, path, leave_out: bool = False) -> dict:
     e, y, truth, target = data["embedding"], data["label"], data["truth"], int(data["target"])
     config = Config(seed=key[4])
     keys = default_keys(len(y), config.seed)
+    states = states_by_class(e, y, keys, config.max_fit_rows_per_class)
+    flags = np.zeros(len(y), dtype=bool)
+    for detector in fit_detectors(states, config).values():
+        flags |= detector.flag(e, y, keys)
+    return e, y, truth, target, config, keys, states, flags
+
+
+def one(key, path, leave_out: bool = False) -> dict:
+    from threadpoolctl import threadpool_limits
+
+    from poisonguard.canaries import power_of
+    from poisonguard.detectors.stats import states_by_class
+
     with threadpool_limits(1):
-        states = states_by_class(e, y, keys, config.max_fit_rows_per_class)
-        flags = np.zeros(len(y), dtype=bool)
-        for detector in fit_detectors(states, config).values():
-            flags |= detector.flag(e, y, keys)
+        e, y, truth, target, config, keys, states, flags = _scanned(key, path)
         share = truth.sum() / max(int((y == target).sum()), 1)
         config.canaries.sizes = [float(min(share, 0.5))]
         held = 0
@@ -141,19 +150,9 @@ def one_grid(key, path, distances=FINE_GRID) -> dict:
     from threadpoolctl import threadpool_limits
 
     from poisonguard.canaries import power_of
-    from poisonguard.config import Config
-    from poisonguard.core.screening import fit_detectors
-    from poisonguard.detectors.stats import default_keys, states_by_class
 
-    data = np.load(path)
-    e, y, truth, target = data["embedding"], data["label"], data["truth"], int(data["target"])
-    config = Config(seed=key[4])
-    keys = default_keys(len(y), config.seed)
     with threadpool_limits(1):
-        states = states_by_class(e, y, keys, config.max_fit_rows_per_class)
-        flags = np.zeros(len(y), dtype=bool)
-        for detector in fit_detectors(states, config).values():
-            flags |= detector.flag(e, y, keys)
+        e, y, truth, target, config, _, states, flags = _scanned(key, path)
         config.canaries.sizes = [float(min(truth.sum() / max(int((y == target).sum()), 1), 0.5))]
         config.canaries.distances = list(distances)
         power = power_of(states, config, classes=[target])

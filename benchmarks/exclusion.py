@@ -130,7 +130,7 @@ def report(rows: list[dict]) -> str:
              if not g["flagged"] and g["reclassified"] >= 0.6 and g.get("one_destination") is not None
              and (g["poison_share"] >= 0.5 or g["poison_share"] <= 0.1)]
     if any(p for p, *_ in moved) and any(not p for p, *_ in moved):
-        poison_to = ", ".join(f"{k[0]} {k[1]} {k[2]:.0%} seed {k[3]} {o:.2f}" for p, o, k in sorted(moved, key=str) if p)
+        poison_to = ", ".join(f"{k[0]} {k[1]} {k[2]:.0%} seed {k[3]} {o:.2f}" for p, o, k in sorted(moved, key=lambda m: m[2]) if p)
         clean_to = [o for p, o, _ in moved if not p]
         lines += ["", "Where the moved rows went (`one class`: the share of a group's reclassified rows that went to the "
                   "class most of them went to), for the groups their detector did not flag that moved at 0.6 or more: "
