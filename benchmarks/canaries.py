@@ -80,6 +80,12 @@ def shape(split: str = "dev") -> dict:
     return {"cases": len(gaps), "distance_quartiles": q(gaps), "spread_quartiles": q(spreads)}
 
 
+def read_at(grid, distance: float) -> float:
+    """The grid distance a user reads for an attack ``distance`` SDs out: the largest at or below it
+    ("an attack at least this far out would have been caught"), the smallest where none is."""
+    return max([d for d in grid if d <= distance], default=min(grid))
+
+
 def _scanned(key, path) -> tuple:
     """A cached case as the default detectors see it: (embeddings, labels, truth, target class, the
     default config at the case's seed, row keys, class states, the rows flagged)."""
@@ -117,7 +123,7 @@ def one(key, path, leave_out: bool = False) -> dict:
         measured = real_shape(e, y, truth, target)
         grid = None
         if measured is not None:  # the grid read as a user reads it: the nearest distance at or below the attack's
-            grid = trials[max([d for d in trials if d <= measured[0]], default=min(trials))]
+            grid = trials[read_at(trials, measured[0])]
             # the same canaries planted at the real poison's own shape: how faithful planted clusters are
             # when their geometry is right (an oracle: a user's self-test cannot know it)
             config.canaries.distances = [float(min(max(measured[0], 1e-3), 100.0))]
@@ -166,8 +172,7 @@ def grid_readings(rows: list[dict], grid) -> str:
     """The grid read as a user reads it (``one``), on a finer run's trials restricted to ``grid``."""
     rows = [r for r in rows if r["real_distance"] is not None]
     real = np.array([r["real_recall"] >= 0.5 for r in rows])
-    said = np.array([r["trials"][str(max([d for d in grid if d <= r["real_distance"]], default=min(grid)))] >= 0.5
-                     for r in rows])
+    said = np.array([r["trials"][str(read_at(grid, r["real_distance"]))] >= 0.5 for r in rows])
     return (f"{len(grid)} distances ({', '.join(str(d) for d in grid)}): agreement {np.mean(real == said):.1%}; "
             f"{_readings(real, said)}")
 

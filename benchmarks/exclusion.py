@@ -57,6 +57,7 @@ def _proxy(x, y, seed):
 def run(case) -> dict:
     import poisonguard
     import torch
+    from poisonguard.core.exclusion import one_destination_share
     from threadpoolctl import threadpool_limits
 
     source, attack, rate, seed = case
@@ -99,8 +100,7 @@ def run(case) -> dict:
             went = predicted[np.searchsorted(np.flatnonzero(union), rows)][moved[rows]]
             g.update(size=len(rows), poison_share=round(float(truth[rows].mean()), 3),
                      reclassified=round(float(moved[rows].mean()), 3),
-                     one_destination=round(float(np.unique(went, return_counts=True)[1].max() / len(went)), 3)
-                     if len(went) else None,
+                     one_destination=None if not len(went) else round(one_destination_share(went), 3),
                      reclassified_poison=round(float(moved[rows][truth[rows]].mean()), 3) if truth[rows].any() else None,
                      reclassified_clean=round(float(moved[rows][~truth[rows]].mean()), 3) if (~truth[rows]).any() else None)
             out["groups"].append(g)

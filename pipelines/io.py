@@ -476,11 +476,15 @@ def common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     return None
 
 
+def _clashes(a: pa.Schema, b: pa.Schema) -> list[str]:
+    """The columns both schemas hold and type with no common type (``common_type``), in ``a``'s order."""
+    return [name for name in a.names if name in b.names and common_type(a.field(name).type, b.field(name).type) is None]
+
+
 def _first_clash(a: pa.Schema, b: pa.Schema) -> str | None:
-    """The first column two schemas type with no common type (``common_type``), if that is the difference."""
-    if a.names != b.names:
-        return None
-    return next((fa.name for fa, fb in zip(a, b) if common_type(fa.type, fb.type) is None), None)
+    """The first such column, if the type is the difference (the same columns in the same order)."""
+    clashes = _clashes(a, b)
+    return clashes[0] if clashes and a.names == b.names else None
 
 
 def _schema_diff(a: pa.Schema, b: pa.Schema) -> str:
@@ -491,8 +495,6 @@ def _schema_diff(a: pa.Schema, b: pa.Schema) -> str:
         parts.append(f"missing {', '.join(only_a)}")
     if only_b:
         parts.append(f"extra {', '.join(only_b)}")
-    for name in a.names:
-        if name in b.names and common_type(a.field(name).type, b.field(name).type) is None:
-            parts.append(f"column {name!r} is {b.field(name).type}, not {a.field(name).type} (no type holds both "
-                         "without loss)")
+    parts += [f"column {name!r} is {b.field(name).type}, not {a.field(name).type} (no type holds both without loss)"
+              for name in _clashes(a, b)]
     return "; ".join(parts) or "column order differs"

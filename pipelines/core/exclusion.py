@@ -186,19 +186,19 @@ def moved_shares(sample, groups: list[np.ndarray], plan, config) -> tuple[list[t
     union = np.logical_or.reduce(groups)
     keep = ~union
     model, info = fit_proxy(sample.x[keep], sample.labels[keep], plan, config, sample.layout)
-    classes, shape = np.unique(sample.labels), sample.layout.shape
-    own = np.searchsorted(classes, sample.labels[union])  # class codes; the retrained proxy's outputs are the kept classes
-    learnt = _forward(sample.model, sample.x[union], shape).argmax(1) == own
-    placed = np.full(len(union), -1, dtype=np.int64)
-    placed[union] = np.searchsorted(classes, np.unique(sample.labels[keep]))[_forward(model, sample.x[union], shape).argmax(1)]
+    labels, shape = sample.labels[union], sample.layout.shape
+    learnt = np.unique(sample.labels)[_forward(sample.model, sample.x[union], shape).argmax(1)] == labels
+    placed = np.empty_like(sample.labels)  # each left-out row's class in the proxy trained without it
+    placed[union] = np.unique(sample.labels[keep])[_forward(model, sample.x[union], shape).argmax(1)]
     moved = np.zeros(len(union), bool)
-    moved[union] = learnt & (placed[union] != own)
-    return [(float(moved[g].mean()), _one_destination(placed[g & moved]), int((g & moved).sum())) for g in groups], info
+    moved[union] = learnt & (placed[union] != labels)
+    return [(float(moved[g].mean()), one_destination_share(placed[g & moved]), int((g & moved).sum())) for g in groups], info
 
 
-def _one_destination(placed: np.ndarray) -> float | None:
-    """The share of a group's moved rows that went to the one class most of them went to."""
-    return float(np.bincount(placed).max() / len(placed)) if len(placed) else None
+def one_destination_share(placed: np.ndarray) -> float | None:
+    """The share of a group's moved rows that went to the one class most of them went to (``placed``:
+    each moved row's new class); None where none moved."""
+    return float(np.unique(placed, return_counts=True)[1].max() / len(placed)) if len(placed) else None
 
 
 def _forward(fn, x: np.ndarray, shape) -> np.ndarray:
