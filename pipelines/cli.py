@@ -60,14 +60,18 @@ def _parser() -> argparse.ArgumentParser:
                             description="Record reviewers' decisions (CSV or Parquet: id, decision = release | "
                                         "confirm, note) in the state folder and the provenance log. Every "
                                         "decision is checked first; nothing is applied unless all are valid.")
-    review.add_argument("run_dir", metavar="RUN_DIR")
+    review.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, or a published run on object storage (its --out URI)")
     review.add_argument("--decisions", required=True, metavar="FILE", help="review.csv filled in, or a Parquet file")
     review.add_argument("--reviewer", required=True, metavar="NAME")
     review.add_argument("--state", metavar="DIR", help="state folder (default: the run's configured state)")
     review.add_argument("--provenance-log", metavar="FILE", help="default: the run's provenance log")
 
-    report = sub.add_parser("report", help="re-render RUN_DIR/report.html", description="Re-render report.html.")
-    report.add_argument("run_dir", metavar="RUN_DIR")
+    report = sub.add_parser("report", help="re-render RUN_DIR/report.html",
+                            description="Re-render report.html and review.csv, with the decisions reviewed since the scan.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, or a published run on object storage (its --out URI)")
+    report.add_argument("--to", metavar="DIR", help="write report.html and review.csv here (a folder or a URI) instead "
+                                                    "of into RUN_DIR; needed where RUN_DIR is on object storage, whose "
+                                                    "published run is never rewritten")
     report.add_argument("--provenance-log", metavar="FILE",
                         help="the log whose COMPLETE record the quarantine files are checked against "
                              "(default: the one the run's summary names)")
@@ -368,18 +372,19 @@ def _run_summary(run_dir: str) -> dict:
 def _review(args) -> int:
     from poisonguard.errors import InputError
     from poisonguard.review import apply_review
+    from poisonguard import storage
+    from poisonguard.run.remote import mirrored, run_folder
 
-    summary = _run_summary(args.run_dir)
-    state = args.state or summary["parameters"].get("state")
-    if not state:
-        raise InputError("no state folder: pass --state DIR (or set state in the scan's config)")
-    log_path = args.provenance_log or summary.get("provenance", {}).get("log")
-    from poisonguard.run.remote import mirrored
-
-    with mirrored(state, log_path) as (local_state, local_log):
-        counts = apply_review(args.run_dir, args.decisions, args.reviewer, local_state, local_log)
-    print(f"recorded {counts['release']} release and {counts['confirm']} confirm decision(s) in {state}, "
-          f"logged to {log_path}; {counts['unchanged']} already recorded; {counts['undecided']} quarantined "
+    with run_folder(args.run_dir, clean=False) as (run_dir, clean_ids):
+        summary = _run_summary(run_dir)
+        state = args.state or summary["parameters"].get("state")
+        if not state:
+            raise InputError("no state folder: pass --state DIR (or set state in the scan's config)")
+        log_path = args.provenance_log or summary.get("provenance", {}).get("log")
+        with mirrored(state, log_path) as (local_state, local_log):
+            counts = apply_review(run_dir, args.decisions, args.reviewer, local_state, local_log, clean_ids)
+    print(f"recorded {counts['release']} release and {counts['confirm']} confirm decision(s) in {storage.display(state)}, "
+          f"logged to {storage.display(log_path)}; {counts['unchanged']} already recorded; {counts['undecided']} quarantined "
           "row(s) still undecided")
     return 0
 
@@ -387,43 +392,63 @@ def _review(args) -> int:
 def _report(args) -> int:
     import pyarrow as pa
 
+    from poisonguard import storage
     from poisonguard.errors import InputError
+    from poisonguard.names import REPORT, REVIEW_CSV
     from poisonguard.report import render_report
+    from poisonguard.run.remote import run_folder
     from poisonguard.workbench import build_table, write_review_csv
 
-    summary = _run_summary(args.run_dir)
-    integrity = _check_against_log(args.run_dir, summary, args.provenance_log)
-    try:
-        table = build_table(args.run_dir, summary, from_log=True)  # with the decisions reviewed since the scan
-    except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"the run's quarantine files are unreadable (changed since the scan?): "
-                         f"{str(exc).splitlines()[0][:200]}", path=args.run_dir) from None
-    write_review_csv(args.run_dir, table)
-    print(render_report(args.run_dir, table, integrity=integrity))
+    if storage.is_remote(args.run_dir) and not args.to:
+        raise InputError("a published run on object storage is not rewritten: pass --to DIR for the re-rendered "
+                         "report.html and review.csv", path=storage.display(args.run_dir))
+    with run_folder(args.run_dir) as (run_dir, _), tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
+        summary = _run_summary(run_dir)
+        log_path = args.provenance_log or (summary.get("provenance") or {}).get("log")
+        local_log = _local_log(log_path, tmp)
+        integrity = _check_against_log(run_dir, summary, log_path, local_log)
+        try:  # with the decisions reviewed since the scan
+            table = build_table(run_dir, summary, from_log=local_log)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"the run's quarantine files are unreadable (changed since the scan?): "
+                             f"{str(exc).splitlines()[0][:200]}", path=storage.display(args.run_dir)) from None
+        out = tmp if storage.is_remote(args.to) else (args.to or run_dir)
+        os.makedirs(out, exist_ok=True)
+        write_review_csv(out, table)
+        render_report(run_dir, table, integrity=integrity, out_dir=out)
+        for name in (REVIEW_CSV, REPORT):
+            if storage.is_remote(args.to):
+                storage.upload(os.path.join(out, name), storage.join(args.to, name))
+    where = args.to or args.run_dir
+    print(storage.display(storage.join(where, REPORT)) if storage.is_remote(where) else os.path.join(where, REPORT))
     return 0
 
 
-def _check_against_log(run_dir: str, summary: dict, log_path: str | None) -> dict:
+def _local_log(log_path: str | None, tmp: str) -> str | None:
+    """The provenance log as a local file (a copy where it is on object storage); None where it is not there."""
+    from poisonguard import storage
+
+    if storage.is_remote(log_path):
+        data = storage.read_bytes(log_path)
+        if data is None:
+            return None
+        Path(tmp, "log.jsonl").write_bytes(data)
+        return str(Path(tmp, "log.jsonl"))
+    return log_path if log_path and os.path.isfile(log_path) else None
+
+
+def _check_against_log(run_dir: str, summary: dict, log_path: str | None, local_log: str | None) -> dict:
     """A re-rendered report shows the quarantine files its COMPLETE record hashed, or says it could not
     check them (a run folder moved away from its log): exit 2 when they differ, as ``review``."""
-    from pathlib import Path
-
     from poisonguard import storage
     from poisonguard.review import check_published
 
-    log_path = log_path or (summary.get("provenance") or {}).get("log")
-    remote = storage.is_remote(log_path)
-    data = storage.read_bytes(log_path) if remote else None
-    if not log_path or (data is None if remote else not os.path.isfile(log_path)):
-        line = (f"quarantine files NOT checked against the provenance log ({log_path or 'none recorded'} is not "
-                "there; pass --provenance-log)")
+    if local_log is None:
+        shown = storage.display(log_path) if log_path else "none recorded"
+        line = f"quarantine files NOT checked against the provenance log ({shown} is not there; pass --provenance-log)"
         print(f"poisonguard: warning: {line}", file=sys.stderr)
         return {"checked": False, "line": line}
-    with tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
-        if remote:
-            Path(tmp, "log.jsonl").write_bytes(data)
-        check_published(Path(run_dir), summary["run_id"], str(Path(tmp, "log.jsonl")) if remote else log_path,
-                        "report not rendered")
+    check_published(Path(run_dir), summary["run_id"], local_log, "report not rendered")
     return {"checked": True, "line": f"quarantine files checked against the COMPLETE record in {storage.display(log_path)}"}
 
 

@@ -115,9 +115,9 @@ def _template():
 
 
 def render_report(run_dir: str, table: dict | None = None, summary: dict | None = None,
-                  integrity: dict | None = None) -> str:
-    """Write RUN_DIR/report.html and return its path; ``table``: the workbench's quarantine table,
-    ``summary``: the run's summary (read from RUN_DIR/summary.json when not given); ``integrity``: a
+                  integrity: dict | None = None, out_dir: str | None = None) -> str:
+    """Write RUN_DIR/report.html (or ``out_dir``/report.html) and return its path; ``table``: the
+    workbench's quarantine table, ``summary``: the run's summary (read from RUN_DIR/summary.json when not given); ``integrity``: a
     re-render's check of the quarantine files against the log ({checked, line}).  A scan renders it in
     its staging folder, where the score pass's clean-sample candidates still are; a re-render of a
     published run reads the clean rows."""
@@ -153,7 +153,7 @@ def render_report(run_dir: str, table: dict | None = None, summary: dict | None 
         canary_kind=canary_kind(summary["canaries"]) if summary.get("canaries") else "",
         copies_line=copies.line(summary.get("copies")),
         run_to_run=summary.get("run_to_run") or {}, integrity=integrity)
-    path = os.path.join(run_dir, REPORT)
+    path = os.path.join(out_dir or run_dir, REPORT)
     Path(path).write_text(page, encoding="utf-8")
     return path
 

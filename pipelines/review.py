@@ -60,8 +60,17 @@ def check_published(run: Path, run_id: str, log_path: str, outcome: str = "nothi
                              f"{outcome}", path=str(path))
 
 
-def apply_review(run_dir: str, decisions_path: str, reviewer: str, state_dir: str, log_path: str) -> dict:
-    """Validate every decision first; apply none unless all are valid."""
+def _clean_ids(run: Path, id_col: str, clean_ids) -> set[str]:
+    from poisonguard.run.remote import column_of, local_parts
+
+    return clean_ids(id_col) if clean_ids is not None else column_of(local_parts(str(run / CLEAN)), id_col)
+
+
+def apply_review(run_dir: str, decisions_path: str, reviewer: str, state_dir: str, log_path: str,
+                 clean_ids=None) -> dict:
+    """Validate every decision first; apply none unless all are valid.  ``clean_ids(column)``: the ids
+    of the run's clean output (default: read from RUN_DIR/clean), asked only where a decision names a
+    row that is not in the quarantine."""
     from poisonguard.run.summary import read_summary
 
     run = Path(run_dir)
@@ -74,24 +83,26 @@ def apply_review(run_dir: str, decisions_path: str, reviewer: str, state_dir: st
         raise InputError("no decision filled in (the decision column is empty)", path=decisions_path)
     id_col = summary["parameters"]["columns"]["id"]
     held = pads.dataset(str(run / QUARANTINE), format="parquet").to_table()
-    clean_ids = set(pads.dataset(str(run / CLEAN), format="parquet").to_table(columns=[id_col])
-                    .column(id_col).cast(pa.string()).to_pylist())
     held_ids = held.column(id_col).cast(pa.string()).to_pylist()
     positions: dict[str, list[int]] = {}
     for i, row_id in enumerate(held_ids):
         positions.setdefault(row_id, []).append(i)
-    problems, seen = [], set()
+    problems, missing, seen = [], [], set()
     for number, row in enumerate(rows, start=2):
         row_id, decision = str(row["id"]), str(row["decision"]).strip().lower()
         if decision not in DECISIONS:
-            problems.append(f"row {number}: decision {row['decision']!r} is not release or confirm")
+            problems.append((number, f"row {number}: decision {row['decision']!r} is not release or confirm"))
         if row_id in seen:
-            problems.append(f"row {number}: id {row_id!r} has more than one decision")
+            problems.append((number, f"row {number}: id {row_id!r} has more than one decision"))
         seen.add(row_id)
         if row_id not in positions:
-            where = "is in this run's clean output, not its quarantine" if row_id in clean_ids else "is not in this run"
-            problems.append(f"row {number}: id {row_id!r} {where}")
-    if problems:
+            missing.append((number, row_id))
+    if problems or missing:
+        in_clean = _clean_ids(run, id_col, clean_ids) if missing else set()
+        problems += [(number, f"row {number}: id {row_id!r} " + ("is in this run's clean output, not its quarantine"
+                                                                  if row_id in in_clean else "is not in this run"))
+                     for number, row_id in missing]
+        problems = [message for _, message in sorted(problems, key=lambda p: p[0])]
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise InputError(f"decisions rejected, nothing applied: {'; '.join(problems[:3])}{more}", path=decisions_path)
     input_columns = [c for c in held.column_names if not is_added_column(c)]

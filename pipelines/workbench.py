@@ -56,12 +56,12 @@ def state_decisions(state_dir: str | None) -> dict[tuple[str, str], dict]:
         "note": d.get("note", "")} for d in StateFolder(state_dir).records()}
 
 
-def row_statuses(run_dir: str, summary: dict, held: pa.Table, from_log: bool) -> list[dict]:
+def row_statuses(run_dir: str, summary: dict, held: pa.Table, from_log: str | None) -> list[dict]:
     """Per quarantined row (in ``held``'s order): undecided, confirmed or released, by whom and when.
 
     In a scan, the statuses are the ``review_status`` column (decisions the log backs) and the
-    details come from the state folder; ``from_log`` (``poisonguard report`` after a review) reads
-    the latest decisions from the verified log instead.
+    details come from the state folder; ``from_log`` (``poisonguard report`` after a review: a local
+    copy of the log it checked the run against) gives the latest decisions instead.
     """
     from poisonguard.core.decisions import content_hashes
 
@@ -70,7 +70,7 @@ def row_statuses(run_dir: str, summary: dict, held: pa.Table, from_log: bool) ->
     at_scan = held.column(REVIEW_STATUS).to_pylist() if REVIEW_STATUS in held.column_names else [None] * len(ids)
     out = [{"status": s or "undecided", "reviewer": "", "time": "", "note": ""} for s in at_scan]
     if from_log:
-        logged = logged_decisions((summary.get("provenance") or {}).get("log"))
+        logged = logged_decisions(from_log)
     else:
         logged = state_decisions(summary["parameters"].get("state"))
         decided = {i for i, s in zip(ids, at_scan) if s}
@@ -99,7 +99,7 @@ def _sig(value: float) -> float | None:
     return None if value is None or not np.isfinite(value) else float(f"{value:.4g}")
 
 
-def build_table(run_dir: str, summary: dict, from_log: bool = False) -> dict:
+def build_table(run_dir: str, summary: dict, from_log: str | None = None) -> dict:
     """The quarantine as the reviewer sees it: rows most suspicious first, as lists
     [id, label, reasons (indices), status, reviewer, time, note, source, (score, threshold, ratio) per detector]."""
     import pyarrow.dataset as pads

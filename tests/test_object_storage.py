@@ -3,6 +3,7 @@ tests start on localhost and stop: same results as a local run, the commit proto
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
@@ -226,12 +227,107 @@ def test_review_with_state_and_log_on_s3_feeds_the_next_scan(s3, tmp):
     assert code == 0, stderr
     assert state in stdout and log in stdout
     assert any(k.startswith("pg/state/decisions") for k in _objects(client, bucket, "pg/state/"))
+    assert run_cli("report", tmp / "one")[0] == 0  # the decisions read from the log on S3
+    shown = {r["id"]: r["status"] for r in read_review(tmp / "one" / "review.csv")}
+    assert [shown[r["id"]] for r in rows[:2]] == ["released", "released"]
     assert run_cli("scan", POISONED, "--out", tmp / "two", *args)[0] == 0
     clean = read_outputs(tmp / "two")[0]
     released = [i for i, s in zip(clean.column("id").to_pylist(), clean.column("review_status").to_pylist())
                 if s == "released"]
     assert sorted(released) == sorted(r["id"] for r in rows[:2])
     assert run_cli("verify-log", log)[0] == 0
+
+
+def _published_with_log(bucket):
+    log = f"s3://{bucket}/pg/provenance.jsonl"
+    code, _, stderr = _scan(bucket, "--provenance-log", log, "--quiet")
+    assert code == 0, stderr
+    return f"s3://{bucket}/runs/today", log
+
+
+def test_review_and_report_read_a_published_run_where_it_was_published(s3, tmp):
+    from conftest import read_review, write_rows
+
+    client, bucket = s3
+    run, log = _published_with_log(bucket)
+    code, _, stderr = run_cli("report", run)
+    assert code == 2 and "--to" in stderr and len(stderr.strip().splitlines()) == 1
+    code, stdout, stderr = run_cli("report", run, "--to", tmp / "seen")
+    assert code == 0, stderr
+    assert stdout.strip() == str(tmp / "seen" / "report.html") and "checked against the COMPLETE record" in \
+        (tmp / "seen" / "report.html").read_text()
+    rows = read_review(tmp / "seen" / "review.csv")
+    assert rows and {r["status"] for r in rows} == {"undecided"}
+    for row in rows[:2]:
+        row["decision"] = "release"
+    rows[2]["decision"] = "confirm"
+    before = _objects(client, bucket, "runs/")
+    clean_id = _table(next(v for k, v in before.items() if "/clean/" in k)).column("id")[0].as_py()
+    wrong = write_rows(tmp / "wrong.csv", [{**rows[0], "id": clean_id}])
+    code, _, stderr = run_cli("review", run, "--decisions", wrong, "--reviewer", "ana")
+    assert code == 2 and f"id {clean_id!r} is in this run's clean output, not its quarantine" in stderr
+    code, stdout, stderr = run_cli("review", run, "--decisions", write_rows(tmp / "d.csv", rows[:3]),
+                                   "--reviewer", "ana")
+    assert code == 0, stderr
+    assert "recorded 2 release and 1 confirm" in stdout
+    assert _objects(client, bucket, "runs/") == before  # the published run is read, never rewritten
+    code, stdout, stderr = run_cli("report", run, "--to", f"s3://{bucket}/reports/today")
+    assert code == 0, stderr
+    assert stdout.strip() == f"s3://{bucket}/reports/today/report.html"
+    reports = _objects(client, bucket, "reports/today/")
+    assert set(reports) == {"reports/today/report.html", "reports/today/review.csv"}
+    statuses = {r["id"]: r["status"] for r in csv.DictReader(io.StringIO(reports["reports/today/review.csv"].decode()))}
+    assert [statuses[r["id"]] for r in rows[:3]] == ["released", "released", "confirmed"]
+    assert sum(s == "undecided" for s in statuses.values()) == len(rows) - 3
+    assert run_cli("verify-log", log)[0] == 0
+
+
+def test_a_published_run_changed_after_its_manifest_is_refused_and_nothing_lands_outside_the_copy(s3, tmp):
+    import hashlib
+
+    from conftest import read_review, write_rows
+
+    client, bucket = s3
+    run, log = _published_with_log(bucket)
+    assert run_cli("report", run, "--to", tmp / "seen")[0] == 0
+    rows = read_review(tmp / "seen" / "review.csv")[:1]
+    rows[0]["decision"] = "release"
+    decisions = write_rows(tmp / "d.csv", rows)
+    objects = _objects(client, bucket, "runs/today/")
+    part = next(k for k in objects if "/quarantine/" in k and k.endswith(".parquet"))
+    client.put_object(Bucket=bucket, Key=part, Body=objects[part][:-8] + b"\0" * 8)
+    for command in (("review", run, "--decisions", decisions, "--reviewer", "ana"),
+                    ("report", run, "--to", tmp / "again")):
+        code, _, stderr = run_cli(*command)
+        assert code == 2, stderr
+        assert "differs from the run's manifest" in stderr and part.rsplit("/", 1)[1] in stderr
+        assert len(stderr.strip().splitlines()) == 1
+    assert not (tmp / "again").exists()
+    pointer = json.loads(objects["runs/today/_SUCCESS"])
+    manifest = json.loads(objects[f"runs/today/{pointer['manifest']}"])
+
+    def republish(files):
+        body = json.dumps({**manifest, "files": files}).encode()
+        client.put_object(Bucket=bucket, Key=f"runs/today/{pointer['manifest']}", Body=body)
+        client.put_object(Bucket=bucket, Key="runs/today/_SUCCESS",
+                          Body=json.dumps({**pointer, "manifest_sha256": hashlib.sha256(body).hexdigest()}).encode())
+
+    # a writer who also rewrites the manifest: the COMPLETE record in the log still holds the published hash
+    held = _table(objects[part])
+    sink = io.BytesIO()
+    pq.write_table(held.slice(1), sink)
+    client.put_object(Bucket=bucket, Key=part, Body=sink.getvalue())
+    rel = part.split("/", 3)[3]
+    republish([{**f, "sha256": hashlib.sha256(sink.getvalue()).hexdigest()} if f["path"] == rel else f
+               for f in manifest["files"]])
+    code, _, stderr = run_cli("review", run, "--decisions", decisions, "--reviewer", "ana")
+    assert code == 2 and "changed since the run was published" in stderr
+    assert f"file s3://{bucket}/runs/today/{pointer['attempt']}/{rel}:" in stderr and "poisonguard-" not in stderr
+    client.put_object(Bucket=bucket, Key=part, Body=objects[part])
+    republish([{**manifest["files"][0], "path": "../../escaped.txt"}, *manifest["files"][1:]])
+    code, _, stderr = run_cli("review", run, "--decisions", decisions, "--reviewer", "ana")
+    assert code == 2 and "the manifest names a file outside the run: '../../escaped.txt'" in stderr
+    assert "decisions" not in "".join(_objects(client, bucket, "state/"))  # nothing applied
 
 
 def test_gcs_retries_are_bounded_unless_the_uri_sets_them():

@@ -13,6 +13,9 @@ private temporary folder, and publishes like this:
   4. the COMPLETE record committed to the log; should that fail, the previous ``_SUCCESS`` goes back.
   A reader that follows ``_SUCCESS`` (:func:`published`) sees a complete run; the previous run stays
   readable until step 3.  Attempts that ``_SUCCESS`` no longer names are deleted after the commit.
+
+``review`` and ``report`` read such a run through :func:`run_folder`: a local copy of the run that
+``_SUCCESS`` names, each file checked against the manifest while it is copied.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 from poisonguard import storage
 from poisonguard.errors import InputError
 from poisonguard.io import hidden, sha256_file
-from poisonguard.names import DEFAULT_LOG, MANIFEST, SUCCESS, safe_name
+from poisonguard.names import CLEAN, DEFAULT_LOG, MANIFEST, SUCCESS, safe_name
 from poisonguard.run import rundir
 
 log = logging.getLogger("poisonguard")
@@ -289,3 +292,71 @@ def published(out: str) -> dict:
     return {"run_id": pointer["run_id"], "attempt": pointer["attempt"],
             "files": {f["path"]: storage.join(out, pointer["attempt"], f["path"]) for f in files},
             "manifest": files}
+
+
+@contextlib.contextmanager
+def run_folder(run_dir: str, clean: bool = True):
+    """``(local run folder, clean_ids)`` for ``review`` and ``report``: a local ``run_dir`` as it is; on
+    object storage, a private local copy of the run ``_SUCCESS`` names (:func:`published`), every
+    file's sha256 checked against the manifest as it is copied.  ``clean=False`` leaves the clean
+    output where it is (``review`` reads only its ids, and only to say why a decision names a row
+    that is not in the quarantine): ``clean_ids(column)`` reads that column of the clean parts,
+    wherever they are."""
+    if not storage.is_remote(run_dir):
+        yield run_dir, lambda column: column_of(local_parts(os.path.join(run_dir, CLEAN)), column)
+        return
+    run = published(run_dir)
+    parts = sorted(uri for rel, uri in run["files"].items() if _below(rel, CLEAN) and rel.endswith(".parquet"))
+    with tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
+        local = Path(tmp, "run")
+        for entry in run["manifest"]:
+            rel = entry["path"]
+            if not clean and _below(rel, CLEAN):
+                continue
+            target = local.joinpath(*_parts_of(rel, run_dir))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            uri = run["files"][rel]
+            if storage.download(uri, str(target)) != entry.get("sha256"):
+                raise InputError("changed since it was published (its sha256 differs from the run's manifest)",
+                                 path=storage.display(uri))
+        try:
+            yield str(local), lambda column: column_of(parts, column)
+        except InputError as exc:  # named as the run's files are, not as the copy that is gone
+            raise InputError(str(exc).replace(str(local), storage.display(storage.join(run_dir, run["attempt"])))) \
+                from None
+
+
+def _below(rel: str, folder: str) -> bool:
+    return rel.startswith(folder + "/")
+
+
+def _parts_of(rel: str, run_dir: str) -> list[str]:
+    """A manifest path's parts, as a local path below the copy: nothing that climbs out of it."""
+    parts = rel.split("/")
+    if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") or "\0" in p for p in parts):
+        raise InputError(f"the manifest names a file outside the run: {rel[:80]!r}", path=storage.display(run_dir))
+    return parts
+
+
+def local_parts(folder: str) -> list[str]:
+    return sorted(str(p) for p in Path(folder).glob("*.parquet"))
+
+
+def column_of(parts: list[str], column: str) -> set[str]:
+    """One column of Parquet parts (local paths or URIs of one store), as strings."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    if not parts:
+        return set()
+    if storage.is_remote(parts[0]):
+        fs = storage.filesystem(parts[0])[0]
+        paths = [storage.filesystem(uri)[1] for uri in parts]
+    else:
+        fs, paths = None, parts
+    try:
+        table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=[column])
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"the run's clean output is unreadable: {str(exc).splitlines()[0][:200]}",
+                         path=storage.display(parts[0])) from None
+    return set(table.column(column).cast(pa.string()).to_pylist())
