@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                                         "confirm, note) in the state folder and the provenance log. Every "
                                         "decision is checked first; nothing is applied unless all are valid.")
     review.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, or a published run on object storage (its --out URI)")
-    review.add_argument("--decisions", required=True, metavar="FILE", help="review.csv filled in, or a Parquet file")
+    review.add_argument("--decisions", required=True, metavar="FILE",
+                        help="review.csv filled in, or a Parquet file (a path or a URI)")
     review.add_argument("--reviewer", required=True, metavar="NAME")
     review.add_argument("--state", metavar="DIR", help="state folder (default: the run's configured state)")
     review.add_argument("--provenance-log", metavar="FILE", help="default: the run's provenance log")
@@ -373,16 +374,16 @@ def _review(args) -> int:
     from poisonguard.errors import InputError
     from poisonguard.review import apply_review
     from poisonguard import storage
-    from poisonguard.run.remote import mirrored, run_folder
+    from poisonguard.run.remote import local_file, mirrored, run_folder
 
-    with run_folder(args.run_dir, clean=False) as (run_dir, clean_ids):
+    with run_folder(args.run_dir, clean=False) as (run_dir, clean_ids), local_file(args.decisions) as decisions:
         summary = _run_summary(run_dir)
         state = args.state or summary["parameters"].get("state")
         if not state:
             raise InputError("no state folder: pass --state DIR (or set state in the scan's config)")
         log_path = args.provenance_log or summary.get("provenance", {}).get("log")
         with mirrored(state, log_path) as (local_state, local_log):
-            counts = apply_review(run_dir, args.decisions, args.reviewer, local_state, local_log, clean_ids)
+            counts = apply_review(run_dir, decisions, args.reviewer, local_state, local_log, clean_ids)
     print(f"recorded {counts['release']} release and {counts['confirm']} confirm decision(s) in {storage.display(state)}, "
           f"logged to {storage.display(log_path)}; {counts['unchanged']} already recorded; {counts['undecided']} quarantined "
           "row(s) still undecided")

@@ -266,7 +266,13 @@ def test_review_and_report_read_a_published_run_where_it_was_published(s3, tmp):
     wrong = write_rows(tmp / "wrong.csv", [{**rows[0], "id": clean_id}])
     code, _, stderr = run_cli("review", run, "--decisions", wrong, "--reviewer", "ana")
     assert code == 2 and f"id {clean_id!r} is in this run's clean output, not its quarantine" in stderr
-    code, stdout, stderr = run_cli("review", run, "--decisions", write_rows(tmp / "d.csv", rows[:3]),
+    client.upload_file(str(write_rows(tmp / "d.csv", rows[:3])), bucket, "decisions/today.csv")
+    code, _, stderr = run_cli("review", run, "--decisions", f"s3://{bucket}/decisions/nosuch.csv", "--reviewer", "ana")
+    assert code == 2 and f"file s3://{bucket}/decisions/nosuch.csv: no such file" in stderr
+    client.put_object(Bucket=bucket, Key="decisions/empty.csv", Body=b"id,decision\n")
+    code, _, stderr = run_cli("review", run, "--decisions", f"s3://{bucket}/decisions/empty.csv", "--reviewer", "ana")
+    assert code == 2 and f"file s3://{bucket}/decisions/empty.csv: decisions file has no rows" in stderr
+    code, stdout, stderr = run_cli("review", run, "--decisions", f"s3://{bucket}/decisions/today.csv",
                                    "--reviewer", "ana")
     assert code == 0, stderr
     assert "recorded 2 release and 1 confirm" in stdout

@@ -319,11 +319,32 @@ def run_folder(run_dir: str, clean: bool = True):
             if storage.download(uri, str(target)) != entry.get("sha256"):
                 raise InputError("changed since it was published (its sha256 differs from the run's manifest)",
                                  path=storage.display(uri))
-        try:
+        with _named_as(str(local), storage.join(run_dir, run["attempt"])):
             yield str(local), lambda column: column_of(parts, column)
-        except InputError as exc:  # named as the run's files are, not as the copy that is gone
-            raise InputError(str(exc).replace(str(local), storage.display(storage.join(run_dir, run["attempt"])))) \
-                from None
+
+
+@contextlib.contextmanager
+def local_file(path: str):
+    """A local path as it is; a URI as a private local copy (``review --decisions s3://...``)."""
+    if not storage.is_remote(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
+        local = os.path.join(tmp, "copy" + os.path.splitext(storage.display(path))[1][:16])
+        if storage.read_bytes(path) is None:
+            raise InputError("no such file", path=storage.display(path))
+        storage.download(path, local)
+        with _named_as(local, path):
+            yield local
+
+
+@contextlib.contextmanager
+def _named_as(local: str, uri: str):
+    """Errors named as the remote files are, not as the local copy that is gone when they are read."""
+    try:
+        yield
+    except InputError as exc:
+        raise InputError(str(exc).replace(local, storage.display(uri))) from None
 
 
 def _below(rel: str, folder: str) -> bool:
