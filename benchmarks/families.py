@@ -642,7 +642,8 @@ if __name__ == "__main__":
     ev.add_argument("--large-seeds", type=int, default=1, help="seeds evaluated on the 32,000-row source (time)")
     ev.add_argument("--out", default=str(RESULTS / "families.json"))
     ev.add_argument("--config", default="", help="a JSON config for poisonguard.screen (default: the defaults), "
-                    "to compare a candidate default; results then go to --out and families.md is not written")
+                    "to compare a candidate default; results then go to --out and families.md is not written "
+                    "(nor with an --out other than results/families.json)")
     ev.add_argument("--sources", type=source_list, default=[],
                     help="comma-separated: only these sources' cases, merged by key into --out's rows (for a "
                     "change that can act on those sources alone; `report` rewrites families.md)")
@@ -676,8 +677,9 @@ if __name__ == "__main__":
                         json.loads(args.config) if args.config else None, args.sources)
         rows = with_committed(Path(args.out), rows, args.sources)
         Path(args.out).write_text(json.dumps(rows, indent=0, default=float))
-        if args.split == "all" and not args.config and not args.sources:  # a partial or candidate run: no report
-            (RESULTS / "families.md").write_text(markdown(rows))
+        committed = Path(args.out).resolve() == (RESULTS / "families.json").resolve()
+        if args.split == "all" and not args.config and not args.sources and committed:  # families.md reports
+            (RESULTS / "families.md").write_text(markdown(rows))  # the committed JSON, never a side run's
         for split in ("dev", "heldout"):
             if any(r["split"] == split for r in rows):
                 print(f"\n## {split}\n\n" + table(rows, split))
