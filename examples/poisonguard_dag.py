@@ -59,7 +59,8 @@ with DAG(
     def notify(ti) -> None:
         result = json.loads(ti.xcom_pull(task_ids="scan"))
         print(f"poisonguard held back {result['counts']['quarantined']} rows ({result['reason']}); "
-              f"review {result['paths']['report']}")
+              f"review {result['paths']['report']}, then record the decisions with: {POISONGUARD} review "
+              f"{result['paths']['run_dir']} --decisions REVIEW_CSV --reviewer NAME")
 
     notify_reviewers = PythonOperator(task_id="notify_reviewers", python_callable=notify)
     def train_on_clean(ti) -> None:  # stands in for the training job: it reads only the clean rows
