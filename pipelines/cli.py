@@ -82,8 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     infer = suite_sub.add_parser("infer", help="infer a GX 1.x suite from trusted Parquet data",
                                  description="Write a GX 1.x suite of row-level expectations inferred from trusted "
                                              "data; every expectation says in its meta what it was inferred from.")
-    infer.add_argument("inputs", nargs="+", metavar="TRUSTED", help="trusted Parquet file, folder or glob")
-    infer.add_argument("--out", required=True, metavar="FILE", help="suite JSON to write, e.g. expectations/NAME.json")
+    infer.add_argument("inputs", nargs="+", metavar="TRUSTED", help="trusted Parquet file, folder or glob (a path or a URI)")
+    infer.add_argument("--out", required=True, metavar="FILE",
+                       help="suite JSON to write, e.g. expectations/NAME.json (a path or a URI)")
     infer.add_argument("--config", metavar="FILE", help="YAML config (column names)")
     infer.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, dotted (e.g. --set columns.label=y --set partitioning=hive)")
@@ -459,12 +460,17 @@ def _suite_infer(args) -> int:
     from poisonguard.config import load_config
     from poisonguard.infer import infer_suite, write_suite
 
+    from poisonguard import storage
+    from poisonguard.run.remote import local_inputs
+
     config = load_config(args.config, args.overrides)
-    suite = infer_suite(args.inputs, config, name=args.name or Path(args.out).stem, strictness=args.strictness,
-                        seed=config.seed)
+    stem = Path(storage.display(args.out).rsplit("/", 1)[-1]).stem
+    with local_inputs(args.inputs) as (inputs, names):
+        suite = infer_suite(inputs, config, name=args.name or stem, strictness=args.strictness, seed=config.seed,
+                            names=names)
     write_suite(suite, args.out)
     vectors = len(suite["meta"]["poisonguard"]["vectors"])
-    print(f"wrote {args.out}: {len(suite['expectations'])} expectations and {vectors} vector expectations "
+    print(f"wrote {storage.display(args.out)}: {len(suite['expectations'])} expectations and {vectors} vector expectations "
           f"({args.strictness}), inferred from {suite['meta']['poisonguard']['inferred_from']}")
     return 0
 

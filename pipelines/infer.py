@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -148,17 +149,24 @@ def _bounds(values: np.ndarray, strictness: str, axis=None):
 NAMED_FILES = 3  # trusted files an expectation's meta names; a lake of thousands is summarised by one digest
 
 
-def infer_suite(inputs: list[str], config: Config, *, name: str, strictness: str = "normal", seed: int = 0) -> dict:
+def infer_suite(inputs: list[str], config: Config, *, name: str, strictness: str = "normal", seed: int = 0,
+                names: dict[str, str] | None = None) -> dict:
+    """``names``: what to call each input file in the meta notes (a local copy -> its URI)."""
     plan = plan_discovered(inputs, config)
+    names = names or {}
+
+    def named(path: str) -> str:
+        return names.get(path) or names.get(os.path.realpath(path), path)
+
     rng = np.random.default_rng(seed)
     columns = {f.name: _Column(_kind(f.type)) for f in plan.schema}
     for item in work_items(plan, 1 << 30):
         for _, table in read_batches(item, None, config.batch_size):
             for name_, col in columns.items():
                 _observe(col, table.column(name_), rng)
-    n, files = plan.total_rows, ", ".join(f"{f.path} (sha256 {f.sha256[:12]})" for f in plan.files[:NAMED_FILES])
+    n, files = plan.total_rows, ", ".join(f"{named(f.path)} (sha256 {f.sha256[:12]})" for f in plan.files[:NAMED_FILES])
     if len(plan.files) > NAMED_FILES:
-        every = hashlib.sha256("".join(f"{f.path}\0{f.sha256}\n" for f in plan.files).encode()).hexdigest()
+        every = hashlib.sha256("".join(f"{named(f.path)}\0{f.sha256}\n" for f in plan.files).encode()).hexdigest()
         files += f" and {len(plan.files) - NAMED_FILES} more files (sha256 of every path and digest: {every[:12]})"
     source = f"{n} trusted rows of {files}"
     q_lo, q_hi, margin = STRICTNESS[strictness]
@@ -227,7 +235,12 @@ def write_suite(suite: dict, path: str) -> None:
 
     from poisonguard.errors import InputError
 
+    from poisonguard import storage
+
     text = json.dumps(suite, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    if storage.is_remote(path):
+        storage.write_bytes(path, text.encode("utf-8"))
+        return
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text, encoding="utf-8")

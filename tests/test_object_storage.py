@@ -336,6 +336,22 @@ def test_a_published_run_changed_after_its_manifest_is_refused_and_nothing_lands
     assert "decisions" not in "".join(_objects(client, bucket, "state/"))  # nothing applied
 
 
+def test_a_suite_is_inferred_from_trusted_data_on_object_storage_and_written_there(s3, tmp):
+    client, bucket = s3
+    code, stdout, stderr = run_cli("suite", "infer", f"s3://{bucket}/data/train/", "--out",
+                                   f"s3://{bucket}/expectations/train.json", "--config", DIGITS_CONFIG)
+    assert code == 0, stderr
+    assert stdout.startswith(f"wrote s3://{bucket}/expectations/train.json: ")
+    remote = json.loads(_objects(client, bucket, "expectations/")["expectations/train.json"])
+    assert run_cli("suite", "infer", POISONED, "--out", tmp / "train.json", "--config", DIGITS_CONFIG)[0] == 0
+    local = json.loads((tmp / "train.json").read_text())
+    text = json.dumps(remote)
+    assert f"s3://{bucket}/data/train/digits_poisoned.parquet (sha256 " in text and "poisonguard-" not in text
+    assert json.loads(text.replace(f"s3://{bucket}/data/train/digits_poisoned.parquet", str(POISONED))) == local
+    code, _, stderr = run_cli("suite", "infer", f"s3://{bucket}/nothing/", "--out", tmp / "x.json")
+    assert code == 2 and f"s3://{bucket}/nothing/" in stderr and not (tmp / "x.json").exists()
+
+
 def test_gcs_retries_are_bounded_unless_the_uri_sets_them():
     """Arrow's GCS client retries an unreachable store for 15 minutes by default: a scan of a gs://
     location with no route to it hung that long.  poisonguard bounds it at 60 s; a URI's own

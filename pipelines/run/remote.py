@@ -324,6 +324,22 @@ def run_folder(run_dir: str, clean: bool = True):
 
 
 @contextlib.contextmanager
+def local_inputs(inputs: list[str]):
+    """``(local paths, names)`` for a command that reads Parquet inputs outside a scan (``suite
+    infer``): URIs copied into a private temporary folder, as a scan copies them; ``names`` maps each
+    copy to the URI it came from, and errors name the URIs."""
+    if not any(storage.is_remote(item) for item in inputs):
+        yield inputs, {}
+        return
+    with tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
+        local, names = _copy_inputs(inputs, Path(tmp).resolve() / "inputs")
+        with contextlib.ExitStack() as stack:
+            for copy, uri in names.items():
+                stack.enter_context(_named_as(copy, uri))
+            yield local, names
+
+
+@contextlib.contextmanager
 def local_file(path: str):
     """A local path as it is; a URI as a private local copy (``review --decisions s3://...``)."""
     if not storage.is_remote(path):
