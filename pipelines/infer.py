@@ -233,9 +233,8 @@ def infer_suite(inputs: list[str], config: Config, *, name: str, strictness: str
 def write_suite(suite: dict, path: str) -> None:
     from pathlib import Path
 
-    from poisonguard.errors import InputError
-
     from poisonguard import storage
+    from poisonguard.errors import InputError
 
     text = json.dumps(suite, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     if storage.is_remote(path):

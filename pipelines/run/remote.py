@@ -347,7 +347,7 @@ def local_file(path: str):
         return
     with tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
         local = os.path.join(tmp, "copy" + os.path.splitext(storage.display(path))[1][:16])
-        if storage.read_bytes(path) is None:
+        if storage.kind(path) != "file":
             raise InputError("no such file", path=storage.display(path))
         storage.download(path, local)
         with _named_as(local, path):
