@@ -256,9 +256,12 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, bas
     data: dict[str, Any] = json.loads(base.model_dump_json()) if base is not None else {}
     source = "defaults"
     if path:
-        source = path
+        from poisonguard import storage
+
+        remote, uri = storage.is_remote(path), path
+        source = path = storage.display(path) if remote else path  # named without credentials or options
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = _remote_text(uri) if remote else Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config: {exc.strerror}", path=path) from None
         except UnicodeDecodeError as exc:
@@ -272,7 +275,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, bas
             raise ConfigError(f"not valid YAML: {str(exc).splitlines()[0]}", path=path) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("the config must be a YAML mapping", path=path)
-        data = _resolve_paths(loaded or {}, Path(path).resolve().parent)
+        data = _resolve_paths(loaded or {}, uri if remote else Path(path).resolve().parent)
     for item in overrides or []:
         _apply_override(data, item)
     config = validated(data, source)
@@ -290,15 +293,29 @@ def _location(loc) -> str:
     return out
 
 
-def _resolve_paths(data: dict, base_dir: Path) -> dict:
+def _resolve_paths(data: dict, base_dir: Path | str) -> dict:
+    """Relative paths against the config's folder: a local folder, or (``str``) the config's URI."""
+    from poisonguard import storage
+
     for keys in PATH_KEYS:
         node = data
         for key in keys[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
         value = node.get(keys[-1]) if isinstance(node, dict) else None
         if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
-            node[keys[-1]] = os.path.normpath(base_dir / value)
+            node[keys[-1]] = storage.beside(base_dir, value) if isinstance(base_dir, str) else \
+                os.path.normpath(base_dir / value)
     return data
+
+
+def _remote_text(uri: str) -> str:
+    """A config on object storage (read whole, and only up to its size limit)."""
+    from poisonguard import storage
+
+    data = storage.read_small(uri, MAX_CONFIG_BYTES)
+    if data is None:
+        raise ConfigError("cannot read config: no such object", path=storage.display(uri))
+    return data.decode("utf-8")
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:

@@ -158,6 +158,33 @@ def download(uri: str, local: str) -> str:
     return digest.hexdigest()
 
 
+def read_small(uri: str, limit: int) -> bytes | None:
+    """A whole object of at most ``limit`` bytes (its size looked up first: a config or suite is never
+    read past it); None if there is none; InputError where it is larger."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    info = _call(uri, "look it up", fs.get_file_info, path)
+    if info.type != pafs.FileType.File:
+        return None
+    if info.size is not None and info.size > limit:
+        raise InputError(f"larger than {limit} bytes", path=display(uri))
+    data = read_bytes(uri)
+    if data is not None and len(data) > limit:
+        raise InputError(f"larger than {limit} bytes", path=display(uri))
+    return data
+
+
+def beside(uri: str, relative: str) -> str:
+    """``relative`` (a path with ``/``) against the folder of the object ``uri``, ``.`` and ``..``
+    resolved within its bucket; ``uri``'s query string (options such as ``endpoint_override``) kept."""
+    import posixpath
+
+    parts = urlsplit(uri)
+    path = posixpath.normpath(posixpath.join(posixpath.dirname(parts.path) or "/", relative))
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
 def read_bytes(uri: str) -> bytes | None:
     """A whole object, or None if there is none."""
     import pyarrow.fs as pafs

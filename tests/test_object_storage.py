@@ -352,6 +352,33 @@ def test_a_suite_is_inferred_from_trusted_data_on_object_storage_and_written_the
     assert code == 2 and f"s3://{bucket}/nothing/" in stderr and not (tmp / "x.json").exists()
 
 
+def test_a_config_on_object_storage_resolves_its_paths_beside_it(s3, tmp):
+    from conftest import ROOT
+
+    client, bucket = s3
+    text = (ROOT / "configs" / "digits.yaml").read_text()
+    assert "suite: ../expectations/digits_suite.json" in text
+    client.put_object(Bucket=bucket, Key="pg/configs/digits.yaml", Body=text.encode())
+    client.upload_file(str(ROOT / "expectations" / "digits_suite.json"), bucket, "pg/expectations/digits_suite.json")
+    code, _, stderr = run_cli("scan", POISONED, "--config", f"s3://{bucket}/pg/configs/digits.yaml", "--out",
+                              tmp / "remote", "--quiet", "--run-id", "r1")
+    assert code == 0, stderr
+    local_code, _, _ = run_cli("scan", POISONED, "--config", DIGITS_CONFIG, "--out", tmp / "local", "--quiet",
+                               "--run-id", "r1")
+    assert local_code == 0
+    summary = json.loads((tmp / "remote" / "summary.json").read_text())
+    assert summary["parameters"]["suite"] == f"s3://{bucket}/pg/expectations/digits_suite.json"
+    assert all(same_rows(a, b) for a, b in zip(read_outputs(tmp / "remote"), read_outputs(tmp / "local")))
+    for key, body, needle in (("pg/configs/missing.yaml", None, "cannot read config: no such object"),
+                              ("pg/configs/big.yaml", b"#" * ((1 << 20) + 1), "larger than 1048576 bytes"),
+                              ("pg/configs/latin1.yaml", "seed: 1 # caf\xe9".encode("latin-1"), "not UTF-8 text")):
+        if body is not None:
+            client.put_object(Bucket=bucket, Key=key, Body=body)
+        code, _, stderr = run_cli("scan", POISONED, "--config", f"s3://{bucket}/{key}", "--out", tmp / "x")
+        assert code == 2 and needle in stderr and f"s3://{bucket}/{key}" in stderr, stderr
+        assert len(stderr.strip().splitlines()) == 1
+
+
 def test_gcs_retries_are_bounded_unless_the_uri_sets_them():
     """Arrow's GCS client retries an unreachable store for 15 minutes by default: a scan of a gs://
     location with no route to it hung that long.  poisonguard bounds it at 60 s; a URI's own
@@ -407,3 +434,13 @@ def test_a_local_copy_keeps_only_the_partition_folders_of_an_object_name():
     assert _local_below("day=1/..", "s3://b/x") == Path("day=1/part.parquet")
     with pytest.raises(InputError, match="cannot be a local file name"):
         _local_below("day=" + "x" * 300 + "/f.parquet", "s3://b/x")
+
+
+def test_a_path_in_a_config_on_object_storage_resolves_within_its_bucket_and_keeps_the_options():
+    from poisonguard.storage import beside
+
+    config = "s3://lake/pg/configs/train.yaml?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert beside(config, "../suites/train.json") == \
+        "s3://lake/pg/suites/train.json?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert beside("gs://lake/train.yaml", "../../../etc/x.json") == "gs://lake/etc/x.json"
+    assert beside("s3://lake/a/b.yaml", "./state") == "s3://lake/a/state"
