@@ -159,8 +159,8 @@ def download(uri: str, local: str) -> str:
 
 
 def read_small(uri: str, limit: int) -> bytes | None:
-    """A whole object of at most ``limit`` bytes (its size looked up first: a config or suite is never
-    read past it); None if there is none; InputError where it is larger."""
+    """A whole object of at most ``limit`` bytes (its size looked up first: a config is not read when
+    it is larger); None if there is none; InputError where it is larger."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
