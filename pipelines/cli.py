@@ -417,7 +417,8 @@ def _report(args) -> int:
         out = tmp if storage.is_remote(args.to) else (args.to or run_dir)
         os.makedirs(out, exist_ok=True)
         write_review_csv(out, table)
-        render_report(run_dir, table, integrity=integrity, out_dir=out)
+        shown = storage.display(args.run_dir) if storage.is_remote(args.run_dir) else str(Path(args.run_dir).resolve())
+        render_report(run_dir, table, integrity=integrity, out_dir=out, shown_as=shown)
         for name in (REVIEW_CSV, REPORT):
             if storage.is_remote(args.to):
                 storage.upload(os.path.join(out, name), storage.join(args.to, name))

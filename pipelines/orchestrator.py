@@ -93,7 +93,7 @@ def _scan(where: remote.Locations, beam_args, run_id, started) -> ScanResult:
                     with phase("report"):
                         table = workbench.build_table(staging, summary)
                         workbench.write_review_csv(staging, table)
-                        render_report_or_stub(staging, table, summary)
+                        render_report_or_stub(staging, table, summary, shown_as=where.public_run_dir)
                     timings.update(total_s=round(time.monotonic() - started, 3),  # the publish takes milliseconds
                                    rows_per_s=round(plan.total_rows / max(timings["pipeline_s"], 1e-9), 1))
                     write_json(os.path.join(staging, SUMMARY), summary)

@@ -115,10 +115,11 @@ def _template():
 
 
 def render_report(run_dir: str, table: dict | None = None, summary: dict | None = None,
-                  integrity: dict | None = None, out_dir: str | None = None) -> str:
+                  integrity: dict | None = None, out_dir: str | None = None, shown_as: str = "RUN_DIR") -> str:
     """Write RUN_DIR/report.html (or ``out_dir``/report.html) and return its path; ``table``: the
     workbench's quarantine table, ``summary``: the run's summary (read from RUN_DIR/summary.json when not given); ``integrity``: a
-    re-render's check of the quarantine files against the log ({checked, line}).  A scan renders it in
+    re-render's check of the quarantine files against the log ({checked, line}); ``shown_as``: the run
+    folder as a reviewer names it to ``poisonguard review`` (its published path or URI).  A scan renders it in
     its staging folder, where the score pass's clean-sample candidates still are; a re-render of a
     published run reads the clean rows."""
     summary = summary if summary is not None else json.loads(Path(run_dir, SUMMARY).read_text())
@@ -152,7 +153,7 @@ def render_report(run_dir: str, table: dict | None = None, summary: dict | None 
         proxy_line=proxy_line(summary.get("embedding") or {}),
         canary_kind=canary_kind(summary["canaries"]) if summary.get("canaries") else "",
         copies_line=copies.line(summary.get("copies")),
-        run_to_run=summary.get("run_to_run") or {}, integrity=integrity)
+        run_to_run=summary.get("run_to_run") or {}, integrity=integrity, run_dir=shown_as)
     path = os.path.join(out_dir or run_dir, REPORT)
     Path(path).write_text(page, encoding="utf-8")
     return path
@@ -264,7 +265,8 @@ def _thumbnails(suspects: pa.Table, typical: pa.Table, image_col: str, id_col: s
     return {"sprite": uri, "width": width, "height": height, "cells": cells}
 
 
-def render_report_or_stub(run_dir: str, table: dict | None = None, summary: dict | None = None) -> None:
+def render_report_or_stub(run_dir: str, table: dict | None = None, summary: dict | None = None,
+                          shown_as: str = "RUN_DIR") -> None:
     """The report is for people: a plotting failure leaves a short page saying so, not a failed scan."""
     import html
     import logging
@@ -272,10 +274,10 @@ def render_report_or_stub(run_dir: str, table: dict | None = None, summary: dict
     from poisonguard.errors import one_line
 
     try:
-        render_report(run_dir, table, summary)
+        render_report(run_dir, table, summary, shown_as=shown_as)
     except Exception as exc:  # noqa: BLE001
         logging.getLogger("poisonguard").warning("report.html could not be rendered fully: %s", one_line(exc))
         Path(run_dir, REPORT).write_text(
             "<!DOCTYPE html><html><body><h1>poisonguard report</h1><p>The report could not be rendered: "
-            f"{html.escape(one_line(exc))}. Run <code>poisonguard report RUN_DIR</code> to retry; "
+            f"{html.escape(one_line(exc))}. Run <code>poisonguard report {html.escape(shown_as)}</code> to retry; "
             "summary.json holds every figure.</p></body></html>", encoding="utf-8")

@@ -258,6 +258,9 @@ def test_review_and_report_read_a_published_run_where_it_was_published(s3, tmp):
         (tmp / "seen" / "report.html").read_text()
     rows = read_review(tmp / "seen" / "review.csv")
     assert rows and {r["status"] for r in rows} == {"undecided"}
+    hint = f"poisonguard review s3://{bucket}/runs/today --decisions review.csv"  # the command a reviewer runs
+    published_page = next(v for k, v in _objects(client, bucket, "runs/today/").items() if k.endswith("/report.html"))
+    assert hint in published_page.decode() and hint in (tmp / "seen" / "report.html").read_text()
     for row in rows[:2]:
         row["decision"] = "release"
     rows[2]["decision"] = "confirm"

@@ -65,6 +65,7 @@ def test_report_command_rerenders_the_same_page_from_the_clean_rows(first_scan):
     assert code == 0 and report.exists() and str(report) in stdout and "warning" not in stderr
     assert scan_page(report.read_text()) == page and 'id="integrity"' not in page
     assert "class-section" in page
+    assert f"poisonguard review {(first_scan / 'run1').resolve()} --decisions review.csv" in page
     elsewhere = first_scan / "elsewhere"
     code, stdout, _ = run_cli("report", first_scan / "run1", "--to", elsewhere)
     assert code == 0 and stdout.strip() == str(elsewhere / "report.html")
