@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     review.add_argument("--reviewer", required=True, metavar="NAME")
     review.add_argument("--state", metavar="DIR", help="state folder (default: the run's configured state)")
     review.add_argument("--provenance-log", metavar="FILE", help="default: the run's provenance log")
+    review.add_argument("--dry-run", action="store_true",
+                        help="check every decision and say what would be recorded; write nothing")
 
     report = sub.add_parser("report", help="re-render RUN_DIR/report.html",
                             description="Re-render report.html and review.csv, with the decisions reviewed since the scan.")
@@ -383,8 +385,13 @@ def _review(args) -> int:
         if not state:
             raise InputError("no state folder: pass --state DIR (or set state in the scan's config)")
         log_path = args.provenance_log or summary.get("provenance", {}).get("log")
-        with mirrored(state, log_path) as (local_state, local_log):
-            counts = apply_review(run_dir, decisions, args.reviewer, local_state, local_log, clean_ids)
+        with mirrored(state, log_path, write_back=not args.dry_run) as (local_state, local_log):
+            counts = apply_review(run_dir, decisions, args.reviewer, local_state, local_log, clean_ids, args.dry_run)
+    if args.dry_run:
+        print(f"dry run, nothing written: every decision is valid; {counts['release']} release and {counts['confirm']} "
+              f"confirm decision(s) would be recorded in {storage.display(state)} and logged to "
+              f"{storage.display(log_path)}; {counts['unchanged']} already recorded")
+        return 0
     print(f"recorded {counts['release']} release and {counts['confirm']} confirm decision(s) in {storage.display(state)}, "
           f"logged to {storage.display(log_path)}; {counts['unchanged']} already recorded; {counts['undecided']} quarantined "
           "row(s) still undecided")

@@ -67,10 +67,11 @@ def _clean_ids(run: Path, id_col: str, clean_ids) -> set[str]:
 
 
 def apply_review(run_dir: str, decisions_path: str, reviewer: str, state_dir: str, log_path: str,
-                 clean_ids=None) -> dict:
+                 clean_ids=None, dry_run: bool = False) -> dict:
     """Validate every decision first; apply none unless all are valid.  ``clean_ids(column)``: the ids
     of the run's clean output (default: read from RUN_DIR/clean), asked only where a decision names a
-    row that is not in the quarantine."""
+    row that is not in the quarantine.  ``dry_run``: every check, and the counts that would be
+    recorded, but nothing written to the log or the state folder."""
     from poisonguard.run.summary import read_summary
 
     run = Path(run_dir)
@@ -120,7 +121,7 @@ def apply_review(run_dir: str, decisions_path: str, reviewer: str, state_dir: st
                             "decision": decision, "reviewer": reviewer, "note": str(row.get("note") or ""),
                             "run_id": summary["run_id"], "time": when})
     counts = {d: sum(r["decision"] == d for r in records) for d in DECISIONS}
-    if records:
+    if records and not dry_run:
         prov.append(log_path, prov.run_event("COMPLETE", prov.new_run_id(), job="review", facets={
             "poisonguard_review": {"scan_run_id": summary["run_id"], "reviewer": reviewer, "time": when,
                                    "counts": counts, "decisions": [

@@ -275,6 +275,17 @@ def test_review_and_report_read_a_published_run_where_it_was_published(s3, tmp):
     client.put_object(Bucket=bucket, Key="decisions/empty.csv", Body=b"id,decision\n")
     code, _, stderr = run_cli("review", run, "--decisions", f"s3://{bucket}/decisions/empty.csv", "--reviewer", "ana")
     assert code == 2 and f"file s3://{bucket}/decisions/empty.csv: decisions file has no rows" in stderr
+    from poisonguard import storage
+
+    def no_write(*args):
+        raise AssertionError(f"a dry run wrote {args[-1]}")
+
+    with pytest.MonkeyPatch.context() as patch:  # not even the same bytes back
+        patch.setattr(storage, "write_bytes", no_write)
+        patch.setattr(storage, "upload", no_write)
+        code, stdout, stderr = run_cli("review", run, "--decisions", f"s3://{bucket}/decisions/today.csv",
+                                       "--reviewer", "ana", "--dry-run")
+    assert code == 0 and "2 release and 1 confirm decision(s) would be recorded" in stdout, stderr
     code, stdout, stderr = run_cli("review", run, "--decisions", f"s3://{bucket}/decisions/today.csv",
                                    "--reviewer", "ana")
     assert code == 0, stderr

@@ -94,6 +94,12 @@ def test_review_then_rescan_honours_decisions(first_scan, tmp):
     decided = tmp / "review.csv"
     shutil.copy(run1 / "review.csv", decided)
     _fill(decided, {**{i: "confirm" for i in confirm}, **{i: "release" for i in release}})
+    log = first_scan / "poisonguard-provenance.jsonl"  # one long-lived log backs the decisions
+    before = {p: p.read_bytes() for p in [log, *state.rglob("*")] if p.is_file()}
+    code, stdout, stderr = run_cli("review", run1, "--decisions", decided, "--reviewer", "ada", "--dry-run")
+    assert code == 0, stderr
+    assert "dry run, nothing written" in stdout and "2 release and 3 confirm decision(s) would be recorded" in stdout
+    assert {p: p.read_bytes() for p in [log, *state.rglob("*")] if p.is_file()} == before
     code, stdout, stderr = run_cli("review", run1, "--decisions", decided, "--reviewer", "ada")
     assert code == 0, stderr
     assert "recorded 2 release and 3 confirm" in stdout
@@ -109,7 +115,6 @@ def test_review_then_rescan_honours_decisions(first_scan, tmp):
     data = write(edited, tmp / "digits_next_cycle.parquet")
 
     # detectors that miss everything: confirmed rows must still be held back
-    log = first_scan / "poisonguard-provenance.jsonl"  # one long-lived log backs the decisions
     code, _, stderr = run_cli("scan", data, "--out", tmp / "run2", "--config", DIGITS_CONFIG, "--state", state,
                               "--provenance-log", log, "--quiet",
                               "--set", "detectors=[{name: spectral, params: {min_separation: 1000}}]")

@@ -117,9 +117,10 @@ def _remote(inputs, run_dir, config, run_id, tmp: Path):
 
 
 @contextlib.contextmanager
-def mirrored(state: str | None, log_path: str | None):
+def mirrored(state: str | None, log_path: str | None, write_back: bool = True):
     """``review`` with its state folder or log on object storage: local copies, written back when it
-    succeeds, the log first (only over the bytes it read) so a decision never lands unbacked."""
+    succeeds (unless not ``write_back``: a dry run), the log first (only over the bytes it read) so a
+    decision never lands unbacked."""
     if not storage.is_remote(state) and not storage.is_remote(log_path):
         yield state, log_path
         return
@@ -127,7 +128,7 @@ def mirrored(state: str | None, log_path: str | None):
         log_copy = _Mirror(log_path, Path(tmp) / "log" / DEFAULT_LOG, True) if storage.is_remote(log_path) else None
         state_copy = _Mirror(state, Path(tmp) / "state", False) if storage.is_remote(state) else None
         yield (str(state_copy.local) if state_copy else state), (str(log_copy.local) if log_copy else log_path)
-        for copy in (log_copy, state_copy):
+        for copy in (log_copy, state_copy) if write_back else ():
             if copy:
                 copy.push()
 
