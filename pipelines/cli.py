@@ -405,16 +405,17 @@ def _report(args) -> int:
     from poisonguard.errors import InputError
     from poisonguard.names import REPORT, REVIEW_CSV
     from poisonguard.report import render_report
-    from poisonguard.run.remote import run_folder
+    from poisonguard.run.remote import local_file, run_folder
     from poisonguard.workbench import build_table, write_review_csv
 
     if storage.is_remote(args.run_dir) and not args.to:
         raise InputError("a published run on object storage is not rewritten: pass --to DIR for the re-rendered "
                          "report.html and review.csv", path=storage.display(args.run_dir))
-    with run_folder(args.run_dir) as (run_dir, _), tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
+    with run_folder(args.run_dir) as (run_dir, _), tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp, \
+            contextlib.ExitStack() as stack:
         summary = _run_summary(run_dir)
         log_path = args.provenance_log or (summary.get("provenance") or {}).get("log")
-        local_log = _local_log(log_path, tmp)
+        local_log = stack.enter_context(local_file(log_path, missing_ok=True))
         integrity = _check_against_log(run_dir, summary, log_path, local_log)
         try:  # with the decisions reviewed since the scan
             table = build_table(run_dir, summary, from_log=local_log)
@@ -432,19 +433,6 @@ def _report(args) -> int:
     where = args.to or args.run_dir
     print(storage.display(storage.join(where, REPORT)) if storage.is_remote(where) else os.path.join(where, REPORT))
     return 0
-
-
-def _local_log(log_path: str | None, tmp: str) -> str | None:
-    """The provenance log as a local file (a copy where it is on object storage); None where it is not there."""
-    from poisonguard import storage
-
-    if storage.is_remote(log_path):
-        data = storage.read_bytes(log_path)
-        if data is None:
-            return None
-        Path(tmp, "log.jsonl").write_bytes(data)
-        return str(Path(tmp, "log.jsonl"))
-    return log_path if log_path and os.path.isfile(log_path) else None
 
 
 def _check_against_log(run_dir: str, summary: dict, log_path: str | None, local_log: str | None) -> dict:
@@ -488,15 +476,10 @@ def _verify(args) -> int:
     from poisonguard.provenance import verify
 
     from poisonguard import storage
+    from poisonguard.run.remote import local_file
 
-    with tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
-        path = args.log
-        if storage.is_remote(args.log):  # a copy, checked whole
-            data = storage.read_bytes(args.log)
-            path = os.path.join(tmp, "log.jsonl")
-            if data is not None:
-                Path(path).write_bytes(data)
-        if not os.path.isfile(path):
+    with local_file(args.log, missing_ok=True) as path:  # on object storage a copy, checked whole
+        if path is None:
             raise InputError("no such provenance log", path=storage.display(args.log))
         ok, message = verify(path, head=args.head)
     print(f"{storage.display(args.log)}: {'OK' if ok else 'TAMPERED'}: {message}")

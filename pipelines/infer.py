@@ -155,8 +155,8 @@ def infer_suite(inputs: list[str], config: Config, *, name: str, strictness: str
     plan = plan_discovered(inputs, config)
     names = names or {}
 
-    def named(path: str) -> str:
-        return names.get(path) or names.get(os.path.realpath(path), path)
+    def named(path: str) -> str:  # the copies are named by their real paths (run.remote.local_inputs)
+        return names.get(os.path.realpath(path), path)
 
     rng = np.random.default_rng(seed)
     columns = {f.name: _Column(_kind(f.type)) for f in plan.schema}

@@ -13,7 +13,7 @@ from poisonguard import provenance as prov
 from poisonguard.core.decisions import content_hashes
 from poisonguard.errors import InputError
 from poisonguard.io import sha256_file
-from poisonguard.names import CLEAN, QUARANTINE, is_added_column
+from poisonguard.names import QUARANTINE, is_added_column
 from poisonguard.state import DECISIONS, StateFolder
 from poisonguard.workbench import csv_value
 
@@ -61,9 +61,9 @@ def check_published(run: Path, run_id: str, log_path: str, outcome: str = "nothi
 
 
 def _clean_ids(run: Path, id_col: str, clean_ids) -> set[str]:
-    from poisonguard.run.remote import column_of, local_parts
+    from poisonguard.run.remote import clean_parts, column_of
 
-    return clean_ids(id_col) if clean_ids is not None else column_of(local_parts(str(run / CLEAN)), id_col)
+    return clean_ids(id_col) if clean_ids is not None else column_of(str(run), clean_parts(str(run)), id_col)
 
 
 def apply_review(run_dir: str, decisions_path: str, reviewer: str, state_dir: str, log_path: str,

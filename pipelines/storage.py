@@ -169,8 +169,13 @@ def read_small(uri: str, limit: int) -> bytes | None:
         return None
     if info.size is not None and info.size > limit:
         raise InputError(f"larger than {limit} bytes", path=display(uri))
-    data = read_bytes(uri)
-    if data is not None and len(data) > limit:
+
+    def read():
+        with fs.open_input_stream(path) as source:
+            return source.read(limit + 1)  # one byte past the limit tells an object that grew since
+
+    data = _call(uri, "read it", read)
+    if len(data) > limit:
         raise InputError(f"larger than {limit} bytes", path=display(uri))
     return data
 

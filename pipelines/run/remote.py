@@ -304,10 +304,11 @@ def run_folder(run_dir: str, clean: bool = True):
     that is not in the quarantine): ``clean_ids(column)`` reads that column of the clean parts,
     wherever they are."""
     if not storage.is_remote(run_dir):
-        yield run_dir, lambda column: column_of(local_parts(os.path.join(run_dir, CLEAN)), column)
+        yield run_dir, lambda column: column_of(run_dir, clean_parts(run_dir), column)
         return
     run = published(run_dir)
-    parts = sorted(uri for rel, uri in run["files"].items() if _below(rel, CLEAN) and rel.endswith(".parquet"))
+    attempt = storage.join(run_dir, run["attempt"])
+    parts = sorted(rel for rel in run["files"] if _below(rel, CLEAN) and rel.endswith(".parquet"))
     with tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
         local = Path(tmp, "run")
         for entry in run["manifest"]:
@@ -320,8 +321,8 @@ def run_folder(run_dir: str, clean: bool = True):
             if storage.download(uri, str(target)) != entry.get("sha256"):
                 raise InputError("changed since it was published (its sha256 differs from the run's manifest)",
                                  path=storage.display(uri))
-        with _named_as(str(local), storage.join(run_dir, run["attempt"])):
-            yield str(local), lambda column: column_of(parts, column)
+        with _named_as(str(local), attempt):
+            yield str(local), lambda column: column_of(attempt, parts, column)
 
 
 @contextlib.contextmanager
@@ -341,15 +342,19 @@ def local_inputs(inputs: list[str]):
 
 
 @contextlib.contextmanager
-def local_file(path: str):
-    """A local path as it is; a URI as a private local copy (``review --decisions s3://...``)."""
+def local_file(path: str | None, missing_ok: bool = False):
+    """A local path as it is; a URI as a private local copy (``review --decisions``, the log ``report``
+    and ``verify-log`` read).  ``missing_ok``: None where there is no such file, local or remote."""
     if not storage.is_remote(path):
-        yield path
+        yield None if missing_ok and not (path and os.path.isfile(path)) else path
         return
     with tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
         local = os.path.join(tmp, "copy" + os.path.splitext(storage.display(path))[1][:16])
         if storage.kind(path) != "file":
-            raise InputError("no such file", path=storage.display(path))
+            if not missing_ok:
+                raise InputError("no such file", path=storage.display(path))
+            yield None
+            return
         storage.download(path, local)
         with _named_as(local, path):
             yield local
@@ -376,25 +381,23 @@ def _parts_of(rel: str, run_dir: str) -> list[str]:
     return parts
 
 
-def local_parts(folder: str) -> list[str]:
-    return sorted(str(p) for p in Path(folder).glob("*.parquet"))
+def clean_parts(run_dir: str) -> list[str]:
+    """A local run folder's clean parts, as paths below it."""
+    return sorted(f"{CLEAN}/{p.name}" for p in Path(run_dir, CLEAN).glob("*.parquet"))
 
 
-def column_of(parts: list[str], column: str) -> set[str]:
-    """One column of Parquet parts (local paths or URIs of one store), as strings."""
+def column_of(root: str, parts: list[str], column: str) -> set[str]:
+    """One column of the Parquet ``parts`` (paths below ``root``, a folder or a URI), as strings."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
     if not parts:
         return set()
-    if storage.is_remote(parts[0]):
-        fs = storage.filesystem(parts[0])[0]
-        paths = [storage.filesystem(uri)[1] for uri in parts]
-    else:
-        fs, paths = None, parts
+    fs, base = storage.filesystem(root) if storage.is_remote(root) else (None, root)
     try:
-        table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=[column])
+        table = pads.dataset([f"{base.rstrip('/')}/{p}" for p in parts], filesystem=fs,
+                             format="parquet").to_table(columns=[column])
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"the run's clean output is unreadable: {str(exc).splitlines()[0][:200]}",
-                         path=storage.display(parts[0])) from None
+                         path=storage.display(root)) from None
     return set(table.column(column).cast(pa.string()).to_pylist())
