@@ -88,7 +88,8 @@ def read_at(grid, distance: float) -> float:
 
 def _scanned(key, path) -> tuple:
     """A cached case as the default detectors see it: (embeddings, labels, truth, target class, the
-    default config at the case's seed, row keys, class states, the rows flagged)."""
+    default config at the case's seed with canaries of the real attack's size, row keys, class states,
+    the rows flagged)."""
     from poisonguard.config import Config
     from poisonguard.core.screening import fit_detectors
     from poisonguard.detectors.stats import default_keys, states_by_class
@@ -96,6 +97,7 @@ def _scanned(key, path) -> tuple:
     data = np.load(path)
     e, y, truth, target = data["embedding"], data["label"], data["truth"], int(data["target"])
     config = Config(seed=key[4])
+    config.canaries.sizes = [float(min(truth.sum() / max(int((y == target).sum()), 1), 0.5))]
     keys = default_keys(len(y), config.seed)
     states = states_by_class(e, y, keys, config.max_fit_rows_per_class)
     flags = np.zeros(len(y), dtype=bool)
@@ -112,8 +114,6 @@ def one(key, path, leave_out: bool = False) -> dict:
 
     with threadpool_limits(1):
         e, y, truth, target, config, keys, states, flags = _scanned(key, path)
-        share = truth.sum() / max(int((y == target).sum()), 1)
-        config.canaries.sizes = [float(min(share, 0.5))]
         held = 0
         if leave_out:  # the families' classes fit in the sample: these are the exact states of the rows kept
             held = int(flags[y == target].sum())
@@ -159,7 +159,6 @@ def one_grid(key, path, distances=FINE_GRID) -> dict:
 
     with threadpool_limits(1):
         e, y, truth, target, config, _, states, flags = _scanned(key, path)
-        config.canaries.sizes = [float(min(truth.sum() / max(int((y == target).sum()), 1), 0.5))]
         config.canaries.distances = list(distances)
         power = power_of(states, config, classes=[target])
     measured = real_shape(e, y, truth, target)
