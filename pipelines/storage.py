@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from poisonguard.errors import InputError
 
@@ -61,6 +62,8 @@ def filesystem(uri: str):
     if module and _arrow_has(module):
         if module == "_gcsfs" and "retry_limit_seconds=" not in uri.partition("?")[2]:
             uri = f"{uri}{'&' if '?' in uri else '?'}retry_limit_seconds={GCS_RETRY_LIMIT_S}"
+        if scheme in BUCKET_SCHEMES:
+            return _bucket_filesystem(uri)
         try:
             return pafs.FileSystem.from_uri(uri)
         except (ValueError, OSError) as exc:
@@ -76,6 +79,36 @@ def filesystem(uri: str):
     except (ValueError, OSError) as exc:
         raise InputError(f"cannot open this location: {_first_line(exc)}", path=display(uri)) from None
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+BUCKET_SCHEMES = {"s3", "gs", "gcs"}  # Arrow's path for these is "bucket/key"
+_CREDENTIAL_ENV = ("AWS_", "GOOGLE_", "GCS_", "STORAGE_EMULATOR_HOST")
+_BUCKETS: dict[tuple, object] = {}  # (scheme, user, bucket, options, environment) -> FileSystem
+_BUCKETS_MAX = 64
+
+
+def _bucket_filesystem(uri: str):
+    """Arrow's filesystem for a bucket, built once per process and bucket: building one looks the
+    bucket's region up (a round trip to the store), which a run's per-object reads and writes would
+    otherwise pay for every object.  The key holds everything ``from_uri`` reads besides the object's
+    path: the scheme, the credentials and bucket of the netloc, the options of the query string, and
+    the credential environment variables (a process that changes them gets a new filesystem)."""
+    import pyarrow.fs as pafs
+
+    parts = urlsplit(uri)
+    environment = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_CREDENTIAL_ENV)))
+    key = (parts.scheme.lower(), parts.netloc, parts.query, environment)
+    fs = _BUCKETS.get(key)
+    if fs is None:
+        root = urlunsplit((parts.scheme, parts.netloc, "/", parts.query, ""))
+        try:
+            fs, _ = pafs.FileSystem.from_uri(root)
+        except (ValueError, OSError) as exc:
+            raise InputError(f"cannot open this location: {_first_line(exc)}", path=display(uri)) from None
+        if len(_BUCKETS) >= _BUCKETS_MAX:
+            _BUCKETS.clear()
+        _BUCKETS[key] = fs
+    return fs, unquote(parts.netloc.rpartition("@")[2] + parts.path).rstrip("/")
 
 
 def _arrow_has(module: str) -> bool:
@@ -143,8 +176,9 @@ def fixed_prefix(pattern: str) -> str:
     return base[:base.rfind("/", 0, cut)] + sep + query
 
 
-def download(uri: str, local: str) -> str:
-    """Copy one object to a local file while hashing it; return its sha256."""
+def download(uri: str, local: str, missing_ok: bool = False) -> str | None:
+    """Copy one object to a local file while hashing it; return its sha256.  ``missing_ok``: None,
+    and no local file, where there is no such object (one request, not a lookup and then a read)."""
     fs, path = filesystem(uri)
     digest = hashlib.sha256()
 
@@ -154,7 +188,14 @@ def download(uri: str, local: str) -> str:
                 digest.update(chunk)
                 target.write(chunk)
 
-    _call(uri, "read it", copy)
+    try:
+        copy()
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise InputError("cannot read it: no such file", path=display(uri)) from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read it: {_first_line(exc)}", path=display(uri)) from None
     return digest.hexdigest()
 
 

@@ -458,3 +458,24 @@ def test_a_path_in_a_config_on_object_storage_resolves_within_its_bucket_and_kee
         "s3://lake/pg/suites/train.json?endpoint_override=127.0.0.1:9000&scheme=http"
     assert beside("gs://lake/train.yaml", "../../../etc/x.json") == "gs://lake/etc/x.json"
     assert beside("s3://lake/a/b.yaml", "./state") == "s3://lake/a/state"
+
+
+def test_one_filesystem_per_bucket_gives_arrows_own_paths(s3, monkeypatch):
+    """Building an Arrow filesystem looks the bucket's region up, one round trip to the store; a run
+    reads and writes many objects of one bucket, so the filesystem is built once per bucket and
+    credentials.  The object paths are those Arrow's own ``from_uri`` gives."""
+    import pyarrow.fs as pafs
+
+    from poisonguard import storage
+
+    client, bucket = s3
+    uris = [f"s3://{bucket}/data/train/digits_poisoned.parquet", f"s3://{bucket}/a%20b//c%2F", f"s3://{bucket}/",
+            f"s3://{KEY_ID}:{SECRET}@{bucket}/x/y/"]
+    opened = [storage.filesystem(uri) for uri in uris]
+    assert [path for _, path in opened] == [pafs.FileSystem.from_uri(uri)[1] for uri in uris]
+    assert opened[0][0] is opened[1][0] is opened[2][0]  # one bucket, one filesystem
+    assert opened[3][0] is not opened[0][0]  # credentials of its own
+    assert storage.read_bytes(uris[0]) == client.get_object(Bucket=bucket, Key="data/train/digits_poisoned.parquet")["Body"].read()
+    assert storage.filesystem(uris[0])[0] is opened[0][0]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "another-secret")  # new credentials: a new filesystem
+    assert storage.filesystem(uris[0])[0] is not opened[0][0]

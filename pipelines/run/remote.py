@@ -350,12 +350,11 @@ def local_file(path: str | None, missing_ok: bool = False):
         return
     with tempfile.TemporaryDirectory(prefix="poisonguard-") as tmp:
         local = os.path.join(tmp, "copy" + os.path.splitext(storage.display(path))[1][:16])
-        if storage.kind(path) != "file":
+        if storage.download(path, local, missing_ok=True) is None:
             if not missing_ok:
                 raise InputError("no such file", path=storage.display(path))
             yield None
             return
-        storage.download(path, local)
         with _named_as(local, path):
             yield local
 
