@@ -31,6 +31,11 @@ the pruned model, over the issue rows (``issue_confidence``).  The pruned model 
 this is an exclusionary reclassification (Chen et al. 2018): flipped rows come out at 0.68-0.96 on
 the development families, a weak representation's boundary rows at 0.31-0.58.
 
+With ``trim_quantile`` (``confident_label``'s, 0.25) a strong probe also fits a *trimmed* model:
+the same regression without each class's least self-confident rows out of fold, whose margins
+``confident_label`` reads for flips that a memorising embedding model has learnt
+(:func:`trimmed_margins`).  One more fit on the bounded sample; none in a weak representation.
+
 A strongly regularised probe (``C`` = 0.01, chosen for confident learning's flips) can underfit
 classes that are well separated but need large weights (ten classes strung along one line: 16%
 unexplained, against 2% at C = 1).  So where its unexplained error passes ``REFIT_UNEXPLAINED``
@@ -86,6 +91,8 @@ class LabelProbe:
     issues: np.ndarray  # out-of-fold label issues over the stacked training rows
     model: object  # refitted without the issues; scores every row
     representation: dict
+    trimmed: object = None  # refitted without each class's least self-confident rows (``trimmed_margins``)
+    trimmed_margin: np.ndarray | None = None  # its margin p(y) - max_k p(k) over the stacked training rows
 
     @property
     def weak(self) -> bool:
@@ -117,7 +124,7 @@ def label_issues(proba: np.ndarray, y: np.ndarray, thresholds: np.ndarray) -> np
 
 def fit_probe(states: dict[object, ClassState], *, n_folds: int = 5, C: float = 0.01,
               max_train_rows_per_class: int = 2000, max_train_rows: int = 20000, max_classes: int = 1000,
-              random_state: int = 0) -> LabelProbe | None:
+              random_state: int = 0, trim_quantile: float | None = None) -> LabelProbe | None:
     """The probe, or None where it cannot run (fewer than two classes with ``n_folds`` sample rows,
     or more than ``max_classes`` classes: its probabilities cost rows x classes)."""
     labels = [c for c, s in states.items() if len(s.sample_x) >= n_folds]
@@ -154,7 +161,40 @@ def fit_probe(states: dict[object, ClassState], *, n_folds: int = 5, C: float = 
                 f"of the class samples beyond its confident label issues (more than {WEAK_UNEXPLAINED:.0%})")
         if weak else "",
     }
-    return LabelProbe(labels, counts, mean, scale, fit["thresholds"], issues, model, representation)
+    probe = LabelProbe(labels, counts, mean, scale, fit["thresholds"], issues, model, representation)
+    if trim_quantile is not None and not weak:
+        probe.trimmed, probe.trimmed_margin = trimmed_margins(z, y, fit["self_confidence"], counts, fit["C"], trim_quantile)
+    return probe
+
+
+def trimmed_margins(z: np.ndarray, y: np.ndarray, self_confidence: np.ndarray, counts: np.ndarray, C: float,
+                    quantile: float):
+    """A network trained to near-zero loss memorises its flipped labels: its embedding carries a
+    flipped row to the side of its new class, where even an out-of-fold probe classifies it by that
+    label (``confident_label``'s issues miss it).  It is carried only just across, though: out of fold
+    its self-confidence p(y | x) is low, and so is every flipped row's.  A model fitted without each
+    class's ``quantile`` least self-confident rows (the trimmed likelihood idea: fit on the core,
+    judge the rest) no longer learns their region as the class's, so their margin
+    p(y | x) - max_{k != y} p(k | x) falls below the class's own.  Returns (that model, the margins of
+    the stacked rows)."""
+    from sklearn.linear_model import LogisticRegression
+
+    order = np.lexsort((self_confidence, y))  # by class, then by self-confidence
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    within = np.arange(len(y)) - starts[y[order]]
+    core = np.empty(len(y), dtype=bool)
+    core[order] = within >= np.floor(quantile * counts[y[order]])
+    model = LogisticRegression(C=C, max_iter=300).fit(z[core], y[core])
+    return model, margins(model.predict_proba(z), y)
+
+
+def margins(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """p(y | x) - max_{k != y} p(k | x) per row."""
+    rows = np.arange(len(y))
+    own = proba[rows, y].copy()
+    proba = proba.copy()
+    proba[rows, y] = -np.inf
+    return own - proba.max(axis=1)
 
 
 def _fit(z: np.ndarray, y: np.ndarray, n_labels: int, C: float, n_folds: int, random_state: int) -> dict:
@@ -176,7 +216,7 @@ def _fit(z: np.ndarray, y: np.ndarray, n_labels: int, C: float, n_folds: int, ra
     keep = ~issues if len(np.unique(y[~issues])) == n_labels else np.ones(len(y), bool)
     model = LogisticRegression(C=C, max_iter=300).fit(z[keep], y[keep])  # pruned, then retrained
     wrong = oof.argmax(axis=1) != y
-    return {"C": C, "thresholds": thresholds, "issues": issues, "model": model,
+    return {"C": C, "thresholds": thresholds, "issues": issues, "model": model, "self_confidence": oof[np.arange(len(y)), y],
             "accuracy": float(np.mean(~wrong)), "unexplained": float(np.mean(wrong & ~issues))}
 
 

@@ -758,3 +758,46 @@ def test_one_label_inconsistent_row_does_not_make_a_small_class_suspicious_where
     one = np.r_[1.0, np.zeros(39)]
     assert det._decide_knn(one, 1, 0.79, whole_class=False).suspicious
     assert not det._decide_knn(one, 1, 0.79, whole_class=True).suspicious
+
+
+def _memorised(flip: float, toward: float, seed: int = 0, n: int = 400, dim: int = 16, classes: int = 6):
+    """Six separated classes; a share of class 1 labelled 0 and moved ``toward`` of the way to class 0's
+    centre, as a network that memorises its labels moves them: out of fold, a linear probe classifies
+    them by their new label (confident learning names none of them)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=4.0, size=(classes, dim))
+    y = np.repeat(np.arange(classes), n)
+    x = centres[y] + rng.normal(size=(len(y), dim))
+    truth = np.zeros(len(y), bool)
+    rows = rng.choice(np.flatnonzero(y == 1), size=int(flip * n), replace=False)
+    x[rows] = centres[1] + toward * (centres[0] - centres[1]) + 0.5 * rng.normal(size=(len(rows), dim))
+    y[rows], truth[rows] = 0, True
+    return x.astype(np.float32), y, truth
+
+
+def test_flips_a_memorising_model_has_learnt_are_found_by_the_trimmed_models_margins():
+    """A model fitted without each class's least self-confident quarter assigns the moved rows to
+    class 1; their margins form a separated low minority of class 0."""
+    x, y, truth = _memorised(0.15, toward=0.35)
+    untrimmed = DETECTORS["confident_label"](random_state=0, trim_quantile=None).fit(x, y)
+    assert not untrimmed.flag(x, y).any()
+    det = DETECTORS["confident_label"](random_state=0).fit(x, y)
+    flags = det.flag(x, y)
+    assert np.sum(flags & truth) >= 0.9 * truth.sum() and np.sum(flags & ~truth) <= 2
+    assert det.decisions_[0].suspicious and det.decisions_[0].why.startswith("a separated low-margin minority")
+    assert det.class_models_[0]["trimmed_reassigned_share"] >= 0.65
+    assert not any(det.decisions_[c].suspicious for c in range(1, 6))
+    clean_x, clean_y, _ = _memorised(0.0, toward=0.35)
+    assert not DETECTORS["confident_label"](random_state=0).fit(clean_x, clean_y).flag(clean_x, clean_y).any()
+    again = DETECTORS["confident_label"](random_state=0).fit(x, y)
+    assert np.array_equal(again.flag(x, y), flags)
+
+
+def test_a_low_margin_group_the_trimmed_model_keeps_in_its_class_is_a_boundary_not_flips():
+    """The rows moved past the middle (55% of the way): still a separated low-margin group of class
+    0, but one that the trimmed model keeps in class 0.  Nothing is flagged, and the decision says why."""
+    x, y, _ = _memorised(0.15, toward=0.55)
+    det = DETECTORS["confident_label"](random_state=0).fit(x, y)
+    assert not det.flag(x, y).any()
+    assert det.class_models_[0]["trimmed_margin_separation"] >= 4
+    assert det.class_models_[0]["trimmed_reassigned_share"] < 0.65 and "a class boundary" in det.decisions_[0].why
